@@ -1,0 +1,325 @@
+"""The typed schema of a recipe, and how a recipe becomes a validated config.
+
+A recipe YAML is merged over these dataclasses (OmegaConf structured configs), then
+`key=value` overrides are merged over the recipe. Unknown keys and wrong types stop the run
+before any work with a message naming the key and the closest valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be used; the message says what and where."""
+
+
+@dataclass
+class TaskConfig:
+    family: str = "classification"  # classification | tagging | qa
+    name: str = "task"  # short task name used in paths, tables and Hub names (e.g. pawsx)
+    metric: Optional[str] = None  # headline metric; None = the family's default
+    # tagging
+    label_all_tokens: bool = False  # later sub-tokens of a word get the word's (I-) label
+    # qa
+    n_best: int = 20
+    max_answer_length: int = 30
+    normalization: str = "squad"  # squad | mlqa (Spanish article/punctuation rules)
+
+
+@dataclass
+class SplitsConfig:
+    train: Optional[str] = "train"
+    validation: Optional[str] = "validation"
+    test: Optional[str] = "test"
+
+
+@dataclass
+class DataConfig:
+    # Hub dataset id or a local path (file or directory); for per-split files use `files`.
+    source: Optional[str] = None
+    name: Optional[str] = None  # Hub config name (e.g. "es")
+    revision: Optional[str] = None  # e.g. "refs/convert/parquet" for script-based datasets
+    files: dict[str, str] = field(default_factory=dict)  # split -> local file
+    format: Optional[str] = None  # jsonl | json | csv | tsv | conll | squad; None = from extension
+    splits: SplitsConfig = field(default_factory=SplitsConfig)
+    # task input -> dataset column, e.g. {text: premise, text_pair: hypothesis, label: label}
+    columns: dict[str, str] = field(default_factory=dict)
+    # column names of a header-less csv/tsv, in order (MLDoc ships `label<TAB>text`)
+    column_names: list[str] = field(default_factory=list)
+    max_length: int = 128
+    doc_stride: int = 128  # qa and long tagging sentences: overlap between windows
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+    # Take the validation split from train when the dataset has none (fraction of train).
+    validation_from_train: float = 0.0
+
+
+@dataclass
+class TeacherConfig:
+    model: Optional[str] = None  # hub id or path; None = no teacher (plain fine-tuning)
+    # True when `model` is already fine-tuned on the task: the teacher stage is skipped.
+    finetuned: bool = False
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    # Teacher-stage hyperparameters; None = the value in `train`.
+    lr: Optional[float] = None
+    batch_size: Optional[int] = None
+    epochs: Optional[int] = None
+
+
+@dataclass
+class StudentConfig:
+    model: Optional[str] = None  # catalog name (albeto-tiny, albeto-base-6), hub id or path
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    # Build the student from a subset of the teacher's layers (BERT/RoBERTa teachers).
+    from_teacher_layers: list[int] = field(default_factory=list)
+    num_layers: Optional[int] = None  # with model unset: that many teacher layers, spread uniformly
+    # Extra config changes applied when loading the student (e.g. {hidden_dropout_prob: 0.0}).
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DistillConfig:
+    ce_weight: float = 0.0  # weight of the gold-label cross-entropy
+    kd_weight: float = 1.0  # weight of the soft-label term
+    kd_loss: str = "kl"  # kl | ce | mse
+    temperature: float = 1.0
+    hidden_weight: float = 0.0
+    hidden_loss: str = "mse"  # mse | cosine
+    # Student layer i (1-based; 0 = embeddings) is matched to teacher layer layer_map[i-1];
+    # empty = uniform spread (works for any depth ratio).
+    layer_map: list[int] = field(default_factory=list)
+    include_embeddings: bool = False
+    teacher_outputs: str = "auto"  # auto | cached | online
+    cache_hidden_states: bool = False
+    cache_dir: Optional[str] = None  # None = <output_dir>/teacher_cache
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 5e-5
+    batch_size: int = 32
+    eval_batch_size: Optional[int] = None  # None = 2 x batch_size
+    epochs: int = 3
+    max_steps: int = -1  # > 0 stops after that many optimizer steps
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    eval_steps: int = 0  # 0 = evaluate at every epoch end
+    select_metric: Optional[str] = None  # None = the task metric; "loss" = validation loss
+    patience: int = 0  # 0 = no early stopping
+    group_by_length: bool = True
+    logging_steps: int = 10
+    checkpoint_steps: int = 0  # 0 = checkpoint at epoch ends only
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class RunConfig:
+    # Also fine-tune the student alone (no teacher) in stage `baseline`: the number KD must beat.
+    baseline: bool = False
+
+
+@dataclass
+class TrackingConfig:
+    report_to: list[str] = field(default_factory=lambda: ["wandb"])
+    project: str = "distill"
+    run_name: Optional[str] = None
+
+
+@dataclass
+class HubConfig:
+    push: bool = False
+    # `{student}`, `{task}` and `{org}` are filled in; the default reproduces the study's naming.
+    repo_id: str = "{org}/{student}-distilled-{task}"
+    org: Optional[str] = None
+    private: bool = False
+    license: str = "apache-2.0"
+    language: list[str] = field(default_factory=lambda: ["es"])
+
+
+@dataclass
+class Config:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
+    output_dir: str = "runs/default"
+    seed: int = 42
+    overwrite: bool = False
+    checkpoint: Optional[str] = None  # `distill eval`: the saved model to evaluate
+
+
+FAMILIES = ("classification", "tagging", "qa")
+CHOICES = {
+    "task.family": FAMILIES,
+    "task.normalization": ("squad", "mlqa"),
+    "distill.kd_loss": ("kl", "ce", "mse"),
+    "distill.hidden_loss": ("mse", "cosine"),
+    "distill.teacher_outputs": ("auto", "cached", "online"),
+    "data.format": (None, "jsonl", "json", "csv", "tsv", "conll", "squad", "parquet"),
+}
+
+
+def _valid_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for key in node:
+        full = f"{prefix}{key}"
+        keys.append(full)
+        child = node[key] if not OmegaConf.is_missing(node, key) else None
+        if isinstance(child, DictConfig) and OmegaConf.get_type(child) not in (dict, None):
+            keys.extend(_valid_keys(child, full + "."))
+    return keys
+
+
+def _explain(err: OmegaConfBaseException, where: str) -> ConfigError:
+    schema = OmegaConf.structured(Config)
+    key = getattr(err, "full_key", None) or "?"
+    if isinstance(err, ConfigKeyError):
+        close = difflib.get_close_matches(key, _valid_keys(schema), n=1, cutoff=0.5)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        return ConfigError(f"{where}: unknown key '{key}'.{hint}")
+    if isinstance(err, ValidationError):
+        msg = str(err).splitlines()[0]
+        return ConfigError(f"{where}: bad value for '{key}': {msg}")
+    return ConfigError(f"{where}: {str(err).splitlines()[0]} (key '{key}')")
+
+
+def _read_recipe(path: str | Path) -> DictConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: malformed YAML{at}: {getattr(err, 'problem', err)}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
+    return OmegaConf.create(raw)
+
+
+def _parse_overrides(overrides: list[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.lr=1e-4)")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"overrides: {str(err).splitlines()[0]}") from None
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults <- recipe YAML <- `key=value` overrides, validated against the schema."""
+    cfg = OmegaConf.structured(Config)
+    if recipe is not None:
+        try:
+            cfg = OmegaConf.merge(cfg, _read_recipe(recipe))
+        except OmegaConfBaseException as err:
+            raise _explain(err, str(recipe)) from None
+    if overrides:
+        try:
+            cfg = OmegaConf.merge(cfg, _parse_overrides(list(overrides)))
+        except OmegaConfBaseException as err:
+            raise _explain(err, "command line") from None
+    try:
+        config: Config = OmegaConf.to_object(cfg)  # resolves interpolations, checks types
+    except OmegaConfBaseException as err:
+        raise _explain(err, str(recipe or "config")) from None
+    validate(config)
+    return config
+
+
+def validate(cfg: Config) -> None:
+    """Checks that go beyond types: choices, ranges and combinations."""
+    flat = {
+        "task.family": cfg.task.family,
+        "task.normalization": cfg.task.normalization,
+        "distill.kd_loss": cfg.distill.kd_loss,
+        "distill.hidden_loss": cfg.distill.hidden_loss,
+        "distill.teacher_outputs": cfg.distill.teacher_outputs,
+        "data.format": cfg.data.format,
+    }
+    for key, value in flat.items():
+        if value not in CHOICES[key]:
+            options = ", ".join(str(c) for c in CHOICES[key] if c is not None)
+            raise ConfigError(f"{key}={value!r} is not one of: {options}")
+    d = cfg.distill
+    if d.temperature <= 0:
+        raise ConfigError(f"distill.temperature must be > 0, got {d.temperature}")
+    for name in ("ce_weight", "kd_weight", "hidden_weight"):
+        if getattr(d, name) < 0:
+            raise ConfigError(f"distill.{name} must be >= 0, got {getattr(d, name)}")
+    if cfg.teacher.model and d.ce_weight == 0 and d.kd_weight == 0 and d.hidden_weight == 0:
+        raise ConfigError(
+            "all loss weights are zero (distill.ce_weight, kd_weight, hidden_weight): "
+            "nothing would be trained; set at least one > 0"
+        )
+    t = cfg.train
+    checks = {
+        "train.lr": t.lr > 0,
+        "train.batch_size": t.batch_size > 0,
+        "train.epochs": t.epochs > 0,
+        "train.grad_accum": t.grad_accum > 0,
+        "train.warmup_ratio": 0 <= t.warmup_ratio < 1,
+        "train.keep_checkpoints": t.keep_checkpoints >= 1,
+        "data.max_length": cfg.data.max_length > 8,
+        "data.doc_stride": 0 < cfg.data.doc_stride < cfg.data.max_length,
+    }
+    for key, ok in checks.items():
+        if not ok:
+            value = OmegaConf.select(OmegaConf.structured(cfg), key)
+            raise ConfigError(f"{key}={value} is out of range")
+    for key in ("max_train_samples", "max_eval_samples"):
+        value = getattr(cfg.data, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"data.{key} must be a positive number of rows, got {value}")
+    if not cfg.student.model and not cfg.student.from_teacher_layers and not cfg.student.num_layers:
+        raise ConfigError(
+            "no student: set student.model (catalog name, hub id or path), "
+            "student.from_teacher_layers=[...] or student.num_layers=N"
+        )
+    if cfg.student.model and (cfg.student.from_teacher_layers or cfg.student.num_layers):
+        raise ConfigError(
+            "student.model and student.from_teacher_layers/num_layers exclude each other: "
+            "the first loads a model, the others cut one out of the teacher"
+        )
+    if (cfg.student.from_teacher_layers or cfg.student.num_layers) and not cfg.teacher.model:
+        raise ConfigError("student.from_teacher_layers/num_layers need teacher.model")
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]
+
+
+def stage_train(cfg: Config, stage: str) -> TrainConfig:
+    """The training hyperparameters of a stage (teacher overrides applied)."""
+    t = OmegaConf.structured(cfg.train)
+    if stage == "teacher":
+        for key in ("lr", "batch_size", "epochs"):
+            value = getattr(cfg.teacher, key)
+            if value is not None:
+                t[key] = value
+    return OmegaConf.to_object(t)

@@ -1,0 +1,152 @@
+"""The protocol every task family follows, so the training loop never branches on the task.
+
+A task turns raw rows into features, tells the loop which logits distillation compares (and
+where, through masks), and turns gathered model outputs into metrics. Every feature carries
+`example_id` (the row's index in its raw split) and `feature_id` (its own index in the
+feature split), so cached teacher outputs, resume and sharding never depend on batch order.
+
+Tokenizers: `tokenizer` belongs to the model being trained. When a distillation teacher uses a
+different tokenizer, features also carry the teacher's inputs under a `teacher_` prefix
+(`teacher_input_ids`, `teacher_attention_mask`, ...), and `kd_pairs` aligns the two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from datasets import Dataset, DatasetDict
+
+from distill.config import Config
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+TEACHER_PREFIX = "teacher_"
+
+
+@dataclass
+class LogitPair:
+    """Student and teacher logits over the same classes, for one soft-label comparison.
+
+    `row_mask` says which rows count ([N] bool, None = all); `class_mask` says which classes of
+    each row take part in the softmax ([N, C] bool, None = all), e.g. the context positions of a
+    QA window.
+    """
+
+    student: torch.Tensor  # [N, C]
+    teacher: torch.Tensor  # [N, C]
+    row_mask: Optional[torch.Tensor] = None  # [N]
+    class_mask: Optional[torch.Tensor] = None  # [N, C]
+
+
+class Task:
+    """Base class with the shared parts; each family module subclasses it."""
+
+    family: str = ""
+    pipeline_tag: str = ""
+    default_metric: str = ""
+    # metrics where lower is better; everything else is maximized
+    lower_is_better: tuple[str, ...] = ("loss",)
+    # per-feature tensors `kd_targets` returns, with their shape after the batch dimension
+    kd_target_keys: tuple[str, ...] = ()
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.labels: list[str] = []
+        self.tokenizer: Any = None
+        self.teacher_tokenizer: Any = None
+
+    # --- data -----------------------------------------------------------------------------
+    def setup(self, raw: DatasetDict) -> None:
+        """Check columns and read label names from the raw splits (fails with a clear error)."""
+        raise NotImplementedError
+
+    def bind(self, tokenizer: Any, teacher_tokenizer: Any = None) -> None:
+        """Tokenizer of the trained model, and the teacher's when it tokenizes differently."""
+        self.tokenizer = tokenizer
+        self.teacher_tokenizer = teacher_tokenizer
+
+    def preprocess(self, raw: Dataset, split: str) -> Dataset:
+        """Raw rows -> features (with `example_id`, `feature_id`, `length`, labels)."""
+        raise NotImplementedError
+
+    def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    # --- models ---------------------------------------------------------------------------
+    def model_class(self) -> Any:
+        raise NotImplementedError
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Extra `from_pretrained` arguments (num_labels, id2label, label2id)."""
+        if not self.labels:
+            return {}
+        return {
+            "num_labels": len(self.labels),
+            "id2label": dict(enumerate(self.labels)),
+            "label2id": {name: i for i, name in enumerate(self.labels)},
+        }
+
+    def model_inputs(self, batch: dict[str, torch.Tensor], teacher: bool = False) -> dict:
+        """The keyword arguments of the model's forward: inputs (+ gold labels for the trained
+        model, so `outputs.loss` is the task's cross-entropy)."""
+        if teacher and self.teacher_tokenizer is not None:
+            return {
+                k: batch[TEACHER_PREFIX + k] for k in MODEL_INPUTS if TEACHER_PREFIX + k in batch
+            }
+        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+        if not teacher:
+            inputs.update({k: batch[k] for k in self.label_keys() if k in batch})
+        return inputs
+
+    def label_keys(self) -> tuple[str, ...]:
+        return ("labels",)
+
+    # --- distillation ---------------------------------------------------------------------
+    def kd_targets(self, outputs: Any, batch: dict, teacher: bool) -> dict[str, torch.Tensor]:
+        """Per-feature logits distillation compares, in a layout both models share (this is
+        what the teacher cache stores)."""
+        raise NotImplementedError
+
+    def kd_pairs(self, student: dict, teacher: dict, batch: dict) -> list[LogitPair]:
+        """Pairs of student/teacher logits to compare; the KD loss averages over them."""
+        raise NotImplementedError
+
+    # --- evaluation -----------------------------------------------------------------------
+    def eval_outputs(self, outputs: Any, batch: dict) -> dict[str, torch.Tensor]:
+        """Per-feature tensors to gather across processes for scoring."""
+        raise NotImplementedError
+
+    def compute_metrics(
+        self, outputs: dict[str, np.ndarray], features: Dataset, raw: Dataset
+    ) -> dict[str, float]:
+        """Gathered outputs (in feature order) -> metrics, e.g. {"accuracy": 0.91}."""
+        raise NotImplementedError
+
+    def predictions(self, outputs: dict[str, np.ndarray], features: Dataset, raw: Dataset) -> list:
+        """Human-readable predictions per raw example (written beside the metrics)."""
+        return []
+
+    @property
+    def metric(self) -> str:
+        return self.cfg.task.metric or self.default_metric
+
+    def greater_is_better(self, metric: str) -> bool:
+        return metric not in self.lower_is_better
+
+
+def column(cfg: Config, role: str, default: str) -> str:
+    """The dataset column that plays `role` for the task (data.columns maps roles to columns)."""
+    return cfg.data.columns.get(role, default)
+
+
+def require_columns(raw: DatasetDict, needed: dict[str, str], where: str = "data.columns") -> None:
+    """Fail early, naming the split, the missing column and the columns that exist."""
+    for split, ds in raw.items():
+        for role, col in needed.items():
+            if col not in ds.column_names:
+                raise ValueError(
+                    f"split '{split}' has no column '{col}' (needed as {role}); it has "
+                    f"{ds.column_names}. Map it in the recipe with {where}.{role}=<column>"
+                )
