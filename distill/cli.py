@@ -100,6 +100,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     for noisy in ("httpx", "urllib3", "datasets", "filelock", "accelerate.utils.other"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # load reports of fresh task heads are expected
+    transformers.logging.disable_progress_bar()
     if argv and argv[0] in EXTERNAL:
         module, _ = EXTERNAL[argv[0]]
         try:

@@ -282,7 +282,7 @@ def validate(cfg: Config) -> None:
         "train.warmup_ratio": 0 <= t.warmup_ratio < 1,
         "train.keep_checkpoints": t.keep_checkpoints >= 1,
         "data.max_length": cfg.data.max_length > 8,
-        "data.doc_stride": 0 < cfg.data.doc_stride < cfg.data.max_length,
+        "data.doc_stride": cfg.task.family == "classification" or 0 < cfg.data.doc_stride < cfg.data.max_length,
     }
     for key, ok in checks.items():
         if not ok:

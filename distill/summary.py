@@ -55,7 +55,11 @@ def summary_rows(cfg: Config, results: dict[str, dict]) -> list[dict]:
 
 
 def print_summary(cfg: Config, results: dict[str, dict]) -> list[dict]:
-    """Print the table and save it as <output_dir>/summary.json."""
+    """Print the table and save it as <output_dir>/summary.json (main process only)."""
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return []
     rows = summary_rows(cfg, results)
     metric = get_task(cfg).metric
     header = f"| model | {metric} ({rows[0]['split']}) | parameters | latency (ms, bs 1, seq {cfg.data.max_length}, CPU) | speed vs teacher |"

@@ -114,6 +114,15 @@ def shape_config(name: str) -> PretrainedConfig:
     raise KeyError(f"'{name}' is not a known shape; known: {', '.join(shape_names())}, albeto-base-N")
 
 
+def shape_hub_id(name: str) -> str:
+    """The hub id of the published model a shape stands for (base-N: ALBETO base's)."""
+    if name in SHAPES:
+        return SHAPES[name][0]
+    if _BASE_N.match(name):
+        return SHAPES["albeto-base"][0]
+    raise KeyError(f"'{name}' is not a known shape")
+
+
 def shape_for_hub_id(hub_id: str) -> str | None:
     """The shape name of a published model's hub id (None if it is not one of the study's)."""
     for name, (hid, _) in SHAPES.items():
@@ -157,7 +166,7 @@ def resolve_model(name: str) -> BenchModel:
     """Shape name -> its config; catalog name -> hub config (offline: the matching shape);
     local folder or hub id -> its config. Weights are never needed: bench uses random ones."""
     if is_shape(name):
-        return BenchModel(name, shape_config(name), "shape", SHAPES.get(name, ("", None))[0])
+        return BenchModel(name, shape_config(name), "shape", shape_hub_id(name))
     entry = _catalog(name)
     if entry is not None:
         hub_id, overrides = entry
