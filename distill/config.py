@@ -67,6 +67,9 @@ class TeacherConfig:
     model: Optional[str] = None  # hub id or path; None = no teacher (plain fine-tuning)
     # True when `model` is already fine-tuned on the task: the teacher stage is skipped.
     finetuned: bool = False
+    # Where the teacher stage writes (and distillation reads) the fine-tuned teacher; None =
+    # <output_dir>/teacher. Point every student of a task at one folder to share one teacher.
+    dir: Optional[str] = None
     revision: Optional[str] = None
     trust_remote_code: bool = False
     # Teacher-stage hyperparameters; None = the value in `train`.

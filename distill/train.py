@@ -70,6 +70,8 @@ class NonFiniteLoss(RuntimeError):
 
 
 def stage_dir(cfg: Config, stage: str) -> Path:
+    if stage == "teacher" and cfg.teacher.dir:
+        return Path(cfg.teacher.dir)
     return Path(cfg.output_dir) / stage
 
 
