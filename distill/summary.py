@@ -11,6 +11,7 @@ import torch
 from distill import models
 from distill.config import Config
 from distill.tasks import get_task
+from distill.train import stage_dir
 
 LABELS = {"teacher": "teacher (fine-tuned)", "student": "student (distilled)", "baseline": "student (fine-tuned alone)"}
 
@@ -37,7 +38,7 @@ def summary_rows(cfg: Config, results: dict[str, dict]) -> list[dict]:
     rows = []
     for stage, res in results.items():
         split = "test" if "test" in res else "validation"
-        model_dir = Path(cfg.output_dir) / stage / "model"
+        model_dir = stage_dir(cfg, stage) / "model"
         rows.append(
             {
                 "stage": stage,
