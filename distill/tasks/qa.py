@@ -21,6 +21,7 @@ plus CLS (see `QATask.kd_pairs`). Teacher and student must share the tokenizer.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Sequence
 
@@ -118,10 +119,18 @@ def best_spans(
 
 
 def _same_tokenizer(a: Any, b: Any) -> bool:
+    """Same normalizer, pre-tokenizer, model and special tokens; the truncation and padding a
+    fast tokenizer keeps from its last call are state, not identity, and are ignored."""
     backend_a, backend_b = getattr(a, "backend_tokenizer", None), getattr(b, "backend_tokenizer", None)
-    if backend_a is not None and backend_b is not None:
-        return backend_a.to_str() == backend_b.to_str()
-    return type(a) is type(b) and a.get_vocab() == b.get_vocab()
+    if backend_a is None or backend_b is None:
+        return type(a) is type(b) and a.get_vocab() == b.get_vocab()
+    specs = []
+    for backend in (backend_a, backend_b):
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+        specs.append(spec)
+    return specs[0] == specs[1]
 
 
 class QATask(Task):
