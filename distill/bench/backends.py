@@ -23,12 +23,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from distill.bench.latency import Timing, device_name, fixed_threads, random_inputs, summarize, time_calls
+from distill.bench.latency import (
+    Timing,
+    device_name,
+    fixed_threads,
+    random_inputs,
+    summarize,
+    time_calls,
+)
 
 BACKENDS = ("eager", "compile", "onnx", "onnx-int8")
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 
-Runner = Callable[[dict[str, np.ndarray]], np.ndarray]  # model inputs [batch, seq] -> logits [batch, labels]
+# model inputs, each [batch, seq] -> logits [batch, labels]
+Runner = Callable[[dict[str, np.ndarray]], np.ndarray]
 
 
 class BackendUnavailable(RuntimeError):
@@ -78,7 +86,9 @@ def load_eval(source: str | Path | Sequence[Any]) -> list[EvalRow]:
             try:
                 items.append(json.loads(line))
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n}: not valid JSON ({err.msg}); expected one object per line") from err
+                raise ValueError(
+                    f"{path}:{n}: not valid JSON ({err.msg}); expected one object per line"
+                ) from err
         where = str(path)
     else:
         items, where = list(source), "eval rows"
@@ -96,7 +106,9 @@ def load_eval(source: str | Path | Sequence[Any]) -> list[EvalRow]:
         elif isinstance(item, (tuple, list)) and len(item) in (2, 3):
             rows.append(EvalRow(str(item[0]), item[-1], str(item[1]) if len(item) == 3 else None))
         else:
-            raise ValueError(f"{where}, row {n}: expected a dict or (text[, text_pair], label), got {item!r:.80}")
+            raise ValueError(
+                f"{where}, row {n}: expected a dict or (text[, text_pair], label), got {item!r:.80}"
+            )
     if not rows:
         raise ValueError(f"{where}: no evaluation rows")
     return rows
@@ -112,7 +124,9 @@ def label_ids(rows: list[EvalRow], config: Any) -> np.ndarray:
             ids.append(-1)
         elif isinstance(row.label, (int, np.integer)) and not isinstance(row.label, bool):
             if not 0 <= int(row.label) < num_labels:
-                raise ValueError(f"eval row {n}: label {row.label} is outside the model's {num_labels} labels")
+                raise ValueError(
+                    f"eval row {n}: label {row.label} is outside the model's {num_labels} labels"
+                )
             ids.append(int(row.label))
         elif str(row.label) in label2id:
             ids.append(label2id[str(row.label)])
@@ -157,6 +171,11 @@ def torch_runner(model: nn.Module) -> Runner:
     return run
 
 
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Silence exporter/quantizer chatter (tracer warnings, advice to pre-process)."""
@@ -190,8 +209,7 @@ def export_onnx(model: nn.Module, names: Sequence[str], path: Path) -> str:
                 )
             return "torch.export" if dynamo else "torchscript"
         except Exception as err:  # noqa: BLE001 - any exporter failure means "try the other"
-            reasons.append(f"{'torch.export' if dynamo else 'torchscript'} exporter: "
-                           f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            reasons.append(f"{'torch.export' if dynamo else 'torchscript'} exporter: {_first_line(err)}")
     raise BackendUnavailable("ONNX export failed (" + "; ".join(reasons) + ")")
 
 
@@ -256,7 +274,8 @@ def compare_backends(
     rows = load_eval(eval_data) if eval_data is not None else []
     gold = label_ids(rows, model.config) if rows else np.zeros(0, dtype=np.int64)
     batches = encode(tokenizer, rows, names, max_length, eval_batch_size) if rows else []
-    speed_inputs = {k: v.numpy() for k, v in random_inputs(model.config, batch, seq).items() if k in names}
+    random = random_inputs(model.config, batch, seq)
+    speed_inputs = {k: v.numpy() for k, v in random.items() if k in names}  # [batch, seq] each
     cpu_name = device_name("cpu")
     weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
 
@@ -272,7 +291,9 @@ def compare_backends(
         with fixed_threads(threads) as used:
             # the reference every back-end is compared with: eager PyTorch fp32
             eager = torch_runner(model)
-            eager_logits = np.concatenate([eager(b) for b in batches]) if batches else None  # [rows, labels]
+            eager_logits = None
+            if batches:
+                eager_logits = np.concatenate([eager(b) for b in batches])  # [rows, labels]
             for name in backends:
                 result = BackendResult(name, available=True)
                 try:
@@ -294,7 +315,7 @@ def compare_backends(
                     result.available, result.reason = False, str(err)
                 except Exception as err:  # noqa: BLE001 - a broken back-end is reported, not fatal
                     result.available = False
-                    result.reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                    result.reason = _first_line(err)
                 results.append(result)
     finally:
         if tmp is not None:

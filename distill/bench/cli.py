@@ -15,6 +15,7 @@ import argparse
 import csv
 import gc
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -48,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="add the study's other shapes (ALBETO base/large/"
                    "xxlarge, RoBERTa-BNE base/large) to the default list")
     p.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes (default 1)")
-    p.add_argument("--seq", type=int, nargs="+", default=[128, 512], help="sequence lengths (default 128 512)")
+    p.add_argument("--seq", type=int, nargs="+", default=[128, 512],
+                   help="sequence lengths (default 128 512)")
     p.add_argument("--warmup", type=int, default=10, help="untimed forwards before timing (default 10)")
     p.add_argument("--runs", type=int, default=100, help="timed forwards per point (default 100)")
     p.add_argument("--threads", type=int, default=None,
@@ -60,13 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/bench", help="output folder (default runs/bench)")
     p.add_argument("--plot", action="store_true", help="draw latency vs sequence length "
                    "(and score vs speedup with --scores)")
-    p.add_argument("--scores", default=None, help='JSON file {"model": score, ...} for the score/speedup plot')
+    p.add_argument("--scores", default=None,
+                   help='JSON file {"model": score, ...} for the score/speedup plot')
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
     p.add_argument("--backends", default=None, help="comma list of eager,compile,onnx,onnx-int8: "
                    "compare inference back-ends of saved sequence-classification model folders")
     p.add_argument("--eval", default=None, help='jsonl of {"text", "label"[, "text_pair"]} rows: '
                    "accuracy and agreement of each back-end")
-    p.add_argument("--max-length", type=int, default=128, help="token limit of --eval texts (default 128)")
+    p.add_argument("--max-length", type=int, default=128,
+                   help="token limit of --eval texts (default 128)")
     return p
 
 
@@ -135,9 +139,10 @@ def run_bench(
         if not analytic_only:
             model = build_model(m.config, dtype, seed)
             for row in points:
-                print(f"timing {m.name} batch {row['batch']} seq {row['seq']} ...", end=" ", file=log, flush=True)
+                b, s = row["batch"], row["seq"]
+                print(f"timing {m.name} batch {b} seq {s} ...", end=" ", file=log, flush=True)
                 try:
-                    t = measure(model, row["batch"], row["seq"], warmup=warmup, runs=runs, threads=threads,
+                    t = measure(model, b, s, warmup=warmup, runs=runs, threads=threads,
                                 device=device, seed=seed)
                 except ValueError as err:
                     raise BenchError(f"{m.name}: {err}") from err
@@ -180,20 +185,29 @@ def markdown_table(rows: list[dict[str, Any]], reference: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def environment(threads: int | None, device: str) -> dict[str, Any]:
+def load_average() -> float | None:
+    """The machine's 1-minute load average (None where the OS has none)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def environment(threads: int | None, device: str, load_before: float | None) -> dict[str, Any]:
+    """Where the numbers were taken; the load averages say how busy the machine was."""
     import transformers
 
     return {
         "device": device, "device_name": device_name(device), "torch": torch.__version__,
         "transformers": transformers.__version__, "python": platform.python_version(),
         "platform": platform.platform(), "threads": threads or torch.get_num_threads(),
+        "load_average_before": load_before, "load_average_after": load_average(),
     }
 
 
 def write_outputs(rows: list[dict[str, Any]], out: Path, meta: dict[str, Any], reference: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     env = meta["environment"]
-    header = (f"Device: {env['device_name']}, {env['threads']} threads, torch {env['torch']}. "
+    load = env.get("load_average_before")
+    busy = f" 1-minute load average before the run: {load:.2f}." if load is not None else ""
+    header = (f"Device: {env['device_name']}, {env['threads']} threads, torch {env['torch']}.{busy} "
               "GMACs: linear layers (+LayerNorm) as the study counted; GFLOPs: 2 x (linear + attention "
               "matmul) MACs. Random weights, random token ids, no padding.\n\n")
     (out / "bench.md").write_text(header + markdown_table(rows, reference), encoding="utf-8")
@@ -217,10 +231,13 @@ def plot_latency(rows: list[dict[str, Any]], path: Path) -> bool:
     batch = timed[0]["batch"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for model in dict.fromkeys(r["model"] for r in timed):
-        pts = sorted((r for r in timed if r["model"] == model and r["batch"] == batch), key=lambda r: r["seq"])
-        ax.errorbar([r["seq"] for r in pts], [r["latency_ms"] for r in pts],
-                    yerr=[[r["latency_ms"] - r["p25_ms"] for r in pts], [r["p75_ms"] - r["latency_ms"] for r in pts]],
-                    marker="o", capsize=3, label=model)
+        pts = [r for r in timed if r["model"] == model and r["batch"] == batch]
+        pts.sort(key=lambda r: r["seq"])
+        median = [r["latency_ms"] for r in pts]
+        below = [r["latency_ms"] - r["p25_ms"] for r in pts]
+        above = [r["p75_ms"] - r["latency_ms"] for r in pts]
+        ax.errorbar([r["seq"] for r in pts], median, yerr=[below, above], marker="o", capsize=3,
+                    label=model)
     ax.set_xlabel("sequence length (tokens)")
     ax.set_ylabel(f"median latency, batch {batch} (ms)")
     ax.set_yscale("log")
@@ -242,7 +259,8 @@ def plot_scores(rows: list[dict[str, Any]], scores: dict[str, float], path: Path
 
     seq = max(r["seq"] for r in rows)
     batch = min(r["batch"] for r in rows)
-    points = {r["model"]: r for r in rows if r["seq"] == seq and r["batch"] == batch and r["model"] in scores}
+    points = {r["model"]: r for r in rows
+              if r["seq"] == seq and r["batch"] == batch and r["model"] in scores}
     key = "speedup_latency" if any(r.get("speedup_latency") for r in points.values()) else "speedup_macs"
     points = {m: r for m, r in points.items() if r.get(key)}
     if not points:
@@ -250,9 +268,11 @@ def plot_scores(rows: list[dict[str, Any]], scores: dict[str, float], path: Path
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for model, r in points.items():
         ax.scatter(r[key], scores[model])
-        ax.annotate(model, (r[key], scores[model]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+        ax.annotate(model, (r[key], scores[model]), fontsize=8, xytext=(4, 4),
+                    textcoords="offset points")
     ax.set_xscale("log")
-    ax.set_xlabel(f"{'measured' if key == 'speedup_latency' else 'MAC'} speedup (batch {batch}, seq {seq})")
+    kind = "measured" if key == "speedup_latency" else "MAC"
+    ax.set_xlabel(f"{kind} speedup (batch {batch}, seq {seq})")
     ax.set_ylabel("score")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -267,7 +287,9 @@ def read_scores(path: str) -> dict[str, float]:
     except (OSError, json.JSONDecodeError) as err:
         raise BenchError(f"--scores {path}: cannot read it as JSON ({err})") from err
     if not isinstance(data, dict) or not all(isinstance(v, (int, float)) for v in data.values()):
-        raise BenchError(f'--scores {path}: expected an object {{"model name": score, ...}} with numbers')
+        raise BenchError(
+            f'--scores {path}: expected an object {{"model name": score, ...}} with numbers'
+        )
     return {str(k): float(v) for k, v in data.items()}
 
 
@@ -282,9 +304,10 @@ def backends_table(results: dict[str, list[Any]]) -> str:
             t = r.timing
             speed = eager / t.median_ms if (eager and t) else None
             note = r.reason if not r.available else "; ".join(r.notes)
-            cells = [model, r.backend, _fmt(t.median_ms if t else None, 3), _fmt(t.iqr_ms if t else None, 3),
-                     _fmt(speed), _fmt(r.size_mb, 1), _fmt(r.accuracy, 4), _fmt(r.agreement, 4),
-                     _fmt(r.max_logit_diff, 4), _fmt(r.setup_s, 1), note.replace("|", "/")]
+            cells = [model, r.backend, _fmt(t.median_ms if t else None, 3),
+                     _fmt(t.iqr_ms if t else None, 3), _fmt(speed), _fmt(r.size_mb, 1),
+                     _fmt(r.accuracy, 4), _fmt(r.agreement, 4), _fmt(r.max_logit_diff, 4),
+                     _fmt(r.setup_s, 1), note.replace("|", "/")]
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -313,13 +336,14 @@ def run_backends(args: argparse.Namespace, out: Path) -> int:
     flat = [{"model": m, **r.as_dict()} for m, res in results.items() for r in res]
     (out / "backends.json").write_text(json.dumps(flat, indent=2), encoding="utf-8")
     with open(out / "backends.csv", "w", newline="", encoding="utf-8") as f:
-        fields = ["model", "backend", "available", "reason", "median_ms", "iqr_ms", "accuracy", "agreement",
-                  "max_logit_diff", "size_mb", "setup_s"]
+        fields = ["model", "backend", "available", "reason", "median_ms", "iqr_ms", "accuracy",
+                  "agreement", "max_logit_diff", "size_mb", "setup_s"]
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for row in flat:
             t = row["timing"] or {}
-            writer.writerow({k: row.get(k) for k in fields} | {"median_ms": t.get("median_ms"), "iqr_ms": t.get("iqr_ms")})
+            timing = {"median_ms": t.get("median_ms"), "iqr_ms": t.get("iqr_ms")}
+            writer.writerow({k: row.get(k) for k in fields} | timing)
     print(table)
     return 0
 
@@ -339,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
             raise BenchError("--eval is used with --backends (it scores each inference back-end)")
         models = args.models or STUDY_MODELS + (EXTRA_MODELS if args.all else [])
         scores = read_scores(args.scores) if args.scores else None
+        load_before = load_average()
         rows = run_bench(
             models, batches=args.batch, seqs=args.seq, warmup=args.warmup, runs=args.runs,
             threads=args.threads, device=args.device, dtype=args.dtype, reference=args.reference,
@@ -353,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             r["score"] = scores.get(r["model"])
     meta = {
         "settings": {k: v for k, v in vars(args).items() if k not in ("backends", "eval", "max_length")},
-        "environment": environment(args.threads, args.device),
+        "environment": environment(args.threads, args.device, load_before),
     }
     write_outputs(rows, out, meta, args.reference)
     print(markdown_table(rows, args.reference))

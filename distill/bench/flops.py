@@ -56,7 +56,9 @@ def encoder_shape(config: PretrainedConfig) -> EncoderShape:
         )
     if kind in BERT_LIKE or kind in ("albert", "electra"):
         hidden = config.hidden_size
-        embedding = getattr(config, "embedding_size", hidden) if kind in ("albert", "electra") else hidden
+        embedding = hidden
+        if kind in ("albert", "electra"):
+            embedding = getattr(config, "embedding_size", hidden)
         projection = kind == "albert" or (kind == "electra" and embedding != hidden)
         max_positions = config.max_position_embeddings
         if kind in ("roberta", "xlm-roberta", "camembert"):

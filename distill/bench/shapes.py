@@ -12,7 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from transformers import AlbertConfig, AutoConfig, BertConfig, DistilBertConfig, PretrainedConfig, RobertaConfig
+from transformers import (
+    AlbertConfig,
+    AutoConfig,
+    BertConfig,
+    DistilBertConfig,
+    PretrainedConfig,
+    RobertaConfig,
+)
 
 BETO_VOCAB = 31002
 ALBETO_VOCAB = 31000
@@ -33,7 +40,12 @@ def _beto() -> BertConfig:
 
 def _distilbeto() -> DistilBertConfig:
     return DistilBertConfig(
-        vocab_size=BETO_VOCAB, dim=768, n_layers=6, n_heads=12, hidden_dim=3072, max_position_embeddings=512
+        vocab_size=BETO_VOCAB,
+        dim=768,
+        n_layers=6,
+        n_heads=12,
+        hidden_dim=3072,
+        max_position_embeddings=512,
     )
 
 
@@ -181,7 +193,9 @@ def resolve_model(name: str) -> BenchModel:
     if Path(name).expanduser().is_dir():
         path = Path(name).expanduser()
         if not (path / "config.json").exists():
-            raise ModelNotFound(f"'{name}' is a folder without config.json; point to a saved model folder")
+            raise ModelNotFound(
+                f"'{name}' is a folder without config.json; point to a saved model folder"
+            )
         return BenchModel(name, AutoConfig.from_pretrained(path), "local", str(path))
     return BenchModel(name, _hub_config(name, name), "hub", name)
 
@@ -192,5 +206,6 @@ def _hub_config(name: str, hub_id: str) -> PretrainedConfig:
     except (OSError, ValueError) as err:
         raise ModelNotFound(
             f"can't get the config of '{name}' ({hub_id}): {str(err).splitlines()[0]}. "
-            f"Offline, use a local model folder or a shape name: {', '.join(shape_names())}, albeto-base-N."
+            "Offline, use a local model folder or a shape name: "
+            f"{', '.join(shape_names())}, albeto-base-N."
         ) from err
