@@ -139,9 +139,14 @@ def load_model(
     revision: Optional[str] = None,
     trust_remote_code: bool = False,
     config_overrides: Optional[dict[str, Any]] = None,
+    new_head: bool = False,
     **task_kwargs: Any,
 ) -> PreTrainedModel:
-    """Load `name` (catalog name, hub id or path) with a task head; safetensors only."""
+    """Load `name` (catalog name, hub id or path) with a task head; safetensors only.
+
+    `new_head=True` (a model about to be trained) re-initialises a saved head whose size does
+    not fit the task instead of failing.
+    """
     if trust_remote_code:
         log.warning("trust_remote_code is on for %s: code from the model repo will run", name)
     source, _ = resolve(name)
@@ -155,6 +160,7 @@ def load_model(
             revision=revision,
             trust_remote_code=trust_remote_code,
             use_safetensors=True,
+            ignore_mismatched_sizes=new_head,
         )
     except Exception as err:
         raise _explain_load_error(name, source, err) from None

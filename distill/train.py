@@ -214,7 +214,7 @@ def build_models(cfg: Config, stage: str, task: Task) -> tuple[nn.Module, Any, O
     if stage == "teacher":
         if not t.model:
             raise StageError("the teacher stage needs teacher.model (a hub id or path)")
-        model = models.load_model(t.model, head, t.revision, t.trust_remote_code, **kwargs)
+        model = models.load_model(t.model, head, t.revision, t.trust_remote_code, new_head=True, **kwargs)
         return model, models.load_tokenizer(t.model, t.revision, t.trust_remote_code), None, None
 
     teacher = teacher_tok = None
@@ -227,13 +227,19 @@ def build_models(cfg: Config, stage: str, task: Task) -> tuple[nn.Module, Any, O
 
     if s.model:
         model = models.load_model(
-            s.model, head, s.revision, s.trust_remote_code, config_overrides=dict(s.config_overrides), **kwargs
+            s.model,
+            head,
+            s.revision,
+            s.trust_remote_code,
+            config_overrides=dict(s.config_overrides),
+            new_head=True,
+            **kwargs,
         )
         tokenizer = models.load_tokenizer(s.model, s.revision, s.trust_remote_code)
     else:
         # Layer-subset student: cut from the *pretrained* teacher, for the distilled student and
         # the baseline alike, so the two differ only in their loss.
-        base = models.load_model(t.model, head, t.revision, t.trust_remote_code, **kwargs)
+        base = models.load_model(t.model, head, t.revision, t.trust_remote_code, new_head=True, **kwargs)
         n = base.config.num_hidden_layers
         layers = list(s.from_teacher_layers) or models.uniform_layers(n, s.num_layers)
         model = models.student_from_teacher(base, layers)
