@@ -7,17 +7,16 @@ from accelerate import Accelerator
 from distill import models
 from distill.config import Config
 from distill.tasks import get_task
-from distill.train import Trainee, evaluate, make_loader, prepare_data
+from distill.train import Trainee, align_labels, evaluate, load_data, make_loader, prepare_data
 
 
 def evaluate_checkpoint(cfg: Config, checkpoint: str) -> dict[str, dict[str, float]]:
     """Metrics per evaluation split for the model saved at `checkpoint` (a model folder)."""
     accelerator = Accelerator()
     task = get_task(cfg)
+    raw = load_data(cfg, task)
     task.bind(models.load_tokenizer(checkpoint))
-    raw, features = prepare_data(cfg, task, accelerator)
-    from distill.train import align_labels
-
+    features = prepare_data(cfg, task, accelerator, raw)
     model = models.load_model(checkpoint, task.model_class())
     align_labels(model, task.labels, checkpoint)
     trainee = accelerator.prepare(Trainee(model))

@@ -455,9 +455,16 @@ def make_accelerator(cfg: Config, stage: str, grad_accum: int) -> Accelerator:
     )
 
 
-def prepare_data(cfg: Config, task: Task, accelerator: Accelerator) -> tuple[DatasetDict, dict[str, Dataset]]:
+def load_data(cfg: Config, task: Task) -> DatasetDict:
+    """The raw splits, subsampled; the task reads its label names from them (before any model
+    is built, so heads get the right size)."""
     raw = data_mod.subsample(data_mod.load_raw(cfg), cfg)
     task.setup(raw)
+    return raw
+
+
+def prepare_data(cfg: Config, task: Task, accelerator: Accelerator, raw: DatasetDict) -> dict[str, Dataset]:
+    """Raw splits -> features with the task's (bound) tokenizers."""
     features = {}
     # the main process tokenizes first; the others then read the datasets cache
     with accelerator.main_process_first():
@@ -466,7 +473,7 @@ def prepare_data(cfg: Config, task: Task, accelerator: Accelerator) -> tuple[Dat
     for split, feats in features.items():
         if len(feats) == 0:
             raise data_mod.DataError(f"split '{split}' has no features after preprocessing")
-    return raw, features
+    return features
 
 
 def run_stage(cfg: Config, stage: str) -> dict[str, dict[str, float]]:
@@ -495,6 +502,7 @@ def run_stage(cfg: Config, stage: str) -> dict[str, dict[str, float]]:
 
     # --- setup: data, models, losses --------------------------------------------------------
     task = get_task(cfg)
+    raw = load_data(cfg, task)
     model, tokenizer, teacher, teacher_tok = build_models(cfg, stage, task)
     d = cfg.distill
     distilling = teacher is not None
@@ -508,7 +516,7 @@ def run_stage(cfg: Config, stage: str) -> dict[str, dict[str, float]]:
         task.bind(tokenizer, teacher_tok)
     else:
         task.bind(tokenizer)
-    raw, features = prepare_data(cfg, task, accelerator)
+    features = prepare_data(cfg, task, accelerator, raw)
     if distilling:
         teacher.to(accelerator.device)
 
