@@ -3,18 +3,25 @@
 Grouping by length keeps padding low (each batch pads to its own longest example) while the
 order stays random: each epoch shuffles all examples, cuts them into mega-batches of
 `group_size` batches, sorts each mega-batch by length, splits it into batches, and shuffles the
-batches. Evaluation uses one fixed length-sorted order (outputs are put back by feature_id).
+batches. Evaluation and the teacher-cache pass use one fixed length-sorted order, longest first
+(outputs are put back by feature_id), so an out-of-memory batch shows up at once.
+
+The order is a pure function of (seed, epoch): a resumed run replays the same batches, and every
+process of a distributed run sees the same list before accelerate shards it.
 """
 
 from __future__ import annotations
 
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler
 
 
 class LengthGroupedBatchSampler(Sampler[list[int]]):
+    """Batches of indices into a dataset whose examples have the given lengths (tokens)."""
+
     def __init__(
         self,
         lengths: Sequence[int],
@@ -27,7 +34,9 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.lengths = list(lengths)
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1 (batches per length-sorted group), got {group_size}")
+        self.lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)  # [examples]
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.group_by_length = group_by_length
@@ -37,34 +46,39 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order `__iter__` yields (the training loop calls it)."""
         self.epoch = epoch
+
+    def _by_length(self, indices: np.ndarray) -> np.ndarray:
+        """`indices` sorted longest first; ties keep their order (stable)."""
+        return indices[np.argsort(-self.lengths[indices], kind="stable")]
 
     def batches(self) -> list[list[int]]:
         """This epoch's batches (a pure function of seed and epoch)."""
         n = len(self.lengths)
         if not self.shuffle:
-            order = list(range(n))
+            order = np.arange(n)
             if self.group_by_length:
-                order.sort(key=lambda i: -self.lengths[i])
+                order = self._by_length(order)
             return self._chunk(order)
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(n, generator=g).tolist()
-        if self.group_by_length:
-            mega = self.batch_size * self.group_size
-            grouped = []
-            for start in range(0, n, mega):
-                chunk = order[start : start + mega]
-                grouped.extend(sorted(chunk, key=lambda i: -self.lengths[i]))
-            order = grouped
-        batches = self._chunk(order)
-        if self.group_by_length:
-            perm = torch.randperm(len(batches), generator=g).tolist()
-            batches = [batches[i] for i in perm]
-        return batches
-
-    def _chunk(self, order: list[int]) -> list[list[int]]:
-        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        order = torch.randperm(n, generator=g).numpy()
+        if not self.group_by_length:
+            return self._chunk(order)
+        # Each mega-batch is a whole number of batches, so no batch mixes two mega-batches.
+        mega = self.batch_size * self.group_size
+        batches: list[list[int]] = []
+        for start in range(0, n, mega):
+            batches.extend(self._chunk(self._by_length(order[start : start + mega]), drop=False))
         if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        perm = torch.randperm(len(batches), generator=g).tolist()
+        return [batches[i] for i in perm]
+
+    def _chunk(self, order: np.ndarray, drop: bool | None = None) -> list[list[int]]:
+        drop = self.drop_last if drop is None else drop
+        batches = [order[i : i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
+        if drop and batches and len(batches[-1]) < self.batch_size:
             batches.pop()
         return batches
 
@@ -78,6 +92,11 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
 
 def padding_ratio(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> float:
     """Real tokens / processed tokens when every batch pads to its longest member."""
-    real = sum(lengths[i] for b in batches for i in b)
-    processed = sum(len(b) * max(lengths[i] for i in b) for b in batches if b)
+    lengths = np.asarray(lengths)
+    real = processed = 0
+    for b in batches:
+        if len(b):
+            rows = lengths[np.asarray(b)]
+            real += int(rows.sum())
+            processed += len(b) * int(rows.max())
     return real / processed if processed else 1.0
