@@ -1,0 +1,509 @@
+"""The model card of an exported student: Hub metadata plus the evidence of how it was made.
+
+Everything comes from the files a run leaves behind (DESIGN: downstream tools read only
+`metrics.json`, `config.yaml` and `summary.json`), never from a training process:
+    <run>/<stage>/metrics.json   the model's validation/test scores and run info
+    <run>/<stage>/config.yaml    the resolved recipe
+    <run>/teacher/metrics.json   the fine-tuned teacher's scores (when this run trained it)
+    <run>/baseline/metrics.json  the student fine-tuned alone (when run.baseline=true)
+    <run>/summary.json           parameters and CPU latency measured at the end of `distill run`
+The YAML header is built with huggingface_hub's `ModelCardData`/`EvalResult`, so the Hub reads
+the model-index (task, dataset, split, metric values for validation and test).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from distill import models
+from distill.config import Config, ConfigError, load_config, stage_train
+
+CARD_CONFIG_NAME = "distill_config.yaml"  # the resolved recipe, shipped beside the weights
+METRIC_NAMES = {
+    "accuracy": "Accuracy",
+    "f1": "F1",
+    "precision": "Precision",
+    "recall": "Recall",
+    "exact_match": "Exact match",
+}
+FAMILY_WORDS = {
+    "classification": ("text classification", "the sequence logits of each example"),
+    "tagging": ("token classification", "the logits of the first sub-token of each word"),
+    "qa": (
+        "extractive question answering",
+        "the start and end logits over each window's context tokens (and CLS), averaged",
+    ),
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_DATA_SUFFIXES = {".json", ".jsonl", ".csv", ".tsv", ".txt", ".parquet", ".conll", ".arrow"}
+KNOWN_HUB_IDS = {"all-minilm-l6-v2": "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+class ExportError(RuntimeError):
+    """A run folder that cannot be exported; the message says what is missing and what to do."""
+
+
+@dataclass
+class RunEvidence:
+    """What a run left on disk about one trained model, read once for the card and the export."""
+
+    stage_dir: Path
+    cfg: Config
+    metrics: dict[str, Any]  # this stage's metrics.json
+    model_config: dict[str, Any]  # the saved model's config.json
+    teacher: Optional[dict[str, Any]] = None  # <run>/teacher/metrics.json
+    baseline: Optional[dict[str, Any]] = None  # <run>/baseline/metrics.json
+    summary: list[dict[str, Any]] = field(default_factory=list)  # <run>/summary.json rows
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self.metrics.get("info", {})
+
+    @property
+    def stage(self) -> str:
+        return self.info.get("stage") or self.stage_dir.name
+
+    @property
+    def distilled(self) -> bool:
+        return bool(self.info.get("teacher"))
+
+    @property
+    def metric(self) -> str:
+        return self.info.get("metric") or self.cfg.task.metric or "accuracy"
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ExportError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}); re-run the stage") from None
+
+
+def load_evidence(stage_dir: str | Path) -> RunEvidence:
+    """Read a finished stage folder (`<output_dir>/student`) and its siblings."""
+    stage_dir = Path(stage_dir)
+    if not stage_dir.is_dir():
+        raise ExportError(f"{stage_dir} is not a folder: pass a stage folder such as runs/demo/student")
+    needed = {
+        "model/config.json": "the saved model",
+        "metrics.json": "the final scores (written last: its absence means the stage did not finish)",
+        "config.yaml": "the resolved recipe",
+    }
+    missing = [f"{name} ({why})" for name, why in needed.items() if not (stage_dir / name).exists()]
+    if missing:
+        raise ExportError(
+            f"{stage_dir} is not a finished stage folder; missing: {'; '.join(missing)}. "
+            "Run `distill run RECIPE` to completion first (it resumes where it stopped)."
+        )
+    try:
+        cfg = load_config(stage_dir / "config.yaml")
+    except ConfigError as err:
+        raise ExportError(f"{stage_dir / 'config.yaml'} cannot be read as a recipe: {err}") from None
+    run_dir = stage_dir.parent
+    sibling = {}
+    for name in ("teacher", "baseline"):
+        path = run_dir / name / "metrics.json"
+        sibling[name] = _read_json(path) if path.exists() and name != stage_dir.name else None
+    summary_path = run_dir / "summary.json"
+    summary = _read_json(summary_path) if summary_path.exists() else []
+    return RunEvidence(
+        stage_dir=stage_dir,
+        cfg=cfg,
+        metrics=_read_json(stage_dir / "metrics.json"),
+        model_config=_read_json(stage_dir / "model" / "config.json"),
+        teacher=sibling["teacher"],
+        baseline=sibling["baseline"],
+        summary=summary if isinstance(summary, list) else [],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Names
+# ---------------------------------------------------------------------------------------------
+
+
+def hub_id_of(name: Optional[str]) -> Optional[str]:
+    """The Hub id behind a model reference (catalog name, hub id), or None for local paths."""
+    if not name:
+        return None
+    if name in KNOWN_HUB_IDS:
+        return KNOWN_HUB_IDS[name]
+    try:
+        return models.resolve_student(name)[0]
+    except KeyError:
+        pass
+    if Path(name).exists() or name.startswith((".", "/", "~")) or not _HUB_ID.match(name):
+        return None
+    return name
+
+
+def hub_dataset_id(cfg: Config) -> Optional[str]:
+    """The Hub dataset the run trained on, or None when it read local files."""
+    src = cfg.data.source
+    if not src or cfg.data.files:
+        return None
+    if Path(src).suffix.lower() in _DATA_SUFFIXES or Path(src).exists() or src.startswith((".", "/", "~")):
+        return None
+    return src if _HUB_ID.match(src) else None
+
+
+def student_name(cfg: Config) -> str:
+    """The student's part of a Hub name: study naming for catalog students
+    (albeto-base-6 -> albert-base-6-spanish), `<teacher>-<k>-layers` for layer-subset students."""
+    if cfg.student.model:
+        return models.short_name(cfg.student.model)
+    k = len(cfg.student.from_teacher_layers) or cfg.student.num_layers
+    return f"{models.short_name(cfg.teacher.model or 'teacher')}-{k}-layers"
+
+
+def repo_name(cfg: Config, org: str) -> str:
+    """`hub.repo_id` with `{org}`, `{student}` and `{task}` filled in."""
+    try:
+        return cfg.hub.repo_id.format(org=org, student=student_name(cfg), task=cfg.task.name)
+    except (KeyError, IndexError, ValueError) as err:
+        raise ConfigError(
+            f"hub.repo_id='{cfg.hub.repo_id}' has an unknown or malformed placeholder ({err}); "
+            "use only {org}, {student} and {task}, e.g. '{org}/{student}-distilled-{task}'"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Metadata
+# ---------------------------------------------------------------------------------------------
+
+
+def split_label(cfg: Config, role: str) -> str:
+    """The split as evaluated: its name, with the slice when max_eval_samples cut it."""
+    if role == "validation" and cfg.data.validation_from_train and not cfg.data.files.get("validation"):
+        name = f"{cfg.data.splits.train or 'train'} (held-out {cfg.data.validation_from_train:.0%})"
+    else:
+        name = getattr(cfg.data.splits, role) or role
+    n = cfg.data.max_eval_samples
+    return f"{name}[:{n}]" if n else name
+
+
+def scored_metrics(split_metrics: dict[str, Any]) -> dict[str, float]:
+    """Numeric task metrics of one split (the gold-label loss is left out of the model-index)."""
+    return {k: float(v) for k, v in split_metrics.items() if k != "loss" and isinstance(v, (int, float))}
+
+
+def card_data(ev: RunEvidence, repo_id: str, pipeline_tag: str) -> ModelCardData:
+    cfg = ev.cfg
+    dataset = hub_dataset_id(cfg)
+    dataset_type = dataset or cfg.task.name
+    dataset_name = f"{dataset} ({cfg.data.name})" if dataset and cfg.data.name else (dataset or f"{cfg.task.name} (local files)")
+    results = []
+    for role in ("validation", "test"):
+        for metric, value in scored_metrics(ev.metrics.get(role, {})).items():
+            results.append(
+                EvalResult(
+                    task_type=pipeline_tag,
+                    task_name=FAMILY_WORDS.get(cfg.task.family, (cfg.task.family,))[0],
+                    dataset_type=dataset_type,
+                    dataset_name=dataset_name,
+                    dataset_config=cfg.data.name if dataset else None,
+                    dataset_split=split_label(cfg, role),
+                    dataset_revision=cfg.data.revision if dataset else None,
+                    metric_type=metric,
+                    metric_name=METRIC_NAMES.get(metric, metric),
+                    metric_value=round(value, 6),
+                )
+            )
+    tags = ["knowledge-distillation", "distillation"] if ev.distilled else ["fine-tuned"]
+    tags += [cfg.task.name, cfg.task.family, ev.model_config.get("model_type", "")]
+    return ModelCardData(
+        language=list(cfg.hub.language) or None,
+        license=cfg.hub.license or None,
+        library_name="transformers",
+        pipeline_tag=pipeline_tag,
+        tags=[t for i, t in enumerate(tags) if t and t not in tags[:i]],
+        datasets=[dataset] if dataset else None,
+        base_model=base_model(cfg),
+        metrics=sorted({r.metric_type for r in results}) or None,
+        model_name=repo_id.split("/")[-1],
+        eval_results=results or None,
+    )
+
+
+def base_model(cfg: Config) -> Optional[str]:
+    """The Hub model the student's weights started from."""
+    return hub_id_of(cfg.student.model) if cfg.student.model else hub_id_of(cfg.teacher.model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Body
+# ---------------------------------------------------------------------------------------------
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
+def _params(n: Optional[int]) -> str:
+    return "–" if not n else f"{n / 1e6:.2f}M"
+
+
+def _model_ref(name: Optional[str]) -> str:
+    """A model reference as the card shows it: a Hub link, or 'a local model' for paths
+    (local paths say nothing to a reader and may name private folders)."""
+    hub = hub_id_of(name)
+    return f"[`{hub}`](https://huggingface.co/{hub})" if hub else "a local model"
+
+
+def _summary_row(ev: RunEvidence, stage: str) -> Optional[dict]:
+    return next((r for r in ev.summary if r.get("stage") == stage), None)
+
+
+def describe_student(ev: RunEvidence) -> str:
+    cfg, mc = ev.cfg, ev.model_config
+    shape = (
+        f"{mc.get('model_type', 'transformer')} encoder, {mc.get('num_hidden_layers', '?')} layers, "
+        f"hidden size {mc.get('hidden_size', '?')}"
+    )
+    if cfg.student.model:
+        try:
+            hub, overrides = models.resolve_student(cfg.student.model)
+        except KeyError:
+            hub, overrides = hub_id_of(cfg.student.model), {}
+        changes = {**overrides, **dict(cfg.student.config_overrides)}
+        change = f" with {', '.join(f'`{k}={v}`' for k, v in changes.items())}" if changes else ""
+        ref = f"[`{hub}`](https://huggingface.co/{hub})" if hub else "a local model"
+        return f"{shape}; initialised from {ref}{change}"
+    layers = mc.get("distill_teacher_layers") or list(cfg.student.from_teacher_layers)
+    kept = f"layers {layers}" if layers else f"{cfg.student.num_layers} uniformly spread layers"
+    return f"{shape}; initialised from {kept} of the pretrained teacher {_model_ref(cfg.teacher.model)}"
+
+
+def describe_teacher(ev: RunEvidence) -> str:
+    cfg = ev.cfg
+    if cfg.teacher.finetuned:
+        return f"{_model_ref(cfg.teacher.model)}, already fine-tuned on the task"
+    t = stage_train(cfg, "teacher")
+    return (
+        f"{_model_ref(cfg.teacher.model)}, fine-tuned on the task in the same run "
+        f"({t.epochs} epochs, lr {t.lr:g}, batch {t.batch_size})"
+    )
+
+
+def describe_losses(ev: RunEvidence) -> list[str]:
+    d, family = ev.cfg.distill, ev.cfg.task.family
+    weights = ev.info.get("loss_weights") or {}
+    where = FAMILY_WORDS.get(family, ("", "the logits"))[1]
+    kd = {
+        "kl": f"T²·KL(softmax(teacher/T) ‖ softmax(student/T)), T = {d.temperature:g}",
+        "ce": f"T²·cross-entropy against the teacher's softened distribution, T = {d.temperature:g}",
+        "mse": "mean squared error between raw student and teacher logits",
+    }[d.kd_loss]
+    text = {
+        "ce": "cross-entropy with the gold labels",
+        "kd": f"soft labels from the teacher: {kd}, on {where}",
+        "hidden": (
+            f"hidden states ({d.hidden_loss}) against the teacher's, through learned projections "
+            f"used only in training (not part of this model); layer map "
+            f"{list(d.layer_map) or 'uniform'}"
+        ),
+    }
+    lines = [f"- `{name}` × {w:g}: {text.get(name, name)}" for name, w in weights.items()]
+    return lines or ["- not recorded in metrics.json"]
+
+
+def results_table(ev: RunEvidence, val: str, test: str) -> list[str]:
+    metric = ev.metric
+    rows = []
+    own = "this model (distilled)" if ev.distilled else "this model"
+    candidates = [("teacher", "teacher (fine-tuned)", ev.teacher), (ev.stage, own, ev.metrics)]
+    if ev.stage != "baseline":
+        candidates.append(("baseline", "same student fine-tuned without a teacher", ev.baseline))
+    for stage, label, m in candidates:
+        if not m:
+            continue
+        srow = _summary_row(ev, stage) or {}
+        params = (m.get("info") or {}).get("parameters") or srow.get("parameters")
+        speed = srow.get("speedup") if _summary_row(ev, "teacher") else None
+        rows.append(
+            f"| {label} | {_params(params)} | {_fmt(m.get('validation', {}).get(metric))} | "
+            f"{_fmt(m.get('test', {}).get(metric))} | {'–' if speed is None else f'{speed:.2f}×'} |"
+        )
+    head = [
+        f"| model | parameters | {metric} ({val}) | {metric} ({test}) | speed vs teacher |",
+        "|---|---|---|---|---|",
+    ]
+    return head + rows
+
+
+def speed_note(ev: RunEvidence) -> str:
+    own, teacher = _summary_row(ev, ev.stage), _summary_row(ev, "teacher")
+    if not (own and teacher and own.get("latency_ms") and teacher.get("latency_ms")):
+        return (
+            "Speed was not measured in this run (no teacher row in summary.json); "
+            "`distill bench` measures it."
+        )
+    return (
+        f"Speed is the teacher's latency over this model's, measured one after the other on the "
+        f"training machine's CPU at the end of `distill run`: batch 1, sequence length "
+        f"{ev.cfg.data.max_length}, random token ids, median of 10 forwards after warm-up "
+        f"(teacher {teacher['latency_ms']:.1f} ms, this model {own['latency_ms']:.1f} ms). "
+        "Ratios on other hardware and lengths differ; `distill bench` measures them."
+    )
+
+
+QA_SNIPPET = """import torch
+from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+
+name = "{repo_id}"
+tokenizer = AutoTokenizer.from_pretrained(name)
+model = AutoModelForQuestionAnswering.from_pretrained(name).eval()
+question = "{question}"
+context = "{context}"
+inputs = tokenizer(question, context, truncation="only_second", return_offsets_mapping=True, return_tensors="pt")
+offsets = inputs.pop("offset_mapping")[0]  # [seq, 2] character spans
+in_context = torch.tensor([s == 1 for s in inputs.sequence_ids(0)])  # [seq]
+with torch.no_grad():
+    out = model(**inputs)
+start = out.start_logits[0].masked_fill(~in_context, -1e9)  # [seq]
+end = out.end_logits[0].masked_fill(~in_context, -1e9)  # [seq]
+span = start[:, None] + end[None, :]  # [seq, seq]: score of (start, end)
+valid = torch.ones_like(span, dtype=torch.bool).triu().tril(30)  # end >= start, <= 30 tokens
+i, j = divmod(int(span.masked_fill(~valid, -1e9).argmax()), span.size(1))
+print(context[offsets[i][0] : offsets[j][1]])"""
+
+
+def usage_snippet(repo_id: str, pipeline_tag: str, language: list[str]) -> list[str]:
+    """A runnable example. Question answering spells out the span search: the
+    `question-answering` pipeline is gone from transformers 5 (4.x releases still have it)."""
+    spanish = "es" in language
+    if pipeline_tag == "question-answering":
+        q, c = (
+            ("¿Dónde está el Museo del Prado?", "El Museo del Prado se encuentra en Madrid.")
+            if spanish
+            else ("Where is the Prado Museum?", "The Prado Museum is in Madrid.")
+        )
+        code = QA_SNIPPET.format(repo_id=repo_id, question=q, context=c)
+    elif pipeline_tag == "token-classification":
+        text = "Ana vive en Madrid y trabaja en la Universidad de Chile." if spanish else "Ana lives in Madrid."
+        code = (
+            "from transformers import pipeline\n\n"
+            f'tagger = pipeline("token-classification", model="{repo_id}", aggregation_strategy="simple")\n'
+            f'print(tagger("{text}"))'
+        )
+    else:
+        text = "El servicio fue excelente y volvería sin dudarlo." if spanish else "Great service, I would come back."
+        code = (
+            "from transformers import pipeline\n\n"
+            f'classifier = pipeline("text-classification", model="{repo_id}")\n'
+            f'print(classifier("{text}"))'
+        )
+    return ["```python", code, "```"]
+
+
+def hyperparameters(ev: RunEvidence) -> list[str]:
+    cfg, info = ev.cfg, ev.info
+    t = stage_train(cfg, ev.stage if ev.stage == "teacher" else "student")
+    rows = {
+        "learning rate": f"{t.lr:g} (linear decay, warm-up {t.warmup_ratio:g} of the steps)",
+        "batch size": f"{t.batch_size} × {t.grad_accum} accumulation",
+        "epochs": f"{t.epochs}" + (f" (max {t.max_steps} steps)" if t.max_steps > 0 else ""),
+        "optimizer steps": f"{info.get('steps', '–')} (model kept from step {info.get('best_step', '–')})",
+        "model selection": f"best validation {info.get('select_metric') or t.select_metric or ev.metric}"
+        + (f", early stopping patience {t.patience}" if t.patience else ""),
+        "weight decay / grad clip": f"{t.weight_decay:g} / {t.max_grad_norm:g}",
+        "max sequence length": f"{cfg.data.max_length}" + (f", doc stride {cfg.data.doc_stride}" if cfg.task.family == "qa" else ""),
+        "seed": f"{cfg.seed}",
+    }
+    if cfg.data.max_train_samples:
+        rows["training rows"] = f"first {cfg.data.max_train_samples}"
+    return ["| setting | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows.items()]
+
+
+def card_body(ev: RunEvidence, repo_id: str, pipeline_tag: str) -> str:
+    cfg = ev.cfg
+    task_words = FAMILY_WORDS.get(cfg.task.family, (cfg.task.family,))[0]
+    dataset = hub_dataset_id(cfg)
+    data_ref = f"[`{dataset}`](https://huggingface.co/datasets/{dataset})" + (
+        f" (config `{cfg.data.name}`)" if cfg.data.name else ""
+    ) if dataset else f"the `{cfg.task.name}` data (local files)"
+    val, test = split_label(cfg, "validation"), split_label(cfg, "test")
+    metric, params = ev.metric, ev.info.get("parameters")
+    own_test = ev.metrics.get("test", {}).get(metric)
+    title = repo_id.split("/")[-1]
+    if ev.distilled:
+        how = (
+            f"distilled from a fine-tuned teacher by task-specific knowledge distillation"
+        )
+    else:
+        how = "fine-tuned on the task without a teacher"
+    lines = [
+        f"# {title}",
+        "",
+        f"A {_params(params)}-parameter {ev.model_config.get('model_type', 'transformer')} model for "
+        f"{task_words} on {data_ref}, {how}."
+        + (f" It scores {metric} {own_test:.4f} on {test}." if own_test is not None else ""),
+        "The repository holds the student alone (no teacher, no training-only layers): it loads "
+        "with plain `transformers`.",
+        "",
+        "## Results",
+        "",
+        *results_table(ev, val, test),
+        "",
+        speed_note(ev),
+        "",
+    ]
+    labels = ev.model_config.get("id2label") or {}
+    if cfg.task.family != "qa" and labels:
+        names = [labels[k] for k in sorted(labels, key=int)]
+        shown = ", ".join(f"`{n}`" for n in names[:30]) + (" …" if len(names) > 30 else "")
+        lines += [f"Labels ({len(names)}): {shown}.", ""]
+    lines += ["## How it was made", ""]
+    lines.append(f"- **Student:** {describe_student(ev)}.")
+    if ev.distilled:
+        lines.append(f"- **Teacher:** {describe_teacher(ev)}.")
+    lines += ["- **Loss:** a weighted sum of", *[f"  {line}" for line in describe_losses(ev)]]
+    lines += ["", "Training hyperparameters:", "", *hyperparameters(ev), ""]
+    lines += ["## Usage", "", *usage_snippet(repo_id, pipeline_tag, list(cfg.hub.language)), ""]
+    local = [s for s in (cfg.data.source, *cfg.data.files.values()) if s and not hub_dataset_id(cfg)]
+    lines += [
+        "## Reproduce",
+        "",
+        f"The resolved recipe is in this repository as `{CARD_CONFIG_NAME}`. With the `distill` "
+        "package installed:",
+        "",
+        "```bash",
+        f"distill run {CARD_CONFIG_NAME}",
+        "```",
+        "",
+        "It runs the teacher fine-tuning (unless the recipe marks the teacher as already fine-tuned),"
+        " the distillation and, when enabled, the baseline, into the recipe's `output_dir`"
+        " (override it with `output_dir=...`).",
+    ]
+    if local:
+        lines.append(
+            "The recipe reads local data files (" + ", ".join(f"`{p}`" for p in local)
+            + "): run it where they exist or point `data.files.<split>` at your copies."
+        )
+    lines += [
+        "",
+        "## Limitations",
+        "",
+        f"Scores hold for {data_ref} as evaluated here; text from other domains or languages will"
+        " do worse. The student inherits the teacher's errors and biases as well as the data's.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def card_repo_id(card_text: str) -> Optional[str]:
+    """The repo id a card was written for (its usage snippet loads it)."""
+    match = re.search(r'(?:model=|name = )"([^"]+)"', card_text)
+    return match.group(1) if match else None
+
+
+def build_card(ev: RunEvidence, repo_id: str, pipeline_tag: str) -> ModelCard:
+    """The README.md of an export: metadata from `card_data`, body from `card_body`."""
+    data = card_data(ev, repo_id, pipeline_tag)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{card_body(ev, repo_id, pipeline_tag)}")

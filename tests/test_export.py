@@ -1,0 +1,237 @@
+"""Export: the folder is exactly the student, reloads with plain transformers, and its card
+parses back with huggingface_hub holding the run's numbers. One tiny real `distill run`
+(teacher hidden 64 -> student hidden 32, so hidden-state projections exist during training)
+and hand-made stage folders for the tagging and QA families."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from tests.conftest import SPANISH, minilm_path, save_tiny, tiny_bert_config
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file, save_file
+from transformers import (
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    pipeline,
+)
+
+from distill.card import CARD_CONFIG_NAME, ExportError, load_evidence, repo_name, student_name
+from distill.config import ConfigError, load_config, to_yaml
+from distill.export import RESULTS_NAME, export_student, main as export_main, safetensors_keys
+
+POSITIVE = ["Me encantó, volvería sin dudarlo.", "Excelente servicio y muy buena comida.", "Todo perfecto, lo recomiendo."]
+NEGATIVE = ["Llegó roto y nadie respondió.", "Muy mala experiencia, no vuelvo.", "Dejó de funcionar al segundo día."]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def cls_run(tmp_path_factory) -> Path:
+    """A real teacher -> student (+ hidden-state loss) -> baseline run on 24 rows; returns the run dir."""
+    from distill.cli import main
+
+    root = tmp_path_factory.mktemp("cls-run")
+    teacher = save_tiny(tiny_bert_config(hidden=64), root / "teacher-init", minilm_path())
+    student = save_tiny(tiny_bert_config(hidden=32), root / "student-init", minilm_path())
+    # train.same_tokenizer compares the backend's truncation/padding state too, which the
+    # teacher stage leaves at max_length 32 in its saved tokenizer: give the student the same
+    tok = AutoTokenizer.from_pretrained(student)
+    tok(["x"], truncation=True, max_length=32)
+    tok.save_pretrained(student)
+    rows = [{"text": t, "label": "positivo"} for t in POSITIVE] + [{"text": t, "label": "negativo"} for t in NEGATIVE]
+    files = {split: write_jsonl(root / f"{split}.jsonl", rows * n) for split, n in (("train", 4), ("validation", 1), ("test", 1))}
+    out = root / "run"
+    recipe = root / "recipe.yaml"
+    recipe.write_text(
+        "task: {family: classification, name: reviews}\n"
+        f"data: {{files: {json.dumps(files)}, max_length: 32}}\n"
+        f"teacher: {{model: {teacher}, lr: 1e-3, epochs: 1}}\n"
+        f"student: {{model: {student}}}\n"
+        "distill: {ce_weight: 0.5, kd_weight: 0.5, temperature: 2.0, hidden_weight: 1.0}\n"
+        "train: {lr: 1e-3, batch_size: 8, epochs: 2, logging_steps: 1}\n"
+        "run: {baseline: true}\n"
+        "tracking: {report_to: []}\n"
+        "hub: {license: mit, language: [es]}\n"
+        f"output_dir: {out}\n"
+    )
+    assert main(["run", str(recipe)]) == 0
+    return out
+
+
+def test_export_reloads_and_predicts_like_training(cls_run, tmp_path):
+    out = export_student(cls_run / "student", tmp_path / "export", repo_id="someorg/tiny-distilled-reviews")
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    trained = AutoModelForSequenceClassification.from_pretrained(cls_run / "student" / "model").eval()
+    assert model.config.id2label == {0: "negativo", 1: "positivo"}
+    assert model.config.label2id == {"negativo": 0, "positivo": 1}
+    for (name, a), (_, b) in zip(model.state_dict().items(), trained.state_dict().items()):
+        assert torch.equal(a, b), name
+    # the predictions written at the end of training, reproduced by a plain pipeline
+    test_rows = [json.loads(line) for line in (cls_run.parent / "test.jsonl").read_text().splitlines()]
+    preds = [json.loads(line) for line in (cls_run / "student" / "predictions_test.jsonl").read_text().splitlines()]
+    clf = pipeline("text-classification", model=str(out), device="cpu")
+    got = clf([test_rows[p["example_id"]]["text"] for p in preds])
+    assert [g["label"] for g in got] == [p["prediction"] for p in preds]
+
+
+def test_export_holds_the_student_only(cls_run, tmp_path):
+    out = export_student(cls_run / "student", tmp_path / "export")
+    keys = set(safetensors_keys(out))
+    plain = AutoModelForSequenceClassification.from_pretrained(cls_run / "student" / "model")
+    assert keys == set(plain.state_dict())
+    assert not [k for k in keys if "hidden_loss" in k or "projection" in k or k.startswith("teacher")]
+    # the teacher (hidden 64) left no tensor behind: every exported tensor has the student's width
+    hidden = {t.shape[-1] for k, t in load_file(str(out / "model.safetensors")).items() if k.endswith("LayerNorm.weight")}
+    assert hidden == {32}
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", CARD_CONFIG_NAME, RESULTS_NAME} <= names
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pkl"))]  # no pickles, no optimizer state
+    assert load_config(out / CARD_CONFIG_NAME).distill.hidden_weight == 1.0
+
+
+def test_export_drops_tensors_that_are_not_the_student(cls_run, tmp_path):
+    stage = tmp_path / "run" / "student"
+    shutil.copytree(cls_run / "student", stage, ignore=shutil.ignore_patterns("export"))
+    weights = stage / "model" / "model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["hidden_loss.projections.0.weight"] = torch.ones(64, 32)
+    tensors["teacher.bert.pooler.dense.weight"] = torch.ones(64, 64)
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    out = export_student(stage)
+    assert out == stage / "export"
+    keys = set(safetensors_keys(out))
+    assert "hidden_loss.projections.0.weight" not in keys and "teacher.bert.pooler.dense.weight" not in keys
+    assert len(keys) == len(tensors) - 2
+
+
+def test_card_parses_back_with_the_runs_numbers(cls_run, tmp_path, capsys):
+    out = export_student(cls_run / "student", tmp_path / "export", repo_id="someorg/tiny-distilled-reviews")
+    card = ModelCard.load(out / "README.md")
+    metrics = json.loads((cls_run / "student" / "metrics.json").read_text())
+    data = card.data
+    assert data.pipeline_tag == "text-classification"
+    assert data.license == "mit" and data.language == ["es"]
+    assert "knowledge-distillation" in data.tags and data.library_name == "transformers"
+    assert data.model_name == "tiny-distilled-reviews"
+    found = {(r.dataset_split, r.metric_type): r.metric_value for r in data.eval_results}
+    for split in ("validation", "test"):
+        assert found[(split, "accuracy")] == pytest.approx(metrics[split]["accuracy"], abs=1e-6)
+    assert {r.task_type for r in data.eval_results} == {"text-classification"}
+    body = card.text
+    teacher = json.loads((cls_run / "teacher" / "metrics.json").read_text())
+    baseline = json.loads((cls_run / "baseline" / "metrics.json").read_text())
+    assert f"{teacher['test']['accuracy']:.4f}" in body and f"{baseline['test']['accuracy']:.4f}" in body
+    summary = {r["stage"]: r for r in json.loads((cls_run / "summary.json").read_text())}
+    assert f"{summary['student']['speedup']:.2f}×" in body
+    assert 'pipeline("text-classification", model="someorg/tiny-distilled-reviews")' in body
+    assert "'label': '" in run_usage_snippet(body, "someorg/tiny-distilled-reviews", out, capsys)
+    assert f"distill run {CARD_CONFIG_NAME}" in body
+    assert "T = 2" in body and "`hidden` × 1" in body and "`kd` × 0.5" in body
+    assert str(cls_run) not in body  # local paths stay out of the published card
+    results = json.loads((out / RESULTS_NAME).read_text())
+    assert results["student"]["test"] == metrics["test"] and results["teacher"]["parameters"] > results["student"]["parameters"]
+
+
+def test_cli_export_and_its_errors(cls_run, tmp_path, capsys):
+    assert export_main([str(cls_run / "student" / "model"), "--out", str(tmp_path / "e")]) == 0
+    assert "model.safetensors" in capsys.readouterr().out
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(cls_run / "student", unfinished, ignore=shutil.ignore_patterns("metrics.json", "export"))
+    assert export_main([str(unfinished)]) == 2
+    assert "metrics.json" in capsys.readouterr().err
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match="not an earlier export"):
+        export_student(cls_run / "student", occupied)
+    assert (occupied / "notes.txt").read_text() == "mine"
+
+
+# --- the other task families, from hand-made stage folders ---------------------------------
+
+
+def make_stage(root: Path, family: str, overrides: list[str] = ()) -> Path:
+    """A finished-looking student stage folder for `family` (tiny random model, made-up scores)."""
+    labels = {"classification": ["negativo", "positivo"], "tagging": ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"], "qa": []}[family]
+    head = {"classification": AutoModelForSequenceClassification, "tagging": AutoModelForTokenClassification, "qa": AutoModelForQuestionAnswering}[family]
+    stage = root / "run" / "student"
+    kw = {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}} if labels else {}
+    save_tiny(tiny_bert_config(**kw), stage / "model", minilm_path(), model_class=head)
+    cfg = load_config(None, [f"task.family={family}", f"task.name={family}-demo", f"student.model={root / 'init'}", f"output_dir={root / 'run'}", "data.doc_stride=64", *overrides])
+    (stage / "config.yaml").write_text(to_yaml(cfg))
+    metric = {"classification": "accuracy", "tagging": "f1", "qa": "f1"}[family]
+    scores = {"validation": {metric: 0.61, "loss": 1.2}, "test": {metric: 0.58, "loss": 1.3}}
+    if family == "qa":
+        scores["test"]["exact_match"] = 0.41
+    info = {"stage": "student", "task": cfg.task.name, "family": family, "metric": metric, "select_metric": metric,
+            "best_step": 10, "steps": 20, "parameters": 12345, "teacher": None, "loss_weights": {"ce": 1.0}}
+    (stage / "metrics.json").write_text(json.dumps({**scores, "info": info}))
+    return stage
+
+
+def test_tagging_export_with_hub_dataset_metadata(tmp_path, capsys):
+    stage = make_stage(tmp_path, "tagging", ["data.source=conll2002", "data.name=es", "data.revision=refs/convert/parquet", "data.max_eval_samples=200"])
+    out = export_student(stage, repo_id="org/tiny-ner")
+    tagger = pipeline("token-classification", model=str(out), device="cpu")
+    words = tagger("Ana vive en Madrid.")
+    assert words and {w["entity"] for w in words} <= {"O", "B-LOC", "I-LOC", "B-PER", "I-PER"}
+    card = ModelCard.load(out / "README.md")
+    printed = run_usage_snippet(card.text, "org/tiny-ner", out, capsys)
+    assert printed.startswith("[")  # the aggregated entities (random model: any, or none)
+    data = card.data
+    assert data.pipeline_tag == "token-classification" and data.datasets == ["conll2002"]
+    assert "knowledge-distillation" not in data.tags  # plain fine-tuning: no teacher, no such claim
+    r = {(x.dataset_split, x.metric_type): x for x in data.eval_results}
+    assert r[("test[:200]", "f1")].metric_value == 0.58 and r[("test[:200]", "f1")].dataset_config == "es"
+    assert r[("validation[:200]", "f1")].dataset_revision == "refs/convert/parquet"
+    assert ("test[:200]", "loss") not in r
+
+
+def run_usage_snippet(card_text: str, repo_id: str, folder: Path, capsys) -> str:
+    """Execute the card's Python snippet against the local export; returns what it printed."""
+    code = card_text.split("```python\n", 1)[1].split("```", 1)[0]
+    assert repo_id in code
+    capsys.readouterr()
+    exec(compile(code.replace(repo_id, str(folder)), "usage-snippet", "exec"), {})
+    return capsys.readouterr().out
+
+
+def test_qa_export(tmp_path, capsys):
+    stage = make_stage(tmp_path, "qa", ["data.source=PlanTL-GOB-ES/SQAC"])
+    out = export_student(stage, repo_id="org/tiny-qa")
+    AutoModelForQuestionAnswering.from_pretrained(out)
+    card = ModelCard.load(out / "README.md")
+    answer = run_usage_snippet(card.text, "org/tiny-qa", out, capsys).strip()
+    assert answer and answer in "El Museo del Prado se encuentra en Madrid."
+    assert card.data.pipeline_tag == "question-answering"
+    assert {x.metric_type for x in card.data.eval_results} == {"f1", "exact_match"}
+    assert "Labels (" not in card.text
+
+
+def test_repo_names_follow_the_study():
+    cfg = load_config(None, ["student.model=albeto-base-6", "task.name=pawsx"])
+    assert repo_name(cfg, "dccuchile") == "dccuchile/albert-base-6-spanish-distilled-pawsx"
+    cut = load_config(None, ["teacher.model=dccuchile/bert-base-spanish-wwm-cased", "student.num_layers=4", "task.name=xnli"])
+    assert student_name(cut) == "bert-base-spanish-wwm-cased-4-layers"
+    bad = load_config(None, ["student.model=albeto-tiny"])
+    bad.hub.repo_id = "{org}/{model}"
+    with pytest.raises(ConfigError, match="hub.repo_id"):
+        repo_name(bad, "x")
+
+
+def test_evidence_without_siblings(tmp_path):
+    stage = make_stage(tmp_path, "classification")
+    ev = load_evidence(stage)
+    assert ev.teacher is None and ev.baseline is None and ev.summary == [] and not ev.distilled
+    text = (export_student(stage, repo_id="o/n") / "README.md").read_text()
+    assert "Speed was not measured" in text and "teacher (fine-tuned)" not in text
