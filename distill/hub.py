@@ -22,7 +22,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from distill.card import CARD_CONFIG_NAME, ExportError, card_repo_id, repo_name
 from distill.config import Config, ConfigError, load_config
-from distill.export import export_student, format_files, is_export, list_files, stage_folder
+from distill.export import PLACEHOLDER_ORG, export_student, format_files, is_export, list_files, stage_folder
 
 log = logging.getLogger("distill.hub")
 
@@ -71,7 +71,7 @@ def with_retries(
     attempts: int = 5,
     base_wait: float = 2.0,
     max_wait: float = 30.0,
-    sleep: Callable[[float], None] = time.sleep,
+    sleep: Optional[Callable[[float], None]] = None,
 ) -> T:
     """Run `call`, retrying transient failures with exponential backoff (Retry-After honoured)."""
     for attempt in range(1, attempts + 1):
@@ -92,7 +92,7 @@ def with_retries(
                 attempts,
                 wait,
             )
-            sleep(wait)
+            (sleep or time.sleep)(wait)
     raise AssertionError("unreachable")
 
 
@@ -191,7 +191,7 @@ def push(
     commit_message: Optional[str] = None,
     dry_run: bool = False,
     out: Optional[str | Path] = None,
-    sleep: Callable[[float], None] = time.sleep,
+    sleep: Optional[Callable[[float], None]] = None,
 ) -> Optional[str]:
     """Export (when given a stage folder) and upload to `repo_id`; returns the commit URL.
 
@@ -253,7 +253,7 @@ def push(
     return url
 
 
-def run_org(cfg: Config, sleep: Callable[[float], None] = time.sleep) -> str:
+def run_org(cfg: Config, sleep: Optional[Callable[[float], None]] = None) -> str:
     """hub.org, else the logged-in user's name."""
     if cfg.hub.org:
         return cfg.hub.org
@@ -268,7 +268,7 @@ def run_org(cfg: Config, sleep: Callable[[float], None] = time.sleep) -> str:
     return who["name"]
 
 
-def push_from_run(cfg: Config, sleep: Callable[[float], None] = time.sleep) -> Optional[str]:
+def push_from_run(cfg: Config, sleep: Optional[Callable[[float], None]] = None) -> Optional[str]:
     """The end of `distill run` with hub.push=true: export `<output_dir>/student` and push it
     to hub.repo_id (the study's naming by default, e.g. dccuchile/albert-base-6-spanish-distilled-pawsx)."""
     stage_dir = Path(cfg.output_dir) / "student"
@@ -303,7 +303,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             if not recipe.exists():
                 raise PushError(f"no recipe in {path} to name the repo from: pass --repo-id ORG/NAME")
             cfg = load_config(recipe)
-            repo_id = repo_name(cfg, run_org(cfg))
+            # a dry run contacts nobody: without hub.org the card says ORG/...
+            org = cfg.hub.org or (PLACEHOLDER_ORG if args.dry_run else run_org(cfg))
+            repo_id = repo_name(cfg, org)
         push(
             args.path,
             repo_id,
