@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from datasets import Dataset, DatasetDict
+from datasets import Dataset, DatasetDict, Features, List, Value
 
 from transformers import AutoModelForQuestionAnswering
 
@@ -276,11 +276,16 @@ class QATask(Task):
             out["length"] = [len(ids) for ids in out["input_ids"]]
             return out
 
+        ints = List(Value("int32"))
+        schema = {key: ints for key in QA_INPUTS if key in tok.model_input_names}
+        schema.update(offset_mapping=List(ints), context_mask=List(Value("int8")))
+        schema.update({k: Value("int64") for k in ("start_positions", "end_positions", "cls_index", "example_id", "length")})
         features = raw.map(
             encode,
             batched=True,
             with_indices=True,
             remove_columns=raw.column_names,
+            features=Features(schema),  # declared types: Arrow skips inferring nested lists
             desc=f"tokenizing {split}",
         )
         features = features.add_column("feature_id", list(range(len(features))))

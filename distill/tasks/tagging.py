@@ -161,7 +161,7 @@ class TaggingTask(Task):
         self.tags_col = column(self.cfg, "tags", "tags")
         require_columns(raw, {"tokens": self.tokens_col, "tags": self.tags_col})
         self.labels, self._tag_kind = tag_names(raw, self.tags_col, self.cfg.data.splits.train)
-        index = {name: i for i, name in enumerate(self.labels)}
+        self._index = index = {name: i for i, name in enumerate(self.labels)}
         # Later sub-tokens of a B-X word take I-X when it exists (label_all_tokens).
         self._inside = [
             index.get("I-" + name[2:], i) if name.startswith("B-") else i
@@ -170,8 +170,7 @@ class TaggingTask(Task):
 
     def _tag_ids(self, tags: list[Any]) -> list[int]:
         if self._tag_kind == "names":
-            index = {name: i for i, name in enumerate(self.labels)}
-            return [index[str(t)] for t in tags]
+            return [self._index[str(t)] for t in tags]
         return [int(t) for t in tags]
 
     def _fallback_label(self) -> str:
