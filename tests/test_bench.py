@@ -204,6 +204,20 @@ def test_measure_a_tiny_model():
         latency.measure(model, batch=1, seq=600, warmup=0, runs=1)
 
 
+def test_measure_interleaved_keeps_cases_apart():
+    torch.manual_seed(0)
+    small = AutoModel.from_config(TINY_CONFIGS["bert"])
+    other = AutoModel.from_config(TINY_CONFIGS["distilbert"])
+    timings = latency.measure_interleaved([(small, 1, 8), (other, 2, 12), (small, 1, 24)],
+                                          warmup=1, runs=4, threads=1)
+    assert [(t.batch, t.seq, t.runs, t.threads) for t in timings] == [
+        (1, 8, 4, 1), (2, 12, 4, 1), (1, 24, 4, 1)]
+    for t in timings:
+        assert 0 < t.min_ms <= t.p25_ms <= t.median_ms <= t.p75_ms <= t.max_ms
+    with pytest.raises(ValueError, match="positions"):
+        latency.measure_interleaved([(small, 1, 513)], warmup=0, runs=1)
+
+
 def test_time_calls_counts_warmup_and_runs():
     calls = []
     seconds = latency.time_calls(lambda: calls.append(1), warmup=3, runs=5)
@@ -286,13 +300,14 @@ def test_cli_analytic_study_list(tmp_path, capsys):
     assert "albeto-tiny" in capsys.readouterr().out
 
 
-def test_cli_times_local_models_and_plots(tmp_path, tiny_bert_dir, tiny_albert_dir):
+@pytest.mark.parametrize("interleave", [False, True])
+def test_cli_times_local_models_and_plots(tmp_path, tiny_bert_dir, tiny_albert_dir, interleave):
     scores = tmp_path / "scores.json"
     scores.write_text(json.dumps({str(tiny_albert_dir): 0.7, str(tiny_bert_dir): 0.8}))
     out = tmp_path / "out"
     rc = cli.main([str(tiny_albert_dir), "--reference", str(tiny_bert_dir), "--seq", "8", "32",
                    "--warmup", "1", "--runs", "3", "--threads", "1", "--out", str(out), "--plot",
-                   "--scores", str(scores)])
+                   "--scores", str(scores)] + (["--interleave"] if interleave else []))
     assert rc == 0
     rows = json.loads((out / "bench.json").read_text())["rows"]
     assert [r["model"] for r in rows] == [str(tiny_bert_dir)] * 2 + [str(tiny_albert_dir)] * 2

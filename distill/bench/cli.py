@@ -24,13 +24,13 @@ from typing import Any, Sequence
 import torch
 
 from distill.bench import flops
-from distill.bench.latency import DTYPES, device_name, measure
+from distill.bench.latency import DTYPES, Timing, device_name, measure, measure_interleaved
 from distill.bench.shapes import EXTRA_MODELS, STUDY_MODELS, BenchModel, ModelNotFound, resolve_model
 
 COLUMNS = [
     "model", "source", "origin", "model_type", "params", "batch", "seq", "gmacs", "gmacs_linear",
     "gflops", "speedup_macs", "latency_ms", "p25_ms", "p75_ms", "iqr_ms", "throughput",
-    "speedup_latency", "score", "runs", "warmup", "threads", "device", "device_name", "dtype",
+    "speedup_latency", "min_ms", "score", "runs", "warmup", "threads", "device", "device_name", "dtype",
 ]
 
 
@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--reference", default="beto", help="model the speedups divide by (default beto)")
     p.add_argument("--analytic-only", action="store_true", help="counts only, no timing")
+    p.add_argument("--interleave", action="store_true",
+                   help="time all models round-robin, run by run: fair ratios on a busy machine")
     p.add_argument("--out", default="runs/bench", help="output folder (default runs/bench)")
     p.add_argument("--plot", action="store_true", help="draw latency vs sequence length "
                    "(and score vs speedup with --scores)")
@@ -118,41 +120,64 @@ def add_speedups(rows: list[dict[str, Any]], reference: str) -> None:
             r["speedup_latency"] = ref["latency_ms"] / r["latency_ms"]
 
 
+def _record(row: dict[str, Any], t: Timing) -> None:
+    row.update(latency_ms=t.median_ms, p25_ms=t.p25_ms, p75_ms=t.p75_ms, iqr_ms=t.iqr_ms,
+               min_ms=t.min_ms, throughput=t.throughput, runs=t.runs, warmup=t.warmup,
+               threads=t.threads, device=t.device, device_name=t.device_name, dtype=t.dtype)
+
+
 def run_bench(
     models: Sequence[str], *, batches: Sequence[int] = (1,), seqs: Sequence[int] = (128, 512),
     warmup: int = 10, runs: int = 100, threads: int | None = None, device: str = "cpu",
-    dtype: str = "fp32", reference: str = "beto", analytic_only: bool = False, seed: int = 0,
-    log: Any = sys.stderr,
+    dtype: str = "fp32", reference: str = "beto", analytic_only: bool = False,
+    interleave: bool = False, seed: int = 0, log: Any = sys.stderr,
 ) -> list[dict[str, Any]]:
     """One row per model x batch x seq: params, GMACs, GFLOPs, latency, speedups vs `reference`.
 
-    The reference is measured too (first) when it is not among `models`.
+    The reference is measured too (first) when it is not among `models`. `interleave` times all
+    points round-robin (fair ratios on a busy machine) instead of one point after another.
     """
     names = list(dict.fromkeys([reference, *models] if reference not in models else models))
     resolved = [resolve_model(n) for n in names]
     if not analytic_only and torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise BenchError(f"--device {device}: CUDA is not available here; use --device cpu")
-    rows = []
+    rows, cases = [], []
     for m in resolved:
         params = count_params(m.config)
         points = [analytic_row(m, params, b, s) for b in batches for s in seqs]
-        if not analytic_only:
-            model = build_model(m.config, dtype, seed)
-            for row in points:
-                b, s = row["batch"], row["seq"]
-                print(f"timing {m.name} batch {b} seq {s} ...", end=" ", file=log, flush=True)
-                try:
-                    t = measure(model, b, s, warmup=warmup, runs=runs, threads=threads,
-                                device=device, seed=seed)
-                except ValueError as err:
-                    raise BenchError(f"{m.name}: {err}") from err
-                print(f"{t.median_ms:.2f} ms (IQR {t.iqr_ms:.2f})", file=log, flush=True)
-                row.update(latency_ms=t.median_ms, p25_ms=t.p25_ms, p75_ms=t.p75_ms, iqr_ms=t.iqr_ms,
-                           throughput=t.throughput, runs=t.runs, warmup=t.warmup, threads=t.threads,
-                           device=t.device, device_name=t.device_name, dtype=t.dtype)
-            del model
-            gc.collect()
         rows.extend(points)
+        if analytic_only:
+            continue
+        model = build_model(m.config, dtype, seed)
+        if interleave:  # keep every model; time them together below
+            cases += [(m.name, model, row) for row in points]
+            continue
+        for row in points:
+            b, s = row["batch"], row["seq"]
+            print(f"timing {m.name} batch {b} seq {s} ...", end=" ", file=log, flush=True)
+            try:
+                t = measure(model, b, s, warmup=warmup, runs=runs, threads=threads, device=device,
+                            seed=seed)
+            except ValueError as err:
+                raise BenchError(f"{m.name}: {err}") from err
+            print(f"{t.median_ms:.2f} ms (IQR {t.iqr_ms:.2f})", file=log, flush=True)
+            _record(row, t)
+        del model
+        gc.collect()
+    if cases:
+        print(f"timing {len(cases)} points round-robin, {warmup} + {runs} rounds ...", file=log,
+              flush=True)
+        try:
+            timings = measure_interleaved(
+                [(model, row["batch"], row["seq"]) for _, model, row in cases], warmup=warmup,
+                runs=runs, threads=threads, device=device, seed=seed,
+            )
+        except ValueError as err:
+            raise BenchError(str(err)) from err
+        for (name, _, row), t in zip(cases, timings):
+            print(f"  {name} batch {row['batch']} seq {row['seq']}: {t.median_ms:.2f} ms "
+                  f"(IQR {t.iqr_ms:.2f})", file=log)
+            _record(row, t)
     add_speedups(rows, reference)
     for r in rows:
         r.pop("_counts", None)
@@ -367,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = run_bench(
             models, batches=args.batch, seqs=args.seq, warmup=args.warmup, runs=args.runs,
             threads=args.threads, device=args.device, dtype=args.dtype, reference=args.reference,
-            analytic_only=args.analytic_only, seed=args.seed,
+            analytic_only=args.analytic_only, interleave=args.interleave, seed=args.seed,
         )
     except (BenchError, ModelNotFound, KeyError, ValueError, FileNotFoundError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err

@@ -156,6 +156,30 @@ def random_inputs(
     return {k: v.to(device) for k, v in inputs.items()}
 
 
+def _check_length(config: Any, seq: int) -> None:
+    max_positions = getattr(config, "max_position_embeddings", None)
+    if max_positions is None:
+        return
+    if config.model_type in ("roberta", "xlm-roberta", "camembert"):
+        max_positions -= (config.pad_token_id or 0) + 1  # positions start after the padding index
+    if seq > max_positions:
+        raise ValueError(
+            f"seq {seq} is longer than {config.model_type}'s {max_positions} positions; "
+            f"use --seq <= {max_positions}"
+        )
+
+
+def _forward(
+    model: nn.Module, batch: int, seq: int, device: str, seed: int
+) -> tuple[Callable[[], Any], str]:
+    """A no-argument forward on fixed random inputs, and the model's dtype name."""
+    _check_length(model.config, seq)
+    model = model.eval().to(device)
+    dtype = next(model.parameters()).dtype
+    inputs = random_inputs(model.config, batch, seq, device, seed)
+    return (lambda: model(**inputs)), {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype))
+
+
 def measure(
     model: nn.Module, batch: int, seq: int, *, warmup: int = 10, runs: int = 100,
     threads: int | None = None, device: str = "cpu", seed: int = 0,
@@ -164,22 +188,35 @@ def measure(
 
     The model is put in eval mode and moved to `device`; its dtype is recorded as found.
     """
-    max_positions = getattr(model.config, "max_position_embeddings", None)
-    if max_positions is not None:
-        if model.config.model_type in ("roberta", "xlm-roberta", "camembert"):
-            max_positions -= (model.config.pad_token_id or 0) + 1
-        if seq > max_positions:
-            raise ValueError(
-                f"seq {seq} is longer than {model.config.model_type}'s {max_positions} positions; "
-                f"use --seq <= {max_positions}"
-            )
-    model = model.eval().to(device)
-    dtype = next(model.parameters()).dtype
-    dtype_name = {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype))
-    inputs = random_inputs(model.config, batch, seq, device, seed)
+    fn, dtype = _forward(model, batch, seq, device, seed)
     with fixed_threads(threads) as used, torch.inference_mode():
-        seconds = time_calls(lambda: model(**inputs), warmup, runs, synchronizer(device))
+        seconds = time_calls(fn, warmup, runs, synchronizer(device))
     return summarize(
         seconds, batch=batch, seq=seq, warmup=warmup, threads=used, device=str(torch.device(device)),
-        device_name=device_name(device), dtype=dtype_name,
+        device_name=device_name(device), dtype=dtype,
     )
+
+
+def measure_interleaved(
+    cases: list[tuple[nn.Module, int, int]], *, warmup: int = 10, runs: int = 100,
+    threads: int | None = None, device: str = "cpu", seed: int = 0,
+) -> list[Timing]:
+    """Like `measure` for many (model, batch, seq) cases, timed round-robin: run i of every case
+    before run i+1 of any, so a shared machine's changing load hits all cases alike and their
+    ratios stay fair. Each forward then starts with the other models' weights in cache."""
+    prepared = [_forward(model, batch, seq, device, seed) for model, batch, seq in cases]
+    sync = synchronizer(device)
+    seconds: list[list[float]] = [[] for _ in cases]
+    with fixed_threads(threads) as used, torch.inference_mode():
+        for _ in range(warmup):
+            for fn, _dtype in prepared:
+                fn()
+        for _ in range(runs):
+            for i, (fn, _dtype) in enumerate(prepared):
+                seconds[i] += time_calls(fn, 0, 1, sync)
+    name = device_name(device)
+    return [
+        summarize(s, batch=batch, seq=seq, warmup=warmup, threads=used,
+                  device=str(torch.device(device)), device_name=name, dtype=dtype)
+        for s, (_, batch, seq), (_fn, dtype) in zip(seconds, cases, prepared)
+    ]
