@@ -12,7 +12,7 @@ import torch
 from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer
 
-from conftest import tiny_bert_config
+from tests.conftest import tiny_bert_config
 from distill.config import Config
 from distill.formats import read_squad
 from distill.losses import SoftLabelLoss, soft_label_loss

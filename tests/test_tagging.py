@@ -11,7 +11,7 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
 from transformers import AutoConfig, AutoModelForTokenClassification, AutoTokenizer
 
-from conftest import tiny_bert_config
+from tests.conftest import tiny_bert_config
 from distill.config import Config
 from distill.losses import SoftLabelLoss, soft_label_loss
 from distill.tasks.tagging import TaggingTask, plan_windows, scoring_windows
