@@ -140,6 +140,7 @@ class QATask(Task):
     # start_logits / end_logits [seq]; a feature's seq axis is `length` long (a batch column):
     # the teacher cache trims rows to it.
     kd_target_keys = ("start_logits", "end_logits")
+    kd_target_lengths = {"start_logits": "length", "end_logits": "length"}
 
     def setup(self, raw: DatasetDict) -> None:
         self.id_col = column(self.cfg, "id", "id")

@@ -155,6 +155,7 @@ class TaggingTask(Task):
     # word_logits [words, labels] and word_mask [words]; the word axis of a feature is
     # `num_words` long (a batch column): the teacher cache trims rows to it.
     kd_target_keys = ("word_logits", "word_mask")
+    kd_target_lengths = {"word_logits": "num_words", "word_mask": "num_words"}
 
     def setup(self, raw: DatasetDict) -> None:
         self.tokens_col = column(self.cfg, "tokens", "tokens")
