@@ -49,7 +49,7 @@ def cls_run(tmp_path_factory) -> Path:
     tok(["x"], truncation=True, max_length=32)
     tok.save_pretrained(student)
     rows = [{"text": t, "label": "positivo"} for t in POSITIVE] + [{"text": t, "label": "negativo"} for t in NEGATIVE]
-    files = {split: write_jsonl(root / f"{split}.jsonl", rows * n) for split, n in (("train", 4), ("validation", 1), ("test", 1))}
+    files = {split: write_jsonl(root / f"{split}.jsonl", rows * n) for split, n in (("train", 2), ("validation", 1), ("test", 1))}
     out = root / "run"
     recipe = root / "recipe.yaml"
     recipe.write_text(
@@ -58,7 +58,7 @@ def cls_run(tmp_path_factory) -> Path:
         f"teacher: {{model: {teacher}, lr: 1e-3, epochs: 1}}\n"
         f"student: {{model: {student}}}\n"
         "distill: {ce_weight: 0.5, kd_weight: 0.5, temperature: 2.0, hidden_weight: 1.0}\n"
-        "train: {lr: 1e-3, batch_size: 8, epochs: 2, logging_steps: 1}\n"
+        "train: {lr: 1e-3, batch_size: 8, epochs: 1, logging_steps: 1}\n"
         "run: {baseline: true}\n"
         "tracking: {report_to: []}\n"
         "hub: {license: mit, language: [es]}\n"
@@ -68,6 +68,7 @@ def cls_run(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_export_reloads_and_predicts_like_training(cls_run, tmp_path):
     out = export_student(cls_run / "student", tmp_path / "export", repo_id="someorg/tiny-distilled-reviews")
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
@@ -84,6 +85,7 @@ def test_export_reloads_and_predicts_like_training(cls_run, tmp_path):
     assert [g["label"] for g in got] == [p["prediction"] for p in preds]
 
 
+@pytest.mark.slow
 def test_export_holds_the_student_only(cls_run, tmp_path):
     out = export_student(cls_run / "student", tmp_path / "export")
     keys = set(safetensors_keys(out))
@@ -99,6 +101,7 @@ def test_export_holds_the_student_only(cls_run, tmp_path):
     assert load_config(out / CARD_CONFIG_NAME).distill.hidden_weight == 1.0
 
 
+@pytest.mark.slow
 def test_export_drops_tensors_that_are_not_the_student(cls_run, tmp_path):
     stage = tmp_path / "run" / "student"
     shutil.copytree(cls_run / "student", stage, ignore=shutil.ignore_patterns("export"))
@@ -114,6 +117,7 @@ def test_export_drops_tensors_that_are_not_the_student(cls_run, tmp_path):
     assert len(keys) == len(tensors) - 2
 
 
+@pytest.mark.slow
 def test_card_parses_back_with_the_runs_numbers(cls_run, tmp_path, capsys):
     out = export_student(cls_run / "student", tmp_path / "export", repo_id="someorg/tiny-distilled-reviews")
     card = ModelCard.load(out / "README.md")
@@ -142,6 +146,7 @@ def test_card_parses_back_with_the_runs_numbers(cls_run, tmp_path, capsys):
     assert results["student"]["test"] == metrics["test"] and results["teacher"]["parameters"] > results["student"]["parameters"]
 
 
+@pytest.mark.slow
 def test_cli_export_and_its_errors(cls_run, tmp_path, capsys):
     assert export_main([str(cls_run / "student" / "model"), "--out", str(tmp_path / "e")]) == 0
     assert "model.safetensors" in capsys.readouterr().out

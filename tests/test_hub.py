@@ -164,6 +164,9 @@ def test_dry_run_lists_files_and_prints_the_card_without_a_token(stage, monkeypa
     assert hub.main([str(stage), "--repo-id", "myorg/x", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "model.safetensors" in out and "README.md" in out and "# x" in out and "model-index" in out
+    # without --repo-id nor hub.org, a dry run names the repo from the template with ORG
+    assert hub.main([str(stage), "--dry-run"]) == 0
+    assert 'model="ORG/init-distilled-classification-demo"' in capsys.readouterr().out
     assert fake.calls == []
 
 
