@@ -246,7 +246,9 @@ def _fmt(value: Optional[float]) -> str:
 
 
 def _params(n: Optional[int]) -> str:
-    return "–" if not n else f"{n / 1e6:.2f}M"
+    if not n:
+        return "–"
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
 
 def _model_ref(name: Optional[str]) -> str:
@@ -421,6 +423,20 @@ def hyperparameters(ev: RunEvidence) -> list[str]:
     return ["| setting | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows.items()]
 
 
+def reproduce_note(cfg: Config) -> str:
+    stages = []
+    if cfg.teacher.model and not cfg.teacher.finetuned:
+        stages.append("fine-tunes the teacher")
+    stages.append("distils the student" if cfg.teacher.model else "fine-tunes the model")
+    if cfg.run.baseline and cfg.teacher.model:
+        stages.append("fine-tunes the same student without a teacher (the baseline)")
+    listed = ", ".join(stages[:-1]) + (" and " if len(stages) > 1 else "") + stages[-1]
+    return (
+        f"It {listed}, writing to the recipe's `output_dir` (change it with `output_dir=...`), "
+        f"and prints the closing table of scores, parameters and speed."
+    )
+
+
 def card_body(ev: RunEvidence, repo_id: str, pipeline_tag: str) -> str:
     cfg = ev.cfg
     task_words = FAMILY_WORDS.get(cfg.task.family, (cfg.task.family,))[0]
@@ -433,9 +449,7 @@ def card_body(ev: RunEvidence, repo_id: str, pipeline_tag: str) -> str:
     own_test = ev.metrics.get("test", {}).get(metric)
     title = repo_id.split("/")[-1]
     if ev.distilled:
-        how = (
-            f"distilled from a fine-tuned teacher by task-specific knowledge distillation"
-        )
+        how = "distilled from a fine-tuned teacher by task-specific knowledge distillation"
     else:
         how = "fine-tuned on the task without a teacher"
     lines = [
@@ -443,9 +457,13 @@ def card_body(ev: RunEvidence, repo_id: str, pipeline_tag: str) -> str:
         "",
         f"A {_params(params)}-parameter {ev.model_config.get('model_type', 'transformer')} model for "
         f"{task_words} on {data_ref}, {how}."
-        + (f" It scores {metric} {own_test:.4f} on {test}." if own_test is not None else ""),
-        "The repository holds the student alone (no teacher, no training-only layers): it loads "
-        "with plain `transformers`.",
+        + (
+            f" It scores {METRIC_NAMES.get(metric, metric)} {own_test:.4f} on the `{test}` split."
+            if own_test is not None
+            else ""
+        ),
+        "The repository holds the model alone (no teacher, no training-only layers, no optimizer "
+        "state) as safetensors: it loads with plain `transformers`.",
         "",
         "## Results",
         "",
@@ -477,9 +495,7 @@ def card_body(ev: RunEvidence, repo_id: str, pipeline_tag: str) -> str:
         f"distill run {CARD_CONFIG_NAME}",
         "```",
         "",
-        "It runs the teacher fine-tuning (unless the recipe marks the teacher as already fine-tuned),"
-        " the distillation and, when enabled, the baseline, into the recipe's `output_dir`"
-        " (override it with `output_dir=...`).",
+        reproduce_note(cfg),
     ]
     if local:
         lines.append(
@@ -491,7 +507,8 @@ def card_body(ev: RunEvidence, repo_id: str, pipeline_tag: str) -> str:
         "## Limitations",
         "",
         f"Scores hold for {data_ref} as evaluated here; text from other domains or languages will"
-        " do worse. The student inherits the teacher's errors and biases as well as the data's.",
+        " do worse. The model inherits the biases and errors of its training data"
+        + (" and of its teacher." if ev.distilled else "."),
         "",
     ]
     return "\n".join(lines)

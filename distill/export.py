@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Optional
 
@@ -87,9 +88,10 @@ def check_student_only(export_dir: Path, model: torch.nn.Module, trained_dir: Pa
             f"exported tensors {absent[:10]} are not in the trained model at {trained_dir}: "
             "the export would not be the trained student"
         )
-    for key, file in exported.items():
-        with safe_open(str(file), framework="pt") as a, safe_open(str(trained[key]), framework="pt") as b:
-            if not torch.equal(a.get_tensor(key), b.get_tensor(key)):
+    with ExitStack() as stack:
+        handles = {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in {*exported.values(), *trained.values()}}
+        for key, file in exported.items():
+            if not torch.equal(handles[file].get_tensor(key), handles[trained[key]].get_tensor(key)):
                 raise ExportError(f"exported tensor {key} differs from the trained model's ({trained_dir})")
 
 

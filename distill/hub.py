@@ -271,6 +271,10 @@ def run_org(cfg: Config, sleep: Optional[Callable[[float], None]] = None) -> str
 def push_from_run(cfg: Config, sleep: Optional[Callable[[float], None]] = None) -> Optional[str]:
     """The end of `distill run` with hub.push=true: export `<output_dir>/student` and push it
     to hub.repo_id (the study's naming by default, e.g. dccuchile/albert-base-6-spanish-distilled-pawsx)."""
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under `accelerate launch`, one process uploads
+        return None
     stage_dir = Path(cfg.output_dir) / "student"
     repo_id = repo_name(cfg, run_org(cfg, sleep))
     return push(stage_dir, repo_id, private=cfg.hub.private, sleep=sleep)
