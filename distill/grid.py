@@ -406,10 +406,10 @@ def slurm_scripts(plan: Sequence[GridRun], spec: GridSpec, root: Path, launcher:
     select job, and submit.sh that chains them with dependencies."""
     cwd = shlex.quote(os.getcwd())
     slurm = root / "slurm"
-    logs = slurm / "logs"
+    logs = Path(os.path.abspath(slurm / "logs"))  # SLURM does not create the folder of --output
     files: dict[str, str] = {}
     submit = ["#!/bin/bash", "# Submit the grid: teachers, then their students, then the selection.",
-              "set -euo pipefail", "jobs=()"]
+              "set -euo pipefail", f"cd {cwd}", f"mkdir -p {shlex.quote(str(logs))}", "jobs=()"]
     tasks = list(dict.fromkeys(r.task for r in plan))
     for task in tasks:
         teacher = [r for r in plan if r.task == task and r.kind == "teacher" and r.status() != "complete"]

@@ -180,6 +180,8 @@ def test_slurm_scripts(tmp_path: Path):
     assert "gres" not in files["select.sbatch"] and "--partition=gpu" in files["select.sbatch"]
     submit = files["submit.sh"]
     assert "--dependency=afterok:$t_polarity" in submit and "--dependency=afterany:" in submit
+    logs = (root / "slurm" / "logs").resolve()
+    assert f"mkdir -p {logs}" in submit and f"#SBATCH --output={logs}/%x-%A_%a.out" in students
     for name, text in files.items():
         (tmp_path / name).write_text(text)
         subprocess.run(["bash", "-n", str(tmp_path / name)], check=True)
