@@ -69,6 +69,8 @@ def read_file(path: str | Path, fmt: Optional[str] = None, column_names: list[st
     try:
         return load_dataset(builder, data_files=str(path), split="train", **kwargs)
     except Exception as err:
+        if "corresponds to no data" in str(err) or path.stat().st_size == 0:
+            return Dataset.from_dict({})  # reported as an empty split by load_raw
         raise DataError(f"could not read {path} as {fmt}: {err}") from None
 
 
@@ -134,7 +136,8 @@ def load_raw(cfg: Config) -> DatasetDict:
         out["train"], out["validation"] = parts["train"], parts["test"]
     for role, ds in out.items():
         if len(ds) == 0:
-            raise DataError(f"split '{role}' is empty; check the file or data.splits.{role}")
+            where = f" ({d.files[role]})" if role in d.files else ""
+            raise DataError(f"split '{role}' is empty{where}; check the file or data.splits.{role}")
     if "train" not in out:
         raise DataError("no training split: set data.splits.train or data.files.train")
     return DatasetDict(out)
