@@ -48,7 +48,7 @@ log = logging.getLogger("distill.report")
 LOWER_IS_BETTER = ("loss",)  # as distill.tasks.base.Task.lower_is_better
 BEST_FILE = "best.json"
 BEST_TREE = "best"
-SKIP_DIRS = {"model", "checkpoints", "best", "teacher_cache", ".best-tmp", ".model-tmp", BEST_TREE}
+SKIP_DIRS = {"model", "checkpoints", "teacher_cache", ".best-tmp", ".model-tmp", BEST_TREE}
 SPEED_BATCH, SPEED_SEQ = 1, 512  # the study's Speedup: MACs at batch 1, sequence 512, vs BETO
 
 

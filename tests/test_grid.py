@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -13,8 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from transformers import AlbertConfig, BertConfig
+
 from distill import grid
 from distill.config import load_config, to_yaml
+from tests.conftest import save_tiny, train_bpe_tokenizer
 
 WORDS = {
     "pos": ["excelente", "bueno", "genial", "maravilloso", "feliz", "recomiendo"],
@@ -234,8 +236,26 @@ def test_slurm_step_passes_failures_through(tmp_path: Path):
 
 
 # --- a tiny grid, end to end -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_vocab_models(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny BERT teacher and a tiny ALBERT student (one shared layer applied twice), built like
+    the conftest fixtures but with a 400-token tokenizer: hashing a 30k vocabulary for the
+    datasets cache and its embedding gradients would be most of each stage's time here."""
+    root = tmp_path_factory.mktemp("small-vocab")
+    vocab = len(train_bpe_tokenizer(root / "tokenizer"))
+    bert = save_tiny(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=64, max_position_embeddings=512),
+                     root / "tiny-bert", root / "tokenizer")
+    albert = save_tiny(AlbertConfig(vocab_size=vocab, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                                    num_hidden_groups=1, num_attention_heads=2, intermediate_size=64,
+                                    max_position_embeddings=512),
+                       root / "tiny-albert", root / "tokenizer")
+    return bert, albert
+
+
 @pytest.mark.slow
-def test_tiny_grid_runs_resumes_and_reports(tmp_path: Path, tiny_bert_dir: Path, tiny_albert_dir: Path, capsys):
+def test_tiny_grid_runs_resumes_and_reports(tmp_path: Path, small_vocab_models: tuple[Path, Path], capsys):
+    tiny_bert_dir, tiny_albert_dir = small_vocab_models
     recipe = write_recipe(tmp_path, tiny_bert_dir)
     root = tmp_path / "runs"
     items = [str(recipe), f"students=[{tiny_albert_dir},student.num_layers=1]", "grid.lr=[1e-3,5e-4]",
