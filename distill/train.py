@@ -5,10 +5,16 @@ Stages differ only in their loss terms:
     student   the student distilled from the fine-tuned teacher (ce + kd + hidden, weighted)
     baseline  the student fine-tuned alone on gold labels (ce): what distillation must beat
 
-Read top to bottom: setup -> accelerator.prepare -> epochs -> accumulate -> forward -> loss ->
-backward -> clip -> step -> log -> evaluate -> checkpoint; at the end the best model is reloaded
-and scored on validation and test, and <output_dir>/<stage>/ holds model/, metrics.json,
-config.yaml, log.jsonl and predictions.
+Read top to bottom: checks -> setup -> accelerator.prepare -> epochs -> accumulate -> forward ->
+loss -> backward -> clip -> step -> log -> evaluate -> checkpoint; at the end the best model is
+reloaded and scored on validation and test, and <output_dir>/<stage>/ holds model/,
+metrics.json, config.yaml, log.jsonl and predictions.
+
+Every input (data, models, tokenizers, label names, layer maps, the teacher cache) is checked
+before the stage writes or deletes anything, so a bad recipe never costs earlier results. A
+stage survives preemption: SIGTERM/SIGINT finish the current step, save a checkpoint and exit
+with REQUEUE_EXIT_CODE; running the same command again resumes mid-epoch and reaches the same
+weights as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -19,15 +25,16 @@ import math
 import os
 import shutil
 import signal
+import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from datasets import Dataset, DatasetDict
 from torch import nn
 from torch.utils.data import DataLoader
@@ -45,7 +52,7 @@ from distill.tasks.base import Task
 log = logging.getLogger("distill")
 
 STAGES = ("teacher", "student", "baseline")
-REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; see README (SLURM requeue)
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; see docs/launching.md (SLURM requeue)
 
 
 class StageError(RuntimeError):
@@ -60,8 +67,8 @@ class Preempted(SystemExit):
         self.message = message
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+class NonFiniteLoss(StageError):
+    """The loss or the gradient norm stopped being finite; the last good checkpoint is kept."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,17 +101,16 @@ def stage_view(cfg: Config, stage: str) -> dict[str, Any]:
 
 
 def check_stage_dir(cfg: Config, stage: str) -> str:
-    """'fresh', 'resume' or 'complete' for this stage's folder; refuses a different config.
+    """'fresh', 'resume', 'complete' or 'overwrite' for this stage's folder.
 
-    A folder holding another config is refused unless overwrite=true (then it is cleared), so a
-    typo in a re-run never mixes two experiments' checkpoints.
+    A folder holding another config is refused unless overwrite=true, so a typo in a re-run
+    never mixes two experiments' checkpoints. Nothing is deleted here: with overwrite=true the
+    folder is cleared only once every input of the new run has been checked.
     """
     out = stage_dir(cfg, stage)
     saved = out / "config.yaml"
     if not saved.exists():
         return "fresh"
-    from omegaconf import OmegaConf
-
     from distill.config import load_config
 
     try:
@@ -124,6 +130,21 @@ def check_stage_dir(cfg: Config, stage: str) -> str:
     return "resume"
 
 
+def check_writable(out: Path) -> None:
+    """Create the stage folder and write (then remove) a probe file: an unusable output_dir fails
+    here, before any data or model is loaded, instead of at the first checkpoint."""
+    probe = out / f".write-probe-{socket.gethostname()}-{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise StageError(
+            f"output_dir is not writable: cannot create or write {out} ({err.strerror or err}). "
+            "Set output_dir=<a folder you can write to>."
+        ) from None
+
+
 class JsonlLog:
     """Append-only log.jsonl written by the main process only."""
 
@@ -135,11 +156,47 @@ class JsonlLog:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def rewind(self, step: int) -> None:
+        """Drop records after `step` (a resumed run logs those steps again)."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line + "\n")
+            except ValueError:  # a line cut short by a crash
+                continue
+        atomic_write(self.path, "".join(kept))
+
 
 def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Move the finished folder `tmp` to `final`, replacing what was there. `final` is missing for
+    only an instant (two renames), and a half-written `tmp` is never visible under `final`."""
+    trash = final.with_name(f".old-{final.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    if final.exists():
+        os.replace(final, trash)
+    os.replace(tmp, final)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Copy a folder as hard links (no extra disk; files are never modified in place)."""
+
+    def link_or_copy(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    shutil.copytree(src, dst, copy_function=link_or_copy)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,8 +205,16 @@ def atomic_write(path: Path, text: str) -> None:
 
 
 def same_tokenizer(a: Any, b: Any) -> bool:
-    """Two fast tokenizers that produce identical ids for every text."""
-    return a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str()
+    """Two fast tokenizers that produce identical ids for every text: same normalizer,
+    pre-tokenizer, model and special tokens (the truncation/padding a fast tokenizer keeps from
+    its last call is state, not identity, and is ignored)."""
+    specs = []
+    for tok in (a, b):
+        spec = json.loads(tok.backend_tokenizer.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+        specs.append(spec)
+    return specs[0] == specs[1]
 
 
 def teacher_source(cfg: Config) -> str:
@@ -165,12 +230,24 @@ def teacher_source(cfg: Config) -> str:
     return str(path)
 
 
+def _output_layer(model: nn.Module, num_labels: int) -> nn.Linear:
+    """The linear layer that produces the label logits (a classifier/score head, else the last
+    linear layer with one output per label)."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == num_labels]
+    named = [m for n, m in linears if n.split(".")[0] in ("classifier", "score")]
+    if named:
+        return named[-1]
+    if linears:
+        return linears[-1][1]
+    raise StageError(f"cannot find the output layer ({num_labels} outputs) of {type(model).__name__}")
+
+
 def align_labels(model: nn.Module, labels: list[str], name: str) -> None:
     """Make a fine-tuned model's outputs follow the dataset's label order.
 
     The names in `config.id2label` are matched to the dataset's; if the order differs, the rows
     of the output layer are permuted (a teacher trained with another label order would
-    otherwise teach the wrong classes). Different names are an error.
+    otherwise teach the wrong classes). A different count or different names are an error.
     """
     if not labels:
         return
@@ -178,27 +255,25 @@ def align_labels(model: nn.Module, labels: list[str], name: str) -> None:
     theirs = [id2label[i] for i in range(len(id2label))]
     if theirs == labels:
         return
-    generic = all(v == f"LABEL_{i}" for i, v in enumerate(theirs))
     if len(theirs) != len(labels):
         raise StageError(
             f"{name} predicts {len(theirs)} labels {theirs[:10]} but the dataset has "
-            f"{len(labels)} {labels[:10]}: a teacher must be fine-tuned on the same label set"
+            f"{len(labels)} {labels[:10]}: a teacher must be fine-tuned on the same label set "
+            "(fine-tune it with `distill teacher`, or point teacher.model at one that matches)"
         )
-    if generic:
+    if all(v == f"LABEL_{i}" for i, v in enumerate(theirs)):
         log.warning("%s has generic label names; assuming the dataset's order %s", name, labels)
         return
     if sorted(theirs) != sorted(labels):
         raise StageError(
             f"{name} was fine-tuned with labels {theirs} but the dataset's are {labels}: "
-            "the names differ, so its outputs cannot be matched to the data"
+            "the names differ, so its outputs cannot be matched to the data. Map the data's "
+            "labels to the teacher's names, or fine-tune a teacher on this data."
         )
     perm = torch.tensor([theirs.index(label) for label in labels])
-    head = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == len(labels)]
-    if not head:
-        raise StageError(f"cannot find the output layer of {name} to reorder its labels")
-    out = head[-1]
+    out = _output_layer(model, len(labels))
     with torch.no_grad():
-        out.weight.copy_(out.weight[perm])
+        out.weight.copy_(out.weight[perm])  # [labels, hidden], rows in the dataset's order
         if out.bias is not None:
             out.bias.copy_(out.bias[perm])
     model.config.id2label = dict(enumerate(labels))
@@ -207,7 +282,10 @@ def align_labels(model: nn.Module, labels: list[str], name: str) -> None:
 
 
 def build_models(cfg: Config, stage: str, task: Task) -> tuple[nn.Module, Any, Optional[nn.Module], Any]:
-    """(trained model, its tokenizer, frozen teacher or None, teacher tokenizer or None)."""
+    """(trained model, its tokenizer, frozen teacher or None, teacher tokenizer or None).
+
+    Needs `task.setup` first: heads are built with the task's label count.
+    """
     head = task.model_class()
     kwargs = task.model_kwargs()
     t, s = cfg.teacher, cfg.student
@@ -238,15 +316,68 @@ def build_models(cfg: Config, stage: str, task: Task) -> tuple[nn.Module, Any, O
         tokenizer = models.load_tokenizer(s.model, s.revision, s.trust_remote_code)
     else:
         # Layer-subset student: cut from the *pretrained* teacher, for the distilled student and
-        # the baseline alike, so the two differ only in their loss.
-        base = models.load_model(t.model, head, t.revision, t.trust_remote_code, new_head=True, **kwargs)
+        # the baseline alike, so the two differ only in their loss. The overrides (e.g. dropout)
+        # go into the config the modules are built from.
+        base = models.load_model(
+            t.model,
+            head,
+            t.revision,
+            t.trust_remote_code,
+            config_overrides=dict(s.config_overrides),
+            new_head=True,
+            **kwargs,
+        )
         n = base.config.num_hidden_layers
-        layers = list(s.from_teacher_layers) or models.uniform_layers(n, s.num_layers)
-        model = models.student_from_teacher(base, layers)
-        for key, value in s.config_overrides.items():
-            setattr(model.config, key, value)
+        try:
+            layers = list(s.from_teacher_layers) or models.uniform_layers(n, s.num_layers)
+            model = models.student_from_teacher(base, layers)
+        except ValueError as err:
+            raise StageError(f"cannot cut the student out of teacher '{t.model}' ({n} layers): {err}") from None
         tokenizer = models.load_tokenizer(t.model, t.revision, t.trust_remote_code)
     return model, tokenizer, teacher, teacher_tok
+
+
+def bind_tokenizers(cfg: Config, task: Task, tokenizer: Any, teacher_tok: Any) -> None:
+    """Give the task its tokenizers; refuse a teacher/student pair the task cannot align."""
+    if teacher_tok is None or same_tokenizer(tokenizer, teacher_tok):
+        task.bind(tokenizer)
+        return
+    if cfg.distill.hidden_weight > 0:
+        raise StageError(
+            "hidden-state distillation needs teacher and student with the same tokenizer "
+            "(positions must match); set distill.hidden_weight=0 or pick a student that "
+            "shares the teacher's tokenizer"
+        )
+    try:
+        task.bind(tokenizer, teacher_tok)
+    except ValueError as err:
+        raise StageError(f"teacher and student tokenizers cannot be aligned for {task.family}: {err}") from None
+
+
+def build_losses(
+    cfg: Config, model: nn.Module, teacher: Optional[nn.Module]
+) -> tuple[dict[str, float], Optional[SoftLabelLoss], Optional[HiddenStateLoss]]:
+    """The weighted loss terms of the stage: ce alone without a teacher, else ce + kd + hidden."""
+    d = cfg.distill
+    if teacher is None:
+        return {"ce": 1.0}, None, None
+    weights = {k: w for k, w in {"ce": d.ce_weight, "kd": d.kd_weight, "hidden": d.hidden_weight}.items() if w > 0}
+    kd_loss = SoftLabelLoss(d.kd_loss, d.temperature) if "kd" in weights else None
+    hidden_loss = None
+    if "hidden" in weights:
+        try:
+            hidden_loss = HiddenStateLoss(
+                model.config.num_hidden_layers,
+                teacher.config.num_hidden_layers,
+                model.config.hidden_size,
+                teacher.config.hidden_size,
+                kind=d.hidden_loss,
+                layer_map=d.layer_map,
+                include_embeddings=d.include_embeddings,
+            )
+        except ValueError as err:
+            raise StageError(f"{err} (student has {model.config.num_hidden_layers} layers)") from None
+    return weights, kd_loss, hidden_loss
 
 
 class Trainee(nn.Module):
@@ -272,7 +403,11 @@ class Trainee(nn.Module):
 
 
 class OnlineTeacher:
-    """Runs the frozen teacher on each batch (inference mode, under the mixed-precision setting)."""
+    """Runs the frozen teacher on each batch (inference mode, under the mixed-precision setting).
+
+    The teacher is never passed to `accelerator.prepare`: no DDP/FSDP wrapper, no gradient sync,
+    no optimizer state, and it stays out of checkpoints. Each process holds a full copy.
+    """
 
     def __init__(self, model: nn.Module, task: Task, accelerator: Accelerator, hidden: bool):
         self.model, self.task, self.accelerator, self.hidden = model, task, accelerator, hidden
@@ -284,16 +419,58 @@ class OnlineTeacher:
         return self.task.kd_targets(out, batch, teacher=True), out.hidden_states if self.hidden else None
 
 
+def place_teacher(teacher: nn.Module, accelerator: Accelerator) -> nn.Module:
+    """Move the frozen teacher to this process's device. DeepSpeed trains without autocast, so
+    there the teacher is cast to the mixed-precision dtype instead (half the memory)."""
+    teacher.to(accelerator.device)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.mixed_precision in ("bf16", "fp16"):
+        teacher.to(torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float16)
+    return teacher
+
+
 # ---------------------------------------------------------------------------------------------
-# Data loaders and evaluation
+# Data, loaders and evaluation
 # ---------------------------------------------------------------------------------------------
+
+
+def load_data(cfg: Config, task: Task) -> DatasetDict:
+    """The raw splits, subsampled; the task reads its label names from them (before any model
+    is built, so heads get the right size)."""
+    raw = data_mod.subsample(data_mod.load_raw(cfg), cfg)
+    try:
+        task.setup(raw)
+    except ValueError as err:  # the task's own data checks (DataError is a ValueError too)
+        raise data_mod.DataError(str(err)) from None
+    return raw
+
+
+def prepare_data(cfg: Config, task: Task, accelerator: Accelerator, raw: DatasetDict) -> dict[str, Dataset]:
+    """Raw splits -> features with the task's (bound) tokenizers."""
+    features = {}
+    # the main process tokenizes first; the others then read the datasets cache
+    with accelerator.main_process_first():
+        for split, ds in raw.items():
+            try:
+                features[split] = task.preprocess(ds, split)
+            except ValueError as err:
+                raise data_mod.DataError(f"split '{split}': {err}") from None
+    for split, feats in features.items():
+        if len(feats) == 0:
+            raise data_mod.DataError(f"split '{split}' has no features after preprocessing")
+    return features
 
 
 def make_loader(task: Task, features: Dataset, batch_size: int, shuffle: bool, cfg: Config) -> DataLoader:
+    """Length-grouped batches whose order is a function of (seed, epoch) only.
+
+    The loader gets its own generator: starting an iteration draws a seed from it, and drawing
+    from the global RNG instead would shift dropout after a resume.
+    """
     sampler = LengthGroupedBatchSampler(
         features["length"], batch_size, shuffle=shuffle, group_by_length=cfg.train.group_by_length, seed=cfg.seed
     )
-    return DataLoader(features, batch_sampler=sampler, collate_fn=task.collate)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    return DataLoader(features, batch_sampler=sampler, collate_fn=task.collate, generator=generator)
 
 
 def _concat(chunks: list[np.ndarray]) -> np.ndarray:
@@ -311,25 +488,46 @@ def _concat(chunks: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(padded)
 
 
+def _real_rows(accelerator: Accelerator, rows: int) -> int:
+    """How many of this process's `rows` are real evaluation rows.
+
+    To give every process a full last batch, accelerate repeats rows from the start of the set
+    at the tail of each process's last batch; taken in process order, the first `remainder`
+    rows of that last round are the real ones (what gather_for_metrics keeps).
+    """
+    state = accelerator.gradient_state
+    if accelerator.num_processes == 1 or not state.end_of_dataloader or state.remainder <= 0:
+        return rows
+    return max(0, min(rows, state.remainder - accelerator.process_index * rows))
+
+
 @torch.no_grad()
 def evaluate(
     accelerator: Accelerator, model: "Trainee", task: Task, loader: DataLoader, features: Dataset, raw: Dataset
 ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Task metrics and mean gold-label loss over exactly the evaluation set, gathered from every
-    process (gather_for_metrics drops the samples repeated to even out the last batch).
+    process (the rows repeated to even out the last batch count neither in the metrics nor in
+    the loss).
 
     `model` is a (prepared) Trainee, so DDP/FSDP wrappers see the same forward as in training.
     """
     model.eval()
     collected: dict[str, list[np.ndarray]] = {}
-    loss_sum = torch.zeros((), device=accelerator.device)
-    count = torch.zeros((), device=accelerator.device)
+    loss_sum, count = 0.0, 0
     for batch in loader:
         out, _ = model(task.model_inputs(batch))
-        if getattr(out, "loss", None) is not None:
-            n = len(batch["feature_id"])
-            loss_sum += out.loss.float() * n
-            count += n
+        rows = len(batch["feature_id"])
+        real = _real_rows(accelerator, rows)
+        loss = getattr(out, "loss", None)
+        state = accelerator.gradient_state
+        if accelerator.num_processes > 1 and state.end_of_dataloader and state.remainder > 0:
+            # Every process runs this extra forward (FSDP needs them in step), on its real rows
+            # only (at least one, to keep shapes valid), so repeats never enter the loss.
+            sub = {k: v[: max(real, 1)] for k, v in batch.items()}
+            loss = getattr(model(task.model_inputs(sub))[0], "loss", None)
+        if loss is not None and real > 0:
+            loss_sum += float(loss) * real
+            count += real
         outputs = task.eval_outputs(out, batch)
         outputs = {
             k: accelerator.pad_across_processes(v, dim=1, pad_index=-100) if v.dim() > 1 else v
@@ -341,14 +539,18 @@ def evaluate(
     arrays = {k: _concat(v) for k, v in collected.items()}
     order = np.argsort(arrays["feature_id"], kind="stable")
     arrays = {k: v[order] for k, v in arrays.items()}
-    if len(arrays["feature_id"]) != len(features):
+    ids = arrays["feature_id"]
+    if len(ids) != len(features) or len(np.unique(ids)) != len(features):
         raise RuntimeError(
-            f"evaluation gathered {len(arrays['feature_id'])} features for a split of {len(features)}"
+            f"evaluation gathered {len(ids)} features ({len(np.unique(ids))} distinct) for a split "
+            f"of {len(features)}: the evaluation loader must give each feature to one process once"
         )
     metrics = task.compute_metrics(arrays, features, raw)
-    loss_sum, count = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(count, "sum")
+    if accelerator.num_processes > 1:
+        totals = torch.tensor([loss_sum, float(count)], dtype=torch.float64, device=accelerator.device)
+        loss_sum, count = (float(x) for x in accelerator.reduce(totals, "sum"))
     if count > 0:
-        metrics["loss"] = float(loss_sum / count)
+        metrics["loss"] = loss_sum / count
     model.train()
     return metrics, arrays
 
@@ -359,6 +561,38 @@ def is_better(task: Task, metric: str, new: float, best: Optional[float]) -> boo
     return new < best if not task.greater_is_better(metric) else new > best
 
 
+def save_model_folder(accelerator: Accelerator, trainee: nn.Module, folder: Path, tokenizer: Any = None) -> None:
+    """Save the trained model (not the loss modules) as a Hugging Face folder, atomically.
+
+    Called on every process: under FSDP the full weights are gathered to the main process,
+    which alone writes.
+    """
+    state = accelerator.get_state_dict(trainee)  # full weights on the main process
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(trainee).model
+        weights = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+        tmp = folder.with_name(f".tmp-{folder.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=weights)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _swap_in(tmp, folder)
+    accelerator.wait_for_everyone()
+
+
+def load_model_weights(accelerator: Accelerator, trainee: nn.Module, folder: Path) -> None:
+    """Load the weights saved in `folder` into the prepared trainee's model (every process)."""
+    model = accelerator.unwrap_model(trainee).model
+    saved = type(model).from_pretrained(folder).state_dict()
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        full = {f"model.{k}": v for k, v in saved.items()}
+        set_model_state_dict(trainee, full, options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        model.load_state_dict(saved)
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints (resume after preemption)
 # ---------------------------------------------------------------------------------------------
@@ -366,23 +600,28 @@ def is_better(task: Task, metric: str, new: float, best: Optional[float]) -> boo
 
 @dataclass
 class LoopState:
+    """Where the loop is; saved beside every checkpoint as loop_state.json."""
+
     epoch: int = 0
     batches_done: int = 0  # batches of `epoch` already consumed
     global_step: int = 0  # optimizer steps
     best_metric: Optional[float] = None
     best_step: int = 0
     bad_evals: int = 0  # evaluations without improvement (early stopping)
+    finished: bool = False  # early stopping or max_steps ended training
     history: list = field(default_factory=list)
 
 
 def latest_checkpoint(ckpt_root: Path) -> Optional[Path]:
+    """The newest complete checkpoint (folders appear only once complete: see save_checkpoint)."""
     done = [p for p in ckpt_root.glob("step-*") if (p / "loop_state.json").exists()]
     return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
 
 
-def save_checkpoint(accelerator: Accelerator, ckpt_root: Path, state: LoopState, keep: int) -> Path:
-    """accelerator.save_state into a temp folder, renamed when complete: a crash mid-save never
-    leaves a broken latest checkpoint. Keeps the newest `keep`."""
+def save_checkpoint(accelerator: Accelerator, ckpt_root: Path, state: LoopState, keep: int, best_dir: Path) -> Path:
+    """accelerator.save_state (model, optimizer, scheduler, RNG) plus the loop state and the
+    best model so far, written into a temp folder and renamed when complete: a crash mid-save
+    never leaves a broken latest checkpoint. Keeps the newest `keep`."""
     final = ckpt_root / f"step-{state.global_step}"
     tmp = ckpt_root / f".tmp-step-{state.global_step}"
     if accelerator.is_main_process:
@@ -391,16 +630,27 @@ def save_checkpoint(accelerator: Accelerator, ckpt_root: Path, state: LoopState,
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "loop_state.json").write_text(json.dumps(state.__dict__))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        olds = sorted(
-            (p for p in ckpt_root.glob("step-*") if p != final), key=lambda p: int(p.name.split("-")[1])
-        )
+        if best_dir.exists():
+            _link_tree(best_dir, tmp / "best")
+        (tmp / "loop_state.json").write_text(json.dumps(asdict(state)))
+        _swap_in(tmp, final)
+        olds = sorted((p for p in ckpt_root.glob("step-*") if p != final), key=lambda p: int(p.name.split("-")[1]))
         for old in olds[: max(0, len(olds) - keep + 1)]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def resume_from(accelerator: Accelerator, checkpoint: Path, best_dir: Path) -> LoopState:
+    """Restore model, optimizer, scheduler and RNG states, the best model so far and the loop
+    state saved in `checkpoint`."""
+    accelerator.load_state(str(checkpoint))
+    if accelerator.is_main_process:
+        shutil.rmtree(best_dir, ignore_errors=True)
+        if (checkpoint / "best").exists():
+            _link_tree(checkpoint / "best", best_dir)
+    accelerator.wait_for_everyone()
+    return LoopState(**json.loads((checkpoint / "loop_state.json").read_text()))
 
 
 class StopFlag:
@@ -435,6 +685,31 @@ class StopFlag:
         return bool(accelerator.reduce(flag, "max") > 0)
 
 
+def any_nonfinite(accelerator: Accelerator, value: torch.Tensor) -> bool:
+    """True on every process when `value` is NaN/inf on any of them (all must stop together)."""
+    bad = (~torch.isfinite(value.detach())).float()
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, "max")
+    return bool(bad > 0)
+
+
+def _nonfinite(
+    jlog: JsonlLog, state: LoopState, what: str, terms: dict, batch: dict, value: torch.Tensor, ckpt_root: Path
+) -> NonFiniteLoss:
+    """The error for a NaN/inf loss or gradient: step, loss terms, the batch's example ids."""
+    latest = latest_checkpoint(ckpt_root)
+    values = {k: float(v) for k, v in terms.items()}
+    err = NonFiniteLoss(
+        f"non-finite {what} ({float(value)}) at step {state.global_step + 1} (epoch {state.epoch}, "
+        f"batch {state.batches_done} of the epoch): loss terms {values}, batch example_ids "
+        f"{batch['example_id'].tolist()}. "
+        + (f"The last good checkpoint is kept: {latest}. " if latest else "No checkpoint was saved yet. ")
+        + "Lower train.lr, raise train.warmup_ratio, or check those rows."
+    )
+    jlog.write({"step": state.global_step, "error": str(err)})
+    return err
+
+
 # ---------------------------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------------------------
@@ -455,95 +730,58 @@ def make_accelerator(cfg: Config, stage: str, grad_accum: int) -> Accelerator:
     )
 
 
-def load_data(cfg: Config, task: Task) -> DatasetDict:
-    """The raw splits, subsampled; the task reads its label names from them (before any model
-    is built, so heads get the right size)."""
-    raw = data_mod.subsample(data_mod.load_raw(cfg), cfg)
-    task.setup(raw)
-    return raw
-
-
-def prepare_data(cfg: Config, task: Task, accelerator: Accelerator, raw: DatasetDict) -> dict[str, Dataset]:
-    """Raw splits -> features with the task's (bound) tokenizers."""
-    features = {}
-    # the main process tokenizes first; the others then read the datasets cache
-    with accelerator.main_process_first():
-        for split, ds in raw.items():
-            features[split] = task.preprocess(ds, split)
-    for split, feats in features.items():
-        if len(feats) == 0:
-            raise data_mod.DataError(f"split '{split}' has no features after preprocessing")
-    return features
-
-
 def run_stage(cfg: Config, stage: str) -> dict[str, dict[str, float]]:
     """Run one stage to completion (or resume it) and return its metrics.json content."""
     if stage not in STAGES:
         raise StageError(f"unknown stage '{stage}' ({', '.join(STAGES)})")
     out = stage_dir(cfg, stage)
-    status = check_stage_dir(cfg, stage)
-    if status == "complete":
-        log.info("%s: complete with the same config, skipping (%s)", stage, out)
-        return json.loads((out / "metrics.json").read_text())
     tcfg = stage_train(cfg, stage)
     accelerator = make_accelerator(cfg, stage, tcfg.grad_accum)
     main = accelerator.is_main_process
-    if status == "overwrite" and main:
-        shutil.rmtree(out)
-    accelerator.wait_for_everyone()
-    if main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            atomic_write(out / "config.yaml", to_yaml(cfg))
-        except OSError as err:
-            raise StageError(f"output_dir is not writable: {out} ({err.strerror})") from None
-        print(f"[distill] stage {stage} -> {out}\n{to_yaml(cfg)}", flush=True)
-    set_seed(cfg.seed)
+    if not main:  # one copy of every warning and progress bar
+        log.setLevel(logging.ERROR)
+        import datasets
 
-    # --- setup: data, models, losses --------------------------------------------------------
+        datasets.disable_progress_bars()
+    # Every process reads the folder's state before anyone may change it.
+    status = check_stage_dir(cfg, stage)
+    accelerator.wait_for_everyone()
+    if status == "complete":
+        if main:
+            print(f"[distill] {stage}: complete with the same config, skipping ({out})", flush=True)
+        return json.loads((out / "metrics.json").read_text())
+
+    # --- checks and setup: data, models, tokenizers, losses, teacher outputs -----------------
+    # Nothing below writes into the stage folder, so a bad input loses no earlier result.
+    check_writable(out)
+    set_seed(cfg.seed)
     task = get_task(cfg)
     raw = load_data(cfg, task)
     model, tokenizer, teacher, teacher_tok = build_models(cfg, stage, task)
-    d = cfg.distill
     distilling = teacher is not None
-    if distilling and not same_tokenizer(tokenizer, teacher_tok):
-        if d.hidden_weight > 0:
-            raise StageError(
-                "hidden-state distillation needs teacher and student with the same tokenizer "
-                "(positions must match); set distill.hidden_weight=0 or pick a student that "
-                "shares the teacher's tokenizer"
-            )
-        task.bind(tokenizer, teacher_tok)
-    else:
-        task.bind(tokenizer)
+    bind_tokenizers(cfg, task, tokenizer, teacher_tok)
+    weights, kd_loss, hidden_loss = build_losses(cfg, model, teacher)
     features = prepare_data(cfg, task, accelerator, raw)
-    if distilling:
-        teacher.to(accelerator.device)
-
-    weights = {"ce": 1.0} if not distilling else {"ce": d.ce_weight, "kd": d.kd_weight, "hidden": d.hidden_weight}
-    weights = {k: w for k, w in weights.items() if w > 0}
-    hidden_loss = None
-    if "hidden" in weights:
-        hidden_loss = HiddenStateLoss(
-            model.config.num_hidden_layers,
-            teacher.config.num_hidden_layers,
-            model.config.hidden_size,
-            teacher.config.hidden_size,
-            kind=d.hidden_loss,
-            layer_map=d.layer_map,
-            include_embeddings=d.include_embeddings,
-        )
-    kd_loss = SoftLabelLoss(d.kd_loss, d.temperature) if "kd" in weights else None
     teacher_fn = None
     if distilling:
         from distill import cache
 
+        place_teacher(teacher, accelerator)
         teacher_fn = cache.teacher_outputs(cfg, task, teacher, features["train"], accelerator, hidden="hidden" in weights)
         if teacher_fn is None:
             teacher_fn = OnlineTeacher(teacher, task, accelerator, hidden="hidden" in weights)
-    trainee = Trainee(model, hidden_loss)
+
+    # --- every check passed: replace an old run (overwrite=true), record the config -----------
+    if main:
+        if status == "overwrite":
+            shutil.rmtree(out)
+            out.mkdir(parents=True)
+        atomic_write(out / "config.yaml", to_yaml(cfg))
+        print(f"[distill] stage {stage} -> {out}\n{to_yaml(cfg)}", flush=True)
+    accelerator.wait_for_everyone()
 
     # --- optimizer, schedule, prepare -------------------------------------------------------
+    trainee = Trainee(model, hidden_loss)
     no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "layernorm.weight", "norm.weight")
     named = list(trainee.named_parameters())
     groups = [
@@ -552,44 +790,53 @@ def run_stage(cfg: Config, stage: str) -> dict[str, dict[str, float]]:
     ]
     optimizer = torch.optim.AdamW(groups, lr=tcfg.lr)
     train_loader = make_loader(task, features["train"], tcfg.batch_size, True, cfg)
+    sampler: LengthGroupedBatchSampler = train_loader.batch_sampler  # accelerate shards it, keeps it
     eval_bs = tcfg.eval_batch_size or 2 * tcfg.batch_size
     eval_splits = [s for s in ("validation", "test") if s in features]
     eval_loaders = {s: make_loader(task, features[s], eval_bs, False, cfg) for s in eval_splits}
+    # train.batch_size is per process: the global batch is batch_size x processes x grad_accum.
     steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / tcfg.grad_accum)
     total_steps = steps_per_epoch * tcfg.epochs
     if tcfg.max_steps > 0:
         total_steps = min(total_steps, tcfg.max_steps)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(tcfg.warmup_ratio * total_steps), total_steps)
+    # The prepared scheduler steps once per process at every optimizer step (accelerate's
+    # convention), so its horizon is counted in those sub-steps.
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer,
+        int(tcfg.warmup_ratio * total_steps) * accelerator.num_processes,
+        total_steps * accelerator.num_processes,
+    )
     trainee, optimizer, train_loader, scheduler, *loaders = accelerator.prepare(
         trainee, optimizer, train_loader, scheduler, *eval_loaders.values()
     )
     eval_loaders = dict(zip(eval_loaders, loaders))
-    sampler: LengthGroupedBatchSampler = train_loader.batch_sampler.batch_sampler if hasattr(
-        train_loader.batch_sampler, "batch_sampler"
-    ) else train_loader.batch_sampler
 
     # --- resume -----------------------------------------------------------------------------
     ckpt_root = out / "checkpoints"
     best_dir = out / "best"
     state = LoopState()
     latest = latest_checkpoint(ckpt_root) if status == "resume" else None
+    jlog = JsonlLog(out / "log.jsonl", main)
     if latest is not None:
-        accelerator.load_state(str(latest))
-        state = LoopState(**json.loads((latest / "loop_state.json").read_text()))
+        state = resume_from(accelerator, latest, best_dir)
+        jlog.rewind(state.global_step)
         if main:
-            print(f"[distill] resuming {stage} from {latest} (epoch {state.epoch}, step {state.global_step})", flush=True)
+            print(
+                f"[distill] resuming {stage} from {latest} (epoch {state.epoch}, batch "
+                f"{state.batches_done}, step {state.global_step})",
+                flush=True,
+            )
+    elif main:
+        shutil.rmtree(best_dir, ignore_errors=True)  # left by a run that never checkpointed
 
     if accelerator.trackers:
         run_name = cfg.tracking.run_name or f"{cfg.task.name}-{stage}-{models.short_name(cfg.student.model or 'layers')}"
         accelerator.init_trackers(cfg.tracking.project, config=to_dict(cfg), init_kwargs={"wandb": {"name": run_name}})
-    jlog = JsonlLog(out / "log.jsonl", main)
     select = tcfg.select_metric or task.metric
     metric_needs_val = "validation" in eval_loaders
 
     def evaluate_and_select() -> bool:
         """Evaluate on validation, keep the best model; True when early stopping says stop."""
-        if not metric_needs_val:
-            return False
         metrics, _ = evaluate(
             accelerator,
             trainee,
@@ -607,29 +854,47 @@ def run_stage(cfg: Config, stage: str) -> dict[str, dict[str, float]]:
         state.history.append({"step": state.global_step, select: value})
         if is_better(task, select, value, state.best_metric):
             state.best_metric, state.best_step, state.bad_evals = value, state.global_step, 0
-            if main:
-                tmp = out / ".best-tmp"
-                shutil.rmtree(tmp, ignore_errors=True)
-                accelerator.unwrap_model(trainee).model.save_pretrained(tmp, safe_serialization=True)
-                shutil.rmtree(best_dir, ignore_errors=True)
-                os.replace(tmp, best_dir)
-            accelerator.wait_for_everyone()
+            save_model_folder(accelerator, trainee, best_dir)
         else:
             state.bad_evals += 1
         return tcfg.patience > 0 and state.bad_evals >= tcfg.patience
+
+    last_saved: Optional[tuple] = None
+
+    def checkpoint() -> Path:
+        """Save unless this exact loop state was just saved."""
+        nonlocal last_saved
+        key = (state.global_step, state.epoch, state.batches_done)
+        path = ckpt_root / f"step-{state.global_step}"
+        if key != last_saved:
+            path = save_checkpoint(accelerator, ckpt_root, state, tcfg.keep_checkpoints, best_dir)
+            last_saved = key
+        return path
+
+    def stop_if_signalled(flag: StopFlag) -> None:
+        if flag.any_process(accelerator):
+            path = checkpoint()
+            raise Preempted(
+                f"stopped by signal at step {state.global_step}; checkpoint saved to {path}. "
+                f"Re-run the same command to resume (exit status {REQUEUE_EXIT_CODE})."
+            )
 
     # --- the loop -----------------------------------------------------------------------------
     trainee.train()
     progress = tqdm(total=total_steps, initial=state.global_step, disable=not main, desc=stage, dynamic_ncols=True)
     window = {"samples": 0, "time": time.perf_counter(), "terms": {}, "n": 0}
-    stop = False
     with StopFlag() as stop_flag:
-        while state.epoch < tcfg.epochs and state.global_step < total_steps and not stop:
+        while not state.finished and state.epoch < tcfg.epochs:
+            # The batch order is a pure function of (seed, epoch); a resumed epoch skips the
+            # batches already consumed.
+            train_loader.set_epoch(state.epoch)
             sampler.set_epoch(state.epoch)
-            epoch_loader = (
-                accelerator.skip_first_batches(train_loader, state.batches_done) if state.batches_done else train_loader
-            )
+            epoch_loader = train_loader
+            if state.batches_done:
+                epoch_loader = accelerator.skip_first_batches(train_loader, state.batches_done)
+            epoch_done = True
             for batch in epoch_loader:
+                last_batch = accelerator.gradient_state.end_of_dataloader  # the epoch's last
                 with accelerator.accumulate(trainee):
                     teacher_targets = teacher_hidden = None
                     if teacher_fn is not None:
@@ -646,17 +911,15 @@ def run_stage(cfg: Config, stage: str) -> dict[str, dict[str, float]]:
                     if hidden_term is not None:
                         terms["hidden"] = hidden_term
                     loss = sum(weights[k] * v for k, v in terms.items())
-                    # one scalar sync per step: a NaN must stop the run at the batch that made it
-                    if not torch.isfinite(loss):
-                        values = {k: float(v) for k, v in terms.items()}
-                        raise NonFiniteLoss(
-                            f"non-finite loss at step {state.global_step} (epoch {state.epoch}): terms "
-                            f"{values}, batch example_ids {batch['example_id'].tolist()}. The last good "
-                            f"checkpoint is kept in {ckpt_root}; lower train.lr or check these rows."
-                        )
+                    # one scalar sync per batch: a NaN stops the run at the batch that made it
+                    if any_nonfinite(accelerator, loss):
+                        raise _nonfinite(jlog, state, "loss", terms, batch, loss, ckpt_root)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and tcfg.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(trainee.parameters(), tcfg.max_grad_norm)
+                        norm = accelerator.clip_grad_norm_(trainee.parameters(), tcfg.max_grad_norm)
+                        # a non-finite gradient would poison the weights, and every later checkpoint
+                        if any_nonfinite(accelerator, torch.as_tensor(norm)):
+                            raise _nonfinite(jlog, state, "gradient norm", terms, batch, norm, ckpt_root)
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad()
@@ -683,39 +946,35 @@ def run_stage(cfg: Config, stage: str) -> dict[str, dict[str, float]]:
                     progress.set_postfix(loss=f"{record['train/loss']:.4f}", sps=f"{record['train/samples_per_s']:.1f}")
                     window = {"samples": 0, "time": time.perf_counter(), "terms": {}, "n": 0}
 
-                if tcfg.eval_steps > 0 and state.global_step % tcfg.eval_steps == 0:
-                    stop = evaluate_and_select()
-                if tcfg.checkpoint_steps > 0 and state.global_step % tcfg.checkpoint_steps == 0:
-                    save_checkpoint(accelerator, ckpt_root, state, tcfg.keep_checkpoints)
-                if stop_flag.any_process(accelerator):
-                    path = save_checkpoint(accelerator, ckpt_root, state, tcfg.keep_checkpoints)
-                    raise Preempted(
-                        f"stopped by signal at step {state.global_step}; checkpoint saved to {path}. "
-                        f"Re-run the same command to resume (exit status {REQUEUE_EXIT_CODE})."
-                    )
-                if stop or state.global_step >= total_steps:
+                if tcfg.eval_steps > 0 and state.global_step % tcfg.eval_steps == 0 and metric_needs_val:
+                    state.finished = evaluate_and_select()
+                if state.global_step >= total_steps:
+                    state.finished = True
+                if last_batch:
+                    continue  # the epoch-end block below evaluates, checkpoints and checks signals
+                if state.finished:
+                    epoch_done = False
                     break
-            else:
-                # the epoch ran to its end
-                state.epoch += 1
-                state.batches_done = 0
-                if tcfg.eval_steps == 0:
-                    stop = evaluate_and_select()
-                save_checkpoint(accelerator, ckpt_root, state, tcfg.keep_checkpoints)
-                continue
-            break  # max_steps or early stopping inside the epoch
+                if tcfg.checkpoint_steps > 0 and state.global_step % tcfg.checkpoint_steps == 0:
+                    checkpoint()
+                stop_if_signalled(stop_flag)
+            if not epoch_done:
+                break
+            # the epoch ran to its end
+            state.epoch += 1
+            state.batches_done = 0
+            if tcfg.eval_steps == 0 and metric_needs_val:
+                state.finished = evaluate_and_select() or state.finished
+            checkpoint()
+            stop_if_signalled(stop_flag)
     progress.close()
 
     # --- final: reload the best model, score validation and test, write outputs -------------
-    final_model = accelerator.unwrap_model(trainee).model
-    if metric_needs_val and tcfg.eval_steps > 0 and state.history and state.history[-1]["step"] != state.global_step:
-        evaluate_and_select()  # the last steps since the previous evaluation
-    if not best_dir.exists() and metric_needs_val:
-        evaluate_and_select()
+    if metric_needs_val and (not state.history or state.history[-1]["step"] != state.global_step):
+        evaluate_and_select()  # the weights since the last evaluation
     accelerator.wait_for_everyone()
     if best_dir.exists():
-        best = type(final_model).from_pretrained(best_dir)
-        final_model.load_state_dict(best.state_dict())
+        load_model_weights(accelerator, trainee, best_dir)
     results: dict[str, dict[str, float]] = {}
     for split, loader in eval_loaders.items():
         metrics, arrays = evaluate(accelerator, trainee, task, loader, features[split], raw[split])
@@ -726,6 +985,7 @@ def run_stage(cfg: Config, stage: str) -> dict[str, dict[str, float]]:
                 with open(out / f"predictions_{split}.jsonl", "w") as f:
                     for p in preds:
                         f.write(json.dumps(p, ensure_ascii=False) + "\n")
+    final_model = accelerator.unwrap_model(trainee).model
     results["info"] = {
         "stage": stage,
         "task": cfg.task.name,
@@ -737,16 +997,11 @@ def run_stage(cfg: Config, stage: str) -> dict[str, dict[str, float]]:
         "parameters": models.count_parameters(final_model),
         "teacher": teacher_source(cfg) if distilling else None,
         "loss_weights": weights,
+        "processes": accelerator.num_processes,
     }
     accelerator.log({f"{s}/{k}": v for s, m in results.items() if s != "info" for k, v in m.items()}, step=state.global_step)
+    save_model_folder(accelerator, trainee, out / "model", tokenizer)
     if main:
-        model_dir = out / "model"
-        tmp = out / ".model-tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        final_model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(model_dir, ignore_errors=True)
-        os.replace(tmp, model_dir)
         # metrics.json last: its presence marks the stage complete
         atomic_write(out / "metrics.json", json.dumps(results, indent=2))
         shutil.rmtree(best_dir, ignore_errors=True)
@@ -754,4 +1009,6 @@ def run_stage(cfg: Config, stage: str) -> dict[str, dict[str, float]]:
         print(f"[distill] {stage} done: " + json.dumps({k: v for k, v in results.items() if k != "info"}), flush=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    accelerator.free_memory()
     return results
+
