@@ -3,7 +3,7 @@
 Grouping by length keeps padding low (each batch pads to its own longest example) while the
 order stays random: each epoch shuffles all examples, cuts them into mega-batches of
 `group_size` batches, sorts each mega-batch by length, splits it into batches, and shuffles the
-batches. Evaluation and the teacher-cache pass use one fixed length-sorted order, longest first
+full batches (a short last batch stays last, where distributed sharding expects it). Evaluation and the teacher-cache pass use one fixed length-sorted order, longest first
 (outputs are put back by feature_id), so an out-of-memory batch shows up at once.
 
 The order is a pure function of (seed, epoch): a resumed run replays the same batches, and every
@@ -70,10 +70,14 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         batches: list[list[int]] = []
         for start in range(0, n, mega):
             batches.extend(self._chunk(self._by_length(order[start : start + mega]), drop=False))
-        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
-            batches.pop()
+        partial = batches.pop() if batches and len(batches[-1]) < self.batch_size else None
         perm = torch.randperm(len(batches), generator=g).tolist()
-        return [batches[i] for i in perm]
+        batches = [batches[i] for i in perm]
+        # The one short batch stays last: accelerate's per-process sharding expects only the
+        # last batch to be short and would silently skip a short one (and its partner) earlier.
+        if partial is not None and not self.drop_last:
+            batches.append(partial)
+        return batches
 
     def _chunk(self, order: np.ndarray, drop: bool | None = None) -> list[list[int]]:
         drop = self.drop_last if drop is None else drop

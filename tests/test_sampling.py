@@ -112,3 +112,20 @@ def test_bad_arguments_are_refused():
         LengthGroupedBatchSampler(LENGTHS, 0)
     with pytest.raises(ValueError, match="group_size"):
         LengthGroupedBatchSampler(LENGTHS, 4, group_size=0)
+
+
+@pytest.mark.parametrize("n", [1000, 70, 5])
+def test_accelerate_sharding_over_two_processes_covers_every_example(n):
+    from accelerate.data_loader import BatchSamplerShard
+
+    sampler = LengthGroupedBatchSampler(LENGTHS[:n], 8, seed=2, group_size=2)
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        shards = [
+            list(BatchSamplerShard(sampler, num_processes=2, process_index=rank, even_batches=True))
+            for rank in range(2)
+        ]
+        assert len(shards[0]) == len(shards[1])  # processes step together
+        seen = Counter(flat(shards[0]) + flat(shards[1]))
+        assert set(seen) == set(range(n))  # nobody's batch was skipped
+        assert sum(seen.values()) - n < 2 * 8  # only the padding that evens out the last step
