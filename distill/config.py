@@ -26,6 +26,9 @@ class TaskConfig:
     family: str = "classification"  # classification | tagging | qa
     name: str = "task"  # short task name used in paths, tables and Hub names (e.g. pawsx)
     metric: Optional[str] = None  # headline metric; None = the family's default
+    # Label names in id order, for data that stores labels as bare ids (e.g. jsonl tag ids);
+    # empty = from the dataset's ClassLabel feature or the sorted unique values.
+    labels: list[str] = field(default_factory=list)
     # tagging
     label_all_tokens: bool = False  # later sub-tokens of a word get the word's (I-) label
     # qa
@@ -55,7 +58,7 @@ class DataConfig:
     # column names of a header-less csv/tsv, in order (MLDoc ships `label<TAB>text`)
     column_names: list[str] = field(default_factory=list)
     max_length: int = 128
-    doc_stride: int = 128  # qa and long tagging sentences: overlap between windows
+    doc_stride: int = 32  # qa and long tagging sentences: overlap between windows (QA recipes: 128)
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
     # Take the validation split from train when the dataset has none (fraction of train).

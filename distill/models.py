@@ -215,6 +215,31 @@ def student_from_teacher(teacher: PreTrainedModel, layers: list[int]) -> PreTrai
     return student
 
 
+def tokenizer_digest(tokenizer: Any) -> str:
+    """What a tokenizer does, as a short hash: normalizer, pre-tokenizer, model, special tokens
+    and input names (the truncation/padding a fast tokenizer keeps from its last call is state,
+    not identity, and is left out)."""
+    import hashlib
+    import json
+
+    if tokenizer is None:
+        return "none"
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+        return hashlib.sha256(f"{type(tokenizer).__name__}{vocab}".encode()).hexdigest()[:16]
+    spec = json.loads(backend.to_str())
+    spec.pop("truncation", None)
+    spec.pop("padding", None)
+    extra = [tokenizer.model_input_names, getattr(tokenizer, "padding_side", None)]
+    return hashlib.sha256(json.dumps([spec, extra], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def same_tokenizer(a: Any, b: Any) -> bool:
+    """Two tokenizers that produce identical ids for every text."""
+    return tokenizer_digest(a) == tokenizer_digest(b)
+
+
 def count_parameters(model: nn.Module) -> int:
     """Distinct parameters (shared ALBERT layers and tied embeddings counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

@@ -90,6 +90,7 @@ class ClassificationTask(Task):
             with_indices=True,
             remove_columns=raw.column_names,
             desc=f"tokenizing {split}",
+            new_fingerprint=self.features_fingerprint(raw, split),
         )
 
     def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:

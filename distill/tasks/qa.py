@@ -21,7 +21,6 @@ plus CLS (see `QATask.kd_pairs`). Teacher and student must share the tokenizer.
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any, Sequence
 
@@ -32,6 +31,7 @@ from datasets import Dataset, DatasetDict, Features, List, Value
 from transformers import AutoModelForQuestionAnswering
 
 from distill.metrics import answer_start_mismatch, squad_metrics
+from distill.models import same_tokenizer
 from distill.tasks.base import LogitPair, Task, column, require_columns
 from distill.tasks.tagging import pad_lists
 
@@ -118,21 +118,6 @@ def best_spans(
     return best
 
 
-def _same_tokenizer(a: Any, b: Any) -> bool:
-    """Same normalizer, pre-tokenizer, model and special tokens; the truncation and padding a
-    fast tokenizer keeps from its last call are state, not identity, and are ignored."""
-    backend_a, backend_b = getattr(a, "backend_tokenizer", None), getattr(b, "backend_tokenizer", None)
-    if backend_a is None or backend_b is None:
-        return type(a) is type(b) and a.get_vocab() == b.get_vocab()
-    specs = []
-    for backend in (backend_a, backend_b):
-        spec = json.loads(backend.to_str())
-        spec.pop("truncation", None)
-        spec.pop("padding", None)
-        specs.append(spec)
-    return specs[0] == specs[1]
-
-
 class QATask(Task):
     family = "qa"
     pipeline_tag = "question-answering"
@@ -164,7 +149,7 @@ class QATask(Task):
         self.labels = []
 
     def bind(self, tokenizer: Any, teacher_tokenizer: Any = None) -> None:
-        if teacher_tokenizer is not None and not _same_tokenizer(tokenizer, teacher_tokenizer):
+        if teacher_tokenizer is not None and not same_tokenizer(tokenizer, teacher_tokenizer):
             raise ValueError(
                 "QA distillation needs teacher and student with the same tokenizer: start/end "
                 f"logits are compared position by position, and the teacher's "
@@ -288,6 +273,7 @@ class QATask(Task):
             remove_columns=raw.column_names,
             features=Features(schema),  # declared types: Arrow skips inferring nested lists
             desc=f"tokenizing {split}",
+            new_fingerprint=self.features_fingerprint(raw, split),
         )
         features = features.add_column("feature_id", list(range(len(features))))
         # Counted in this process; the map runs here unless datasets served it from its cache.

@@ -273,6 +273,7 @@ class TaggingTask(Task):
             with_indices=True,
             remove_columns=raw.column_names,
             desc=f"tokenizing {split}",
+            new_fingerprint=self.features_fingerprint(raw, split),
         )
         features = features.add_column("feature_id", list(range(len(features))))
         extra = len(features) - sum(1 for words in raw[self.tokens_col] if words)
