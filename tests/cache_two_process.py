@@ -1,0 +1,105 @@
+"""Worker for test_cache.py's 2-process test: build one teacher cache across processes, then
+train a student from it. Launch: ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 THIS OUT_DIR.
+
+Each process writes OUT_DIR/rank<r>.json with what it saw (teacher rows computed while building
+and while training, batches trained, the largest cached-vs-online logit difference, losses).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from datasets import Dataset, DatasetDict  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
+
+from tests.conftest import SPANISH, minilm_path, tiny_bert_config  # noqa: E402
+from distill import cache  # noqa: E402
+from distill.config import Config  # noqa: E402
+from distill.losses import SoftLabelLoss  # noqa: E402
+from distill.sampling import LengthGroupedBatchSampler  # noqa: E402
+from distill.tasks.classification import ClassificationTask  # noqa: E402
+from distill.train import OnlineTeacher  # noqa: E402
+
+
+def main(out: Path) -> None:
+    accelerator = Accelerator()
+    assert accelerator.num_processes == 2, "launch with 2 processes"
+    cfg = Config()
+    cfg.student.model = "student"
+    cfg.output_dir = str(out / "run")
+    cfg.distill.cache_dir = str(out / "cache")
+    cfg.data.max_length = 24
+    cfg.train.batch_size = 4
+    texts = [f"{a} {b}" if i % 2 else a for i, (a, b) in enumerate(zip(SPANISH * 5, SPANISH[3:] * 6))]
+    raw = DatasetDict(train=Dataset.from_dict({"text": texts, "label": [i % 3 for i in range(len(texts))]}))
+    task = ClassificationTask(cfg)
+    task.setup(raw)
+    task.bind(AutoTokenizer.from_pretrained(minilm_path()))
+    with accelerator.main_process_first():
+        features = task.preprocess(raw["train"], "train")
+
+    torch.manual_seed(0)  # the same teacher on both processes
+    teacher = AutoModelForSequenceClassification.from_config(tiny_bert_config(num_labels=3)).eval()
+    with torch.no_grad():
+        teacher.classifier.weight.mul_(30.0)
+    counting, rows = [True], [0]
+
+    def count(module, args, kwargs, output):
+        if counting[0]:
+            rows[0] += len(kwargs["input_ids"])
+
+    teacher.register_forward_hook(count, with_kwargs=True)
+    fn = cache.teacher_outputs(cfg, task, teacher, features, accelerator, hidden=False)
+    build_rows, rows[0] = rows[0], 0
+
+    torch.manual_seed(1)
+    student = AutoModelForSequenceClassification.from_config(tiny_bert_config(num_labels=3))
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    sampler = LengthGroupedBatchSampler(features["length"], cfg.train.batch_size, seed=cfg.seed)
+    loader = DataLoader(features, batch_sampler=sampler, collate_fn=task.collate)
+    student, optimizer, loader = accelerator.prepare(student, optimizer, loader)
+    online = OnlineTeacher(teacher, task, accelerator, hidden=False)
+    kd = SoftLabelLoss("kl", 1.0)
+    losses, diff, batches, train_rows = [], 0.0, 0, 0
+    for batch in loader:
+        targets, _ = fn(batch)
+        outputs = student(**task.model_inputs(batch))
+        loss = kd(task.kd_pairs(task.kd_targets(outputs, batch, teacher=False), targets, batch))
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        counting[0] = False  # the comparison below is not training
+        live, _ = online(batch)
+        counting[0] = True
+        diff = max(diff, float((live["logits"] - targets["logits"]).abs().max()))
+        losses.append(float(loss.detach()))
+        batches += 1
+        train_rows += len(batch["feature_id"])
+    report = {
+        "features": len(features),
+        "teacher_rows_in_build": build_rows,
+        "teacher_rows_in_training": rows[0],
+        "cache": str(fn.cache.path),
+        "train_batches": batches,
+        "train_rows": train_rows,
+        "max_abs_diff": diff,
+        "losses": losses,
+    }
+    (out / f"rank{accelerator.process_index}.json").write_text(json.dumps(report))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
