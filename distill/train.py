@@ -698,7 +698,7 @@ def _nonfinite(
 ) -> NonFiniteLoss:
     """The error for a NaN/inf loss or gradient: step, loss terms, the batch's example ids."""
     latest = latest_checkpoint(ckpt_root)
-    values = {k: float(v) for k, v in terms.items()}
+    values = {k: float(v.detach()) for k, v in terms.items()}
     err = NonFiniteLoss(
         f"non-finite {what} ({float(value)}) at step {state.global_step + 1} (epoch {state.epoch}, "
         f"batch {state.batches_done} of the epoch): loss terms {values}, batch example_ids "
