@@ -156,16 +156,6 @@ def data_fingerprint(features: Dataset) -> str:
     return sink.digest.hexdigest()[:16]
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> Optional[str]:
-    """A hash of a fast tokenizer's full definition (vocab, normalizer, special tokens)."""
-    if tokenizer is None:
-        return None
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    extra = {"padding_side": getattr(tokenizer, "padding_side", None), "pad": getattr(tokenizer, "pad_token_id", None)}
-    return hashlib.sha256((text + json.dumps(extra, sort_keys=True)).encode()).hexdigest()[:16]
-
-
 def cache_key(
     cfg: Config,
     task: Task,
@@ -181,8 +171,8 @@ def cache_key(
         "teacher": models.fingerprint(teacher),
         "teacher_class": type(teacher).__name__,
         "teacher_labels": [id2label[i] for i in sorted(id2label)],
-        "tokenizer": tokenizer_fingerprint(task.teacher_tokenizer or task.tokenizer),
-        "student_tokenizer": tokenizer_fingerprint(task.tokenizer),
+        "tokenizer": models.tokenizer_digest(task.teacher_tokenizer or task.tokenizer),
+        "student_tokenizer": models.tokenizer_digest(task.tokenizer),
         "family": cfg.task.family,
         "task_class": f"{type(task).__module__}.{type(task).__name__}",
         "labels": list(task.labels),
