@@ -179,8 +179,13 @@ def repo_name(cfg: Config, org: str) -> str:
 
 
 def split_label(cfg: Config, role: str) -> str:
-    """The split as evaluated: its name, with the slice when max_eval_samples cut it."""
-    if role == "validation" and cfg.data.validation_from_train and not cfg.data.files.get("validation"):
+    """The split as evaluated: its name, with the slice when max_eval_samples cut it.
+
+    A validation split carved from train is certain only for local files without one (a Hub
+    dataset's own validation split, when it has one, wins over data.validation_from_train).
+    """
+    d = cfg.data
+    if role == "validation" and d.validation_from_train and d.files and not d.files.get("validation"):
         name = f"{cfg.data.splits.train or 'train'} (held-out {cfg.data.validation_from_train:.0%})"
     else:
         name = getattr(cfg.data.splits, role) or role
@@ -251,6 +256,29 @@ def _params(n: Optional[int]) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
 
+def metric_words(metric: str) -> str:
+    """How a metric reads in a sentence: 'accuracy', 'F1', 'exact match'."""
+    name = METRIC_NAMES.get(metric, metric)
+    return name if name.isupper() else name.lower()
+
+
+def versus_teacher(ev: RunEvidence) -> str:
+    """One sentence on what distillation kept: share of the teacher's score, size and speed."""
+    metric = ev.metric
+    own = ev.metrics.get("test", {}).get(metric)
+    ref = (ev.teacher or {}).get("test", {}).get(metric)
+    if not ev.distilled or own is None or not ref:
+        return ""
+    parts = [f"{own / ref:.0%} of its teacher's {metric_words(metric)} ({ref:.4f})"]
+    own_params, ref_params = ev.info.get("parameters"), (ev.teacher.get("info") or {}).get("parameters")
+    if own_params and ref_params:
+        parts.append(f"{own_params / ref_params:.0%} of its parameters")
+    row, teacher_row = _summary_row(ev, ev.stage), _summary_row(ev, "teacher")
+    if row and teacher_row and row.get("speedup"):
+        parts.append(f"{row['speedup']:.2f}× its CPU speed")
+    return " That is " + (", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]) + "."
+
+
 def _model_ref(name: Optional[str]) -> str:
     """A model reference as the card shows it: a Hub link, or 'a local model' for paths
     (local paths say nothing to a reader and may name private folders)."""
@@ -289,7 +317,7 @@ def describe_teacher(ev: RunEvidence) -> str:
     t = stage_train(cfg, "teacher")
     return (
         f"{_model_ref(cfg.teacher.model)}, fine-tuned on the task in the same run "
-        f"({t.epochs} epochs, lr {t.lr:g}, batch {t.batch_size})"
+        f"({t.epochs} epoch{'s' if t.epochs != 1 else ''}, lr {t.lr:g}, batch {t.batch_size})"
     )
 
 
@@ -457,11 +485,8 @@ def card_body(ev: RunEvidence, repo_id: str, pipeline_tag: str) -> str:
         "",
         f"A {_params(params)}-parameter {ev.model_config.get('model_type', 'transformer')} model for "
         f"{task_words} on {data_ref}, {how}."
-        + (
-            f" It scores {METRIC_NAMES.get(metric, metric)} {own_test:.4f} on the `{test}` split."
-            if own_test is not None
-            else ""
-        ),
+        + (f" It scores {metric_words(metric)} {own_test:.4f} on the `{test}` split." if own_test is not None else "")
+        + versus_teacher(ev),
         "The repository holds the model alone (no teacher, no training-only layers, no optimizer "
         "state) as safetensors: it loads with plain `transformers`.",
         "",

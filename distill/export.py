@@ -198,8 +198,15 @@ def list_files(folder: Path) -> list[tuple[str, int]]:
     return sorted((str(p.relative_to(folder)), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
 
 
+def human_size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
 def format_files(folder: Path) -> str:
-    return "\n".join(f"  {size / 1e6:9.2f} MB  {name}" for name, size in list_files(folder))
+    return "\n".join(f"  {human_size(size):>9}  {name}" for name, size in list_files(folder))
 
 
 def main(argv: Optional[list[str]] = None) -> int:

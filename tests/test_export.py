@@ -18,7 +18,6 @@ from transformers import (
     AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
-    AutoTokenizer,
     pipeline,
 )
 
@@ -37,17 +36,17 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
 
 @pytest.fixture(scope="module")
 def cls_run(tmp_path_factory) -> Path:
-    """A real teacher -> student (+ hidden-state loss) -> baseline run on 24 rows; returns the run dir."""
+    """A real distillation (`distill student`) on 12 rows from an already fine-tuned teacher of
+    hidden size 64 into a student of hidden size 32, with the hidden-state loss on, so learned
+    projections exist during training. The teacher and baseline stages' metrics.json and the
+    closing summary.json are then written beside it by hand (their format is all export reads),
+    which keeps this fixture to one training stage."""
     from distill.cli import main
 
     root = tmp_path_factory.mktemp("cls-run")
-    teacher = save_tiny(tiny_bert_config(hidden=64), root / "teacher-init", minilm_path())
+    labels = {"id2label": {0: "negativo", 1: "positivo"}, "label2id": {"negativo": 0, "positivo": 1}}
+    teacher = save_tiny(tiny_bert_config(hidden=64, **labels), root / "teacher-ft", minilm_path())
     student = save_tiny(tiny_bert_config(hidden=32), root / "student-init", minilm_path())
-    # train.same_tokenizer compares the backend's truncation/padding state too, which the
-    # teacher stage leaves at max_length 32 in its saved tokenizer: give the student the same
-    tok = AutoTokenizer.from_pretrained(student)
-    tok(["x"], truncation=True, max_length=32)
-    tok.save_pretrained(student)
     rows = [{"text": t, "label": "positivo"} for t in POSITIVE] + [{"text": t, "label": "negativo"} for t in NEGATIVE]
     files = {split: write_jsonl(root / f"{split}.jsonl", rows * n) for split, n in (("train", 2), ("validation", 1), ("test", 1))}
     out = root / "run"
@@ -55,16 +54,22 @@ def cls_run(tmp_path_factory) -> Path:
     recipe.write_text(
         "task: {family: classification, name: reviews}\n"
         f"data: {{files: {json.dumps(files)}, max_length: 32}}\n"
-        f"teacher: {{model: {teacher}, lr: 1e-3, epochs: 1}}\n"
+        f"teacher: {{model: {teacher}, finetuned: true}}\n"
         f"student: {{model: {student}}}\n"
         "distill: {ce_weight: 0.5, kd_weight: 0.5, temperature: 2.0, hidden_weight: 1.0}\n"
         "train: {lr: 1e-3, batch_size: 8, epochs: 1, logging_steps: 1}\n"
-        "run: {baseline: true}\n"
         "tracking: {report_to: []}\n"
         "hub: {license: mit, language: [es]}\n"
         f"output_dir: {out}\n"
     )
-    assert main(["run", str(recipe)]) == 0
+    assert main(["student", str(recipe)]) == 0
+    info = {"parameters": 1_500_000, "loss_weights": {"ce": 1.0}}
+    for stage, score in (("teacher", 0.8125), ("baseline", 0.4375)):
+        (out / stage).mkdir()
+        metrics = {split: {"accuracy": score, "loss": 0.5} for split in ("validation", "test")}
+        (out / stage / "metrics.json").write_text(json.dumps({**metrics, "info": {**info, "stage": stage}}))
+    summary = [{"stage": "teacher", "latency_ms": 9.0, "speedup": 1.0}, {"stage": "student", "latency_ms": 3.0, "speedup": 3.0}]
+    (out / "summary.json").write_text(json.dumps(summary))
     return out
 
 
@@ -87,6 +92,8 @@ def test_export_reloads_and_predicts_like_training(cls_run, tmp_path):
 
 @pytest.mark.slow
 def test_export_holds_the_student_only(cls_run, tmp_path):
+    log = [json.loads(line) for line in (cls_run / "student" / "log.jsonl").read_text().splitlines()]
+    assert any("train/loss_hidden" in r for r in log)  # the projections 32 -> 64 were trained
     out = export_student(cls_run / "student", tmp_path / "export")
     keys = set(safetensors_keys(out))
     plain = AutoModelForSequenceClassification.from_pretrained(cls_run / "student" / "model")
@@ -136,7 +143,8 @@ def test_card_parses_back_with_the_runs_numbers(cls_run, tmp_path, capsys):
     baseline = json.loads((cls_run / "baseline" / "metrics.json").read_text())
     assert f"{teacher['test']['accuracy']:.4f}" in body and f"{baseline['test']['accuracy']:.4f}" in body
     summary = {r["stage"]: r for r in json.loads((cls_run / "summary.json").read_text())}
-    assert f"{summary['student']['speedup']:.2f}×" in body
+    assert f"{summary['student']['speedup']:.2f}×" in body and "teacher 9.0 ms, this model 3.0 ms" in body
+    assert "| same student fine-tuned without a teacher |" in body and "already fine-tuned on the task" in body
     assert 'pipeline("text-classification", model="someorg/tiny-distilled-reviews")' in body
     assert "'label': '" in run_usage_snippet(body, "someorg/tiny-distilled-reviews", out, capsys)
     assert f"distill run {CARD_CONFIG_NAME}" in body
