@@ -240,20 +240,30 @@ class _Teacher:
         return targets
 
 
-def _teacher_lengths(task: Task, batch: dict) -> torch.Tensor:
-    """Real tokens per row of the teacher's inputs ([batch]); hidden states are trimmed to it."""
-    inputs = task.model_inputs(batch, teacher=True)
-    mask = inputs.get("attention_mask")
-    if mask is None:
-        return torch.full((inputs["input_ids"].size(0),), inputs["input_ids"].size(1), dtype=torch.long)
-    return mask.sum(1)  # [batch]
+def _prefix_lengths(mask: torch.Tensor, what: str) -> torch.Tensor:
+    """Real positions per row of a right-padded attention mask ([batch]).
+
+    Rows are stored trimmed and zero-padded on the right when read back, which is only the
+    same tensor when padding sits on the right; a left-padding tokenizer is refused.
+    """
+    lengths = mask.sum(1)  # [batch]
+    positions = torch.arange(mask.size(1), device=mask.device)  # [seq]
+    if not torch.equal(mask.bool(), positions.unsqueeze(0) < lengths.unsqueeze(1)):
+        raise CacheError(
+            f"the {what} are not right-padded (padding_side='left'?): the teacher cache stores "
+            "rows trimmed on the right. Use a right-padding tokenizer or distill.teacher_outputs=online"
+        )
+    return lengths
 
 
 def _row_lengths(spec: TargetSpec, tensor: torch.Tensor, batch: dict, task: Task) -> np.ndarray:
     """Length of each row on axis 1 after trimming ([batch] ints)."""
     width = tensor.size(1)
     if spec.name.startswith(HIDDEN_PREFIX):
-        lengths = _teacher_lengths(task, batch)
+        inputs = task.model_inputs(batch, teacher=True)
+        if "attention_mask" not in inputs:
+            return np.full(tensor.size(0), width, dtype=np.int64)
+        lengths = _prefix_lengths(inputs["attention_mask"], "teacher's inputs")
     elif spec.length_column is not None:
         if spec.length_column not in batch:
             raise CacheError(
@@ -261,6 +271,9 @@ def _row_lengths(spec: TargetSpec, tensor: torch.Tensor, batch: dict, task: Task
                 f"'{spec.length_column}', which its collate does not produce"
             )
         lengths = batch[spec.length_column]
+        mask = batch.get("attention_mask")
+        if mask is not None and mask.size(1) == width:  # a target aligned with the tokens
+            _prefix_lengths(mask, "inputs")
     else:
         return np.full(tensor.size(0), width, dtype=np.int64)
     return np.minimum(lengths.detach().cpu().numpy().astype(np.int64), width)

@@ -390,3 +390,14 @@ def test_two_processes_build_one_cache_and_train_from_it(tmp_path):
         assert r["max_abs_diff"] < 5e-3
         assert all(np.isfinite(r["losses"]))
     assert sum(r["train_rows"] for r in ranks) >= n
+
+
+def test_left_padding_is_refused_for_token_aligned_rows(tmp_path, minilm_dir, accelerator):
+    left = AutoTokenizer.from_pretrained(minilm_dir, padding_side="left")
+    cfg = make_cfg(tmp_path, max_length=24)
+    cfg.student.model, cfg.student.num_layers = None, 1
+    cfg.distill.hidden_weight, cfg.distill.cache_hidden_states = 1.0, True
+    task, feats = classification(cfg, left)
+    teacher = seeded(AutoModelForSequenceClassification, tiny_bert_config(num_labels=3)).eval()
+    with pytest.raises(cache.CacheError, match="not right-padded"):
+        cache.teacher_outputs(cfg, task, teacher, feats, accelerator, hidden=True)
