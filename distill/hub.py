@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
 from huggingface_hub import HfApi, ModelCard, get_token
-from huggingface_hub.errors import HFValidationError, HfHubHTTPError
+from huggingface_hub.errors import HFValidationError, HfHubHTTPError, OfflineModeIsEnabled
 from huggingface_hub.utils import validate_repo_id
 
 from distill.card import CARD_CONFIG_NAME, ExportError, card_repo_id, repo_name
@@ -58,7 +58,10 @@ def status_of(err: BaseException) -> Optional[int]:
 
 
 def is_transient(err: BaseException) -> bool:
-    """Worth retrying: server errors, rate limits, timeouts, dropped connections."""
+    """Worth retrying: server errors, rate limits, timeouts, dropped connections (not offline
+    mode, which fails the same way every time)."""
+    if isinstance(err, OfflineModeIsEnabled):
+        return False
     if isinstance(err, HfHubHTTPError):
         status = status_of(err)
         return status is not None and (status >= 500 or status in RETRY_STATUS)
@@ -125,6 +128,8 @@ def explain(err: BaseException, repo_id: str, token: Optional[str]) -> str:
             f"the token may not write to {repo_id} (403): give it write access to '{org}' "
             "(a fine-grained token needs write permission on that namespace)"
         )
+    elif isinstance(err, OfflineModeIsEnabled):
+        why = "HF_HUB_OFFLINE is set, so nothing can be uploaded: unset it (or set it to 0) to push"
     elif status is not None:
         server = getattr(err, "server_message", None) or str(err).splitlines()[0]
         why = f"the Hub answered {status}: {server}"

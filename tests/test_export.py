@@ -98,6 +98,7 @@ def test_export_holds_the_student_only(cls_run, tmp_path):
     keys = set(safetensors_keys(out))
     plain = AutoModelForSequenceClassification.from_pretrained(cls_run / "student" / "model")
     assert keys == set(plain.state_dict())
+    assert set(safetensors_keys(cls_run / "student" / "model")) == keys  # training saved the student alone
     assert not [k for k in keys if "hidden_loss" in k or "projection" in k or k.startswith("teacher")]
     # the teacher (hidden 64) left no tensor behind: every exported tensor has the student's width
     hidden = {t.shape[-1] for k, t in load_file(str(out / "model.safetensors")).items() if k.endswith("LayerNorm.weight")}

@@ -150,6 +150,15 @@ def test_retries_give_up_with_a_rerun_command(stage, monkeypatch, capsys):
     assert waits == [2.0, 4.0, 8.0, 16.0]  # five attempts, exponential backoff
 
 
+def test_offline_mode_fails_at_once(stage, monkeypatch):
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    fake = FakeHub(monkeypatch, fail={"create_repo": [OfflineModeIsEnabled("offline mode is enabled")]})
+    with pytest.raises(hub.PushError, match="HF_HUB_OFFLINE is set"):
+        hub.push(stage, "myorg/x", sleep=pytest.fail)
+    assert len(fake.named("create_repo")) == 1 and not fake.named("upload_folder")
+
+
 def test_token_is_scrubbed_from_error_messages(stage, monkeypatch):
     FakeHub(monkeypatch, fail={"create_repo": [RuntimeError(f"bad header Authorization: Bearer {TOKEN}")]})
     with pytest.raises(hub.PushError) as info:
