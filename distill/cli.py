@@ -151,11 +151,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"distill: {err.message}", file=sys.stderr)
         raise
     except Exception as err:
+        from distill.card import ExportError
         from distill.data import DataError
+        from distill.hub import PushError
         from distill.models import ModelLoadError
         from distill.train import StageError
 
-        if isinstance(err, (DataError, ModelLoadError, StageError, FileNotFoundError)):
+        if isinstance(err, (DataError, ModelLoadError, StageError, ExportError, PushError, FileNotFoundError)):
             print(f"distill: {type(err).__name__}: {err}", file=sys.stderr)
             return 2
         raise

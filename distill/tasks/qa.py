@@ -30,6 +30,7 @@ from datasets import Dataset, DatasetDict, Features, List, Value
 
 from transformers import AutoModelForQuestionAnswering
 
+from distill.data import DataError
 from distill.metrics import answer_start_mismatch, squad_metrics
 from distill.models import same_tokenizer
 from distill.tasks.base import LogitPair, Task, column, require_columns
@@ -141,7 +142,7 @@ class QATask(Task):
                 continue
             answers = ds[0][self.answers_col]
             if not isinstance(answers, dict) or not {"text", "answer_start"} <= set(answers):
-                raise ValueError(
+                raise DataError(
                     f"split '{split}': column '{self.answers_col}' must hold "
                     f"{{text: [...], answer_start: [...]}} (flat SQuAD rows), got {answers!r}. "
                     "Nested SQuAD files (data -> paragraphs -> qas) load with data.format=squad."
@@ -150,7 +151,7 @@ class QATask(Task):
 
     def bind(self, tokenizer: Any, teacher_tokenizer: Any = None) -> None:
         if teacher_tokenizer is not None and not same_tokenizer(tokenizer, teacher_tokenizer):
-            raise ValueError(
+            raise DataError(
                 "QA distillation needs teacher and student with the same tokenizer: start/end "
                 f"logits are compared position by position, and the teacher's "
                 f"{type(teacher_tokenizer).__name__} splits the context differently from the "
@@ -175,7 +176,7 @@ class QATask(Task):
             raise RuntimeError("QATask.preprocess needs a tokenizer: call bind() first")
         tok = self.tokenizer
         if not getattr(tok, "is_fast", False):
-            raise ValueError(f"QA needs a fast tokenizer (offset mapping); {type(tok).__name__} is not")
+            raise DataError(f"QA needs a fast tokenizer (offset mapping); {type(tok).__name__} is not")
         question_first = tok.padding_side == "right"
         max_length = min(self.cfg.data.max_length, tok.model_max_length)
         stride = self.cfg.data.doc_stride
@@ -203,7 +204,7 @@ class QATask(Task):
             q_lens = [len(ids) for ids in tok(questions, add_special_tokens=False)["input_ids"]]
             for i, n in enumerate(q_lens):
                 if room - n < 1:
-                    raise ValueError(
+                    raise DataError(
                         f"row {idx[i]} of split '{split}': the question has {n} tokens and "
                         f"data.max_length={max_length} leaves no room for the context; questions "
                         "are never truncated, so raise data.max_length."

@@ -34,6 +34,7 @@ from datasets import ClassLabel, Dataset, DatasetDict
 from transformers import AutoModelForTokenClassification
 
 from distill.metrics import seqeval_metrics, token_accuracy
+from distill.data import DataError
 from distill.tasks.base import TEACHER_PREFIX, LogitPair, Task, column, require_columns
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def tag_names(raw: DatasetDict, tags_col: str, train_split: str | None) -> tuple
         return list(inner.names), "classlabel"
     values = {v for tags in first[tags_col] for v in tags}
     if not values:
-        raise ValueError(f"column '{tags_col}' of the training split holds no tags")
+        raise DataError(f"column '{tags_col}' of the training split holds no tags")
     if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
         known = {str(i) for i in range(max(values) + 1)}
         kind, seen = "ids", [str(i) for i in range(max(values) + 1)]
@@ -65,7 +66,7 @@ def tag_names(raw: DatasetDict, tags_col: str, train_split: str | None) -> tuple
     for split, ds in raw.items():
         unseen = sorted({str(v) for tags in ds[tags_col] for v in tags} - known)
         if unseen:
-            raise ValueError(
+            raise DataError(
                 f"split '{split}' has tags never seen in training: {unseen[:10]} "
                 f"(training tags: {seen[:30]}). Fix the data or drop those sentences."
             )
@@ -162,6 +163,18 @@ class TaggingTask(Task):
         self.tags_col = column(self.cfg, "tags", "tags")
         require_columns(raw, {"tokens": self.tokens_col, "tags": self.tags_col})
         self.labels, self._tag_kind = tag_names(raw, self.tags_col, self.cfg.data.splits.train)
+        named = list(self.cfg.task.labels)
+        if named and self._tag_kind == "ids":
+            if len(named) < len(self.labels):
+                raise DataError(
+                    f"task.labels names {len(named)} tags but the data uses ids up to {len(self.labels) - 1}"
+                )
+            self.labels = named  # ids index into the given names
+        elif named and self._tag_kind == "names":
+            missing = sorted(set(self.labels) - set(named))
+            if missing:
+                raise DataError(f"task.labels lacks tags the data uses: {missing[:10]}")
+            self.labels = named
         self._index = index = {name: i for i, name in enumerate(self.labels)}
         # Later sub-tokens of a B-X word take I-X when it exists (label_all_tokens).
         self._inside = [
@@ -193,14 +206,14 @@ class TaggingTask(Task):
             raise RuntimeError("TaggingTask.preprocess needs a tokenizer: call bind() first")
         for tok in self._tokenizers():
             if not getattr(tok, "is_fast", False):
-                raise ValueError(
+                raise DataError(
                     f"tagging needs a fast tokenizer (word ids); {type(tok).__name__} is not. "
                     "Load it with use_fast=True or convert it with the tokenizers library."
                 )
         tokenizers = self._tokenizers()
         budgets = [self._max_length(t) - t.num_special_tokens_to_add(pair=False) for t in tokenizers]
         if min(budgets) < 2:
-            raise ValueError(f"data.max_length={self.cfg.data.max_length} leaves no room for words")
+            raise DataError(f"data.max_length={self.cfg.data.max_length} leaves no room for words")
         overlap = min(self.cfg.data.doc_stride, min(budgets) // 2)
         label_all = self.cfg.task.label_all_tokens
 
@@ -224,7 +237,7 @@ class TaggingTask(Task):
             spans: list[tuple[int, int, int]] = []  # (sentence in batch, start, end)
             for i, words in enumerate(sentences):
                 if len(words) != len(rows[self.tags_col][i]):
-                    raise ValueError(
+                    raise DataError(
                         f"row {idx[i]} of split '{split}': {len(words)} tokens but "
                         f"{len(rows[self.tags_col][i])} tags"
                     )
