@@ -737,6 +737,15 @@ def run_stage(cfg: Config, stage: str) -> dict[str, dict[str, float]]:
     out = stage_dir(cfg, stage)
     tcfg = stage_train(cfg, stage)
     accelerator = make_accelerator(cfg, stage, tcfg.grad_accum)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        # e.g. torchrun on a machine without GPUs: each process would run the whole stage alone,
+        # all of them writing the same folder
+        raise StageError(
+            f"the launcher started {launched} processes but accelerate runs {accelerator.num_processes}: "
+            "on CPU set ACCELERATE_USE_CPU=1 (accelerate launch --cpu does), otherwise check the "
+            "accelerate config (accelerate env)"
+        )
     main = accelerator.is_main_process
     if not main:  # one copy of every warning and progress bar
         log.setLevel(logging.ERROR)
@@ -1008,7 +1017,8 @@ def run_stage(cfg: Config, stage: str) -> dict[str, dict[str, float]]:
         shutil.rmtree(ckpt_root, ignore_errors=True)
         print(f"[distill] {stage} done: " + json.dumps({k: v for k, v in results.items() if k != "info"}), flush=True)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    for tracker in accelerator.trackers:  # not end_training(): it ends the process group, and
+        tracker.finish()  # `distill run` goes on with the next stage
     accelerator.free_memory()
     return results
 
