@@ -45,12 +45,25 @@ class SplitsConfig:
 
 
 @dataclass
+class SplitSource:
+    """One split taken from elsewhere (e.g. MLQA trains on translated SQuAD, TAR/XQuAD tests on
+    XQuAD): a Hub id (+ config, revision, split name) or a local file."""
+
+    source: str = "???"
+    name: Optional[str] = None
+    revision: Optional[str] = None
+    split: str = "train"  # the split of `source` to take (Hub datasets)
+
+
+@dataclass
 class DataConfig:
     # Hub dataset id or a local path (file or directory); for per-split files use `files`.
     source: Optional[str] = None
     name: Optional[str] = None  # Hub config name (e.g. "es")
     revision: Optional[str] = None  # e.g. "refs/convert/parquet" for script-based datasets
     files: dict[str, str] = field(default_factory=dict)  # split -> local file
+    # split -> a source of its own, over what `source` / `files` give for that split
+    split_sources: dict[str, SplitSource] = field(default_factory=dict)
     format: Optional[str] = None  # jsonl | json | csv | tsv | conll | squad; None = from extension
     splits: SplitsConfig = field(default_factory=SplitsConfig)
     # task input -> dataset column, e.g. {text: premise, text_pair: hypothesis, label: label}

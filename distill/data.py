@@ -74,10 +74,9 @@ def read_file(path: str | Path, fmt: Optional[str] = None, column_names: list[st
         raise DataError(f"could not read {path} as {fmt}: {err}") from None
 
 
-def _from_hub(cfg: Config) -> DatasetDict:
-    d = cfg.data
+def _from_hub(source: str, name: Optional[str], revision: Optional[str]) -> DatasetDict:
     try:
-        loaded = load_dataset(d.source, d.name, revision=d.revision)
+        loaded = load_dataset(source, name, revision=revision)
     except Exception as err:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         why = (
@@ -86,9 +85,9 @@ def _from_hub(cfg: Config) -> DatasetDict:
             else f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         )
         raise DataError(
-            f"cannot load dataset '{d.source}'"
-            + (f" (config '{d.name}')" if d.name else "")
-            + (f" at revision '{d.revision}'" if d.revision else "")
+            f"cannot load dataset '{source}'"
+            + (f" (config '{name}')" if name else "")
+            + (f" at revision '{revision}'" if revision else "")
             + f": {why}. Check data.source / data.name / data.revision, or use local files "
             "with data.files.train=... (see the recipe's header comment)."
         ) from None
@@ -118,7 +117,7 @@ def load_raw(cfg: Config) -> DatasetDict:
         if not out:
             raise DataError(f"{d.source} holds no files named {list(wanted.values())} (.jsonl, .csv, ...)")
     elif d.source:
-        hub = _from_hub(cfg)
+        hub = _from_hub(d.source, d.name, d.revision)
         out = {}
         for role, split_name in wanted.items():
             if split_name in hub:
@@ -128,8 +127,23 @@ def load_raw(cfg: Config) -> DatasetDict:
                     f"dataset '{d.source}' has no split '{split_name}' (for {role}); it has "
                     f"{list(hub)}. Set data.splits.{role}=<name> (or null to skip it)."
                 )
+    elif d.split_sources:
+        out = {}
     else:
         raise DataError("no data: set data.source (Hub id or local path) or data.files.<split>=<file>")
+    for role, spec in d.split_sources.items():
+        if role not in SPLITS:
+            raise DataError(f"data.split_sources has unknown split '{role}'; use train, validation, test")
+        if Path(spec.source).is_file():
+            out[role] = read_file(spec.source, d.format, d.column_names)
+            continue
+        hub = _from_hub(spec.source, spec.name, spec.revision)
+        if spec.split not in hub:
+            raise DataError(
+                f"data.split_sources.{role}: dataset '{spec.source}' has no split '{spec.split}'; "
+                f"it has {list(hub)}"
+            )
+        out[role] = hub[spec.split]
 
     if "validation" not in out and d.validation_from_train and "train" in out:
         parts = out["train"].train_test_split(test_size=d.validation_from_train, seed=cfg.seed)

@@ -102,3 +102,16 @@ def test_label_names_from_classlabel_keep_dataset_order():
     features = Features({"text": Value("string"), "label": ClassLabel(names=["entailment", "neutral", "contradiction"])})
     ds = Dataset.from_dict({"text": ["a"], "label": [2]}, features=features)
     assert label_names(DatasetDict({"train": ds}), "label", "train") == ["entailment", "neutral", "contradiction"]
+
+
+def test_split_sources_take_one_split_from_elsewhere(tmp_path):
+    train = jsonl(tmp_path / "train.jsonl", ROWS)
+    other = jsonl(tmp_path / "other.jsonl", ROWS[:3])
+    cfg = cfg_for(tmp_path, train=train)
+    recipe = tmp_path / "r2.yaml"
+    recipe.write_text(
+        f"task: {{family: classification, name: t}}\nstudent: {{model: x}}\n"
+        f"data:\n  files: {{train: {train}}}\n  split_sources:\n    test: {{source: {other}}}\n"
+    )
+    raw = load_raw(load_config(recipe))
+    assert set(raw) == {"train", "test"} and len(raw["test"]) == 3
