@@ -1,0 +1,218 @@
+"""Bad inputs are caught before any training step, with a message naming the problem and the
+fix, and without losing anything already written.
+
+Every case runs `distill.cli.main` against a copy of an output folder that already holds a
+complete teacher stage, and checks: exit status 2, the message, no traceback, no training
+forward, and every file of the earlier run unchanged (no config.yaml written for the failed
+stage either, so the fixed command is not refused as "a different config" afterwards).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForSequenceClassification
+
+import distill.train as train
+from distill.cli import main
+from tests.conftest import minilm_path, save_tiny, tiny_bert_config
+
+LABELS = ["neg", "neu", "pos"]
+WORDS = {"pos": ["bueno", "genial"], "neg": ["malo", "roto"], "neu": ["normal", "regular"]}
+FILLER = "el la un producto servicio llegó hoy ayer muy bastante casa envío".split()
+
+
+def rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        label = rng.choice(LABELS)
+        words = rng.choices(FILLER, k=rng.randint(2, 8)) + [rng.choice(WORDS[label])]
+        out.append({"text": " ".join(words), "label": label})
+    return out
+
+
+def write_jsonl(path: Path, items: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in items))
+    return path
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@dataclass
+class World:
+    root: Path
+    recipe: Path
+    base_run: Path  # holds a complete teacher stage
+    paths: dict[str, Path] = field(default_factory=dict)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_bert_dir, tiny_roberta_dir) -> World:
+    root = tmp_path_factory.mktemp("bad")
+    write_jsonl(root / "train.jsonl", rows(32, 0))
+    write_jsonl(root / "validation.jsonl", rows(8, 1))
+    write_jsonl(root / "test.jsonl", rows(8, 2))
+    (root / "empty.jsonl").write_text("")
+    write_jsonl(root / "unseen.jsonl", rows(7, 3) + [{"text": "muy raro", "label": "mixto"}])
+    (root / "not-a-model").mkdir()
+    (root / "not-a-model" / "config.json").write_text("{}")
+    (root / "a-file").write_text("output_dir must be a folder, this is a file")
+    # "fine-tuned" teachers: one with other label names, one with 2 labels
+    abc = tiny_bert_config(id2label={0: "A", 1: "B", 2: "C"})
+    save_tiny(abc, root / "teacher-abc", minilm_path())
+    recipe = root / "recipe.yaml"
+    recipe.write_text(
+        f"""# bad-input table: distill <stage> recipe.yaml output_dir=... <the case's overrides>
+task: {{family: classification, name: tiny}}
+data:
+  files: {{train: {root}/train.jsonl, validation: {root}/validation.jsonl, test: {root}/test.jsonl}}
+  max_length: 32
+teacher: {{model: {tiny_bert_dir}, epochs: 1}}
+student: {{num_layers: 1}}
+distill: {{ce_weight: 0.0, kd_weight: 1.0, temperature: 2.0}}
+train: {{lr: 1e-3, batch_size: 16, epochs: 1, logging_steps: 1}}
+tracking: {{report_to: []}}
+seed: 1
+"""
+    )
+    (root / "malformed.yaml").write_text("task: {family: classification\ntrain:\n  lr: 1e-3\n   batch_size: 4\n")
+    base = root / "base"
+    assert main(["teacher", str(recipe), f"output_dir={base}"]) == 0
+    paths = {"bert": tiny_bert_dir, "roberta": tiny_roberta_dir}
+    return World(root, recipe, base, paths)
+
+
+@dataclass
+class Case:
+    command: str  # distill <command>
+    overrides: list[str]
+    expect: list[str]  # substrings of the message ({root}, {run} filled in)
+    recipe: Optional[str] = None  # another recipe file under {root}
+    patch: Optional[Callable] = None  # (monkeypatch) -> None
+
+
+def tiny_disk(monkeypatch) -> None:
+    """Every disk reports 1 KB free."""
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1024))
+
+
+CASES = {
+    "malformed-yaml": Case("run", [], ["malformed.yaml: malformed YAML at line 2, column 6"], recipe="malformed.yaml"),
+    "unknown-key": Case("run", ["train.bacth_size=8"], ["unknown key 'train.bacth_size'", "Did you mean 'train.batch_size'?"]),
+    "wrong-type": Case("run", ["train.batch_size=big"], ["bad value for 'train.batch_size'"]),
+    "bad-choice": Case("run", ["distill.kd_loss=kld"], ["distill.kd_loss='kld' is not one of: kl, ce, mse"]),
+    "temperature-zero": Case("run", ["distill.temperature=0"], ["distill.temperature must be > 0, got 0"]),
+    "all-weights-zero": Case("run", ["distill.kd_weight=0"], ["all loss weights are zero", "set at least one > 0"]),
+    "model-path-not-a-model": Case(
+        "student", ["student.num_layers=null", "student.model={root}/not-a-model"],
+        ["cannot load model '{root}/not-a-model'", "exists but is not a loadable model"],
+    ),
+    "hub-id-offline-not-cached": Case(
+        "student", ["student.num_layers=null", "student.model=nobody-here/no-such-model"],
+        ["cannot load model 'nobody-here/no-such-model'", "HF_HUB_OFFLINE is set and it is not in the local cache"],
+    ),
+    "data-file-missing": Case(
+        "student", ["data.files.validation={root}/missing.jsonl"], ["data file not found: {root}/missing.jsonl"]
+    ),
+    "missing-column": Case(
+        "student", ["data.columns.text=sentence"], ["has no column 'sentence'", "data.columns.text=<column>"]
+    ),
+    "empty-split": Case("student", ["data.files.validation={root}/empty.jsonl"], ["split 'validation' is empty"]),
+    "label-unseen-in-training": Case(
+        "student", ["data.files.test={root}/unseen.jsonl"], ["split 'test' has labels never seen in training: ['mixto']"]
+    ),
+    "teacher-label-names-differ": Case(
+        "student", ["teacher.finetuned=true", "teacher.model={root}/teacher-abc"],
+        ["was fine-tuned with labels ['A', 'B', 'C'] but the dataset's are ['neg', 'neu', 'pos']", "the names differ"],
+    ),
+    "teacher-label-count-mismatch": Case(
+        "student", ["teacher.finetuned=true", "teacher.model={bert}"],
+        ["predicts 2 labels ['LABEL_0', 'LABEL_1'] but the dataset has 3", "fine-tuned on the same label set"],
+    ),
+    "tokenizers-cannot-be-aligned": Case(
+        "student", ["student.num_layers=null", "student.model={roberta}", "distill.hidden_weight=1.0"],
+        ["hidden-state distillation needs teacher and student with the same tokenizer"],
+    ),
+    "layer-map-out-of-range": Case(
+        "run", ["distill.hidden_weight=1.0", "distill.layer_map=[7]"],
+        ["distill.layer_map=[7]: teacher layers [7] are out of range 1..2"],
+    ),
+    "student-layers-out-of-range": Case(
+        "student", ["student.num_layers=5"], ["cannot cut the student out of teacher", "cannot take 5 layers out of a 2-layer"],
+    ),
+    "no-finetuned-teacher": Case(
+        "student", ["output_dir={root}/elsewhere"], ["no fine-tuned teacher at {root}/elsewhere/teacher/model", "distill teacher"]
+    ),
+    "output-dir-not-writable": Case(
+        "teacher", ["output_dir={root}/a-file/run"], ["output_dir is not writable", "{root}/a-file/run/teacher"]
+    ),
+    "not-enough-disk-for-cache": Case(
+        "student", ["distill.teacher_outputs=cached"], ["not enough disk space for the teacher cache", "distill.cache_dir"],
+        patch=tiny_disk,
+    ),
+    "overwrite-with-bad-data-deletes-nothing": Case(
+        "teacher", ["overwrite=true", "train.lr=5e-4", "data.files.train={root}/missing.jsonl"],
+        ["data file not found: {root}/missing.jsonl"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_caught_early_and_loses_nothing(name, world, tmp_path, monkeypatch, capsys):
+    case = CASES[name]
+    run = tmp_path / "run"
+    shutil.copytree(world.base_run, run)
+    before = snapshot(run)
+    fill = {"root": str(world.root), "run": str(run), **{k: str(v) for k, v in world.paths.items()}}
+    forwards = {"n": 0}
+    original = train.Trainee.forward
+
+    def counting(self, *args, **kwargs):
+        forwards["n"] += self.training
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(train.Trainee, "forward", counting)
+    if case.patch:
+        case.patch(monkeypatch)
+    recipe = world.root / case.recipe if case.recipe else world.recipe
+    argv = [case.command, str(recipe), f"output_dir={run}", *(o.format(**fill) for o in case.overrides)]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    for text in case.expect:
+        assert text.format(**fill) in err, err
+    assert err.startswith("distill: ") and "Traceback" not in err
+    assert forwards["n"] == 0, "a training step ran before the error"
+    assert snapshot(run) == before, "files of the earlier run were changed, added or removed"
+
+
+def test_the_table_has_enough_cases():
+    assert len(CASES) >= 15
+
+
+def test_teacher_with_another_label_order_is_reordered(tiny_bert_dir):
+    """Same names, other order: the output rows are permuted so logits follow the data's order."""
+    config = tiny_bert_config(id2label={0: "pos", 1: "neg", 2: "neu"})
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    ids = torch.tensor([[101, 2000, 2001, 102]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits[0]  # [3] in the order pos, neg, neu
+    train.align_labels(model, LABELS, "teacher")
+    with torch.no_grad():
+        after = model(input_ids=ids).logits[0]  # [3] in the order neg, neu, pos
+    assert torch.allclose(after, before[[1, 2, 0]])
+    assert model.config.id2label == {0: "neg", 1: "neu", 2: "pos"}
+    assert isinstance(train._output_layer(model, 3), nn.Linear)
