@@ -838,7 +838,7 @@ def run_stage(cfg: Config, stage: str) -> dict[str, dict[str, float]]:
     elif main:
         shutil.rmtree(best_dir, ignore_errors=True)  # left by a run that never checkpointed
 
-    if accelerator.trackers:
+    if accelerator.log_with:  # the trackers named in tracking.report_to (created here)
         run_name = cfg.tracking.run_name or f"{cfg.task.name}-{stage}-{models.short_name(cfg.student.model or 'layers')}"
         accelerator.init_trackers(cfg.tracking.project, config=to_dict(cfg), init_kwargs={"wandb": {"name": run_name}})
     select = tcfg.select_metric or task.metric
