@@ -808,12 +808,11 @@ def run_stage(cfg: Config, stage: str) -> dict[str, dict[str, float]]:
     total_steps = steps_per_epoch * tcfg.epochs
     if tcfg.max_steps > 0:
         total_steps = min(total_steps, tcfg.max_steps)
-    # The prepared scheduler steps once per process at every optimizer step (accelerate's
-    # convention), so its horizon is counted in those sub-steps.
+    # A prepared scheduler steps once per process at every optimizer step (accelerate's
+    # convention), so its horizon is counted in those sub-steps; DeepSpeed's engine steps it once.
+    ticks = 1 if accelerator.distributed_type == DistributedType.DEEPSPEED else accelerator.num_processes
     scheduler = get_linear_schedule_with_warmup(
-        optimizer,
-        int(tcfg.warmup_ratio * total_steps) * accelerator.num_processes,
-        total_steps * accelerator.num_processes,
+        optimizer, int(tcfg.warmup_ratio * total_steps) * ticks, total_steps * ticks
     )
     trainee, optimizer, train_loader, scheduler, *loaders = accelerator.prepare(
         trainee, optimizer, train_loader, scheduler, *eval_loaders.values()
@@ -927,7 +926,8 @@ def run_stage(cfg: Config, stage: str) -> dict[str, dict[str, float]]:
                     if accelerator.sync_gradients and tcfg.max_grad_norm > 0:
                         norm = accelerator.clip_grad_norm_(trainee.parameters(), tcfg.max_grad_norm)
                         # a non-finite gradient would poison the weights, and every later checkpoint
-                        if any_nonfinite(accelerator, torch.as_tensor(norm)):
+                        # (DeepSpeed clips inside its engine and may report no norm)
+                        if norm is not None and any_nonfinite(accelerator, torch.as_tensor(norm)):
                             raise _nonfinite(jlog, state, "gradient norm", terms, batch, norm, ckpt_root)
                     optimizer.step()
                     scheduler.step()

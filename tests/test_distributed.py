@@ -182,3 +182,39 @@ def test_processes_accelerate_does_not_see_are_refused(setup, monkeypatch, capsy
     assert "the launcher started 2 processes but accelerate runs 1" in err and "ACCELERATE_USE_CPU=1" in err
     assert not out.exists()
     shutil.rmtree(out, ignore_errors=True)
+
+
+ACCELERATE_CONFIGS = {
+    "single_gpu_bf16.yaml": "NO",
+    "multi_gpu_ddp.yaml": "MULTI_GPU",
+    "multi_node_ddp.yaml": "MULTI_GPU",
+    "fsdp.yaml": "FSDP",
+    "deepspeed_zero2.yaml": "DEEPSPEED",
+}
+
+
+@pytest.mark.parametrize("name", list(ACCELERATE_CONFIGS))
+def test_shipped_accelerate_configs_are_valid(name):
+    """Each launcher config loads as accelerate's own config class, every nested FSDP/DeepSpeed
+    key is an option `accelerate launch` knows, and the hardware stays out of the recipes."""
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.commands.launch import launch_command_parser
+
+    path = ROOT / "recipes" / "accelerate" / name
+    config = ClusterConfig.from_yaml_file(path)
+    assert config.distributed_type.value == ACCELERATE_CONFIGS[name]
+    assert config.mixed_precision == "bf16"
+    known = {action.dest for action in launch_command_parser()._actions}
+    nested = {**config.fsdp_config, **config.deepspeed_config}
+    assert [k for k in nested if k not in known] == []
+    assert "accelerate launch --config_file recipes/accelerate/" + name in path.read_text()
+    if name == "multi_node_ddp.yaml":
+        assert config.num_machines > 1 and config.main_process_port
+
+
+def test_recipes_hold_no_launcher_settings():
+    """Devices, precision and sharding come from accelerate's config, never from a recipe."""
+    launcher_words = ("mixed_precision", "num_processes", "distributed_type", "fsdp", "deepspeed", "gpu_ids")
+    for recipe in sorted((ROOT / "recipes").glob("*.yaml")):
+        text = "\n".join(line.split("#")[0] for line in recipe.read_text().splitlines())
+        assert not [w for w in launcher_words if w in text], recipe.name
