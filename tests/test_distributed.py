@@ -107,6 +107,8 @@ def test_two_processes_match_one_with_the_same_global_batch(runs):
     assert m2["info"]["processes"] == 2 and m1["info"]["processes"] == 1
     assert m1["info"]["steps"] == m2["info"]["steps"] == 8  # 64 rows / 16 per step x 2 epochs
     for split in ("validation", "test"):
+        print(f"{split}: accuracy {m1[split]['accuracy']} vs {m2[split]['accuracy']}, "
+              f"|loss difference| {abs(m1[split]['loss'] - m2[split]['loss']):.3g}")
         assert m1[split]["accuracy"] == m2[split]["accuracy"]
         assert m1[split]["loss"] == pytest.approx(m2[split]["loss"], abs=TOLERANCE)
     log1 = [json.loads(x) for x in (one / "student" / "log.jsonl").read_text().splitlines()]
@@ -133,6 +135,8 @@ def test_evaluation_counts_every_row_once_and_matches_one_process(runs, setup):
     again = evaluate_checkpoint(cfg, str(two / "student" / "model"))
     saved = json.loads((two / "student" / "metrics.json").read_text())
     for split, rows in (("validation", 25), ("test", 23)):
+        print(f"{split}: same weights, 1 vs 2 processes: |loss difference| "
+              f"{abs(again[split]['loss'] - saved[split]['loss']):.3g}")
         assert again[split]["accuracy"] == saved[split]["accuracy"]
         assert again[split]["loss"] == pytest.approx(saved[split]["loss"], abs=1e-6)
         ids = [json.loads(x)["example_id"] for x in (two / "student" / f"predictions_{split}.jsonl").read_text().splitlines()]

@@ -131,6 +131,7 @@ def test_resume_after_sigterm_matches_uninterrupted(setup, tmp_path, monkeypatch
     assert main(["teacher", str(recipe), f"output_dir={run}"]) == 0
     assert "resuming teacher from" in capsys.readouterr().out
     diff = max_diff(weights(run), weights(reference))
+    print(f"max |weight difference|, resumed ({stop_at}) vs uninterrupted: {diff:.3g}")
     assert diff <= 1e-6, f"resumed weights differ from the uninterrupted run by {diff}"
     ours = json.loads((run / "teacher" / "metrics.json").read_text())
     theirs = json.loads((reference / "teacher" / "metrics.json").read_text())
