@@ -29,7 +29,7 @@ import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -242,19 +242,16 @@ def _output_layer(model: nn.Module, num_labels: int) -> nn.Linear:
     raise StageError(f"cannot find the output layer ({num_labels} outputs) of {type(model).__name__}")
 
 
-def align_labels(model: nn.Module, labels: list[str], name: str) -> None:
-    """Make a fine-tuned model's outputs follow the dataset's label order.
-
-    The names in `config.id2label` are matched to the dataset's; if the order differs, the rows
-    of the output layer are permuted (a teacher trained with another label order would
-    otherwise teach the wrong classes). A different count or different names are an error.
-    """
+def label_order(config: Any, labels: list[str], name: str) -> Optional[list[int]]:
+    """Where each of the dataset's labels sits in a fine-tuned model's outputs (by the names in
+    `config.id2label`): None when the order already matches or the names are generic
+    (LABEL_0, ...); an error for another count or other names."""
     if not labels:
-        return
-    id2label = {int(k): v for k, v in model.config.id2label.items()}
+        return None
+    id2label = {int(k): v for k, v in config.id2label.items()}
     theirs = [id2label[i] for i in range(len(id2label))]
     if theirs == labels:
-        return
+        return None
     if len(theirs) != len(labels):
         raise StageError(
             f"{name} predicts {len(theirs)} labels {theirs[:10]} but the dataset has "
@@ -263,14 +260,28 @@ def align_labels(model: nn.Module, labels: list[str], name: str) -> None:
         )
     if all(v == f"LABEL_{i}" for i, v in enumerate(theirs)):
         log.warning("%s has generic label names; assuming the dataset's order %s", name, labels)
-        return
+        return None
     if sorted(theirs) != sorted(labels):
         raise StageError(
             f"{name} was fine-tuned with labels {theirs} but the dataset's are {labels}: "
             "the names differ, so its outputs cannot be matched to the data. Map the data's "
             "labels to the teacher's names, or fine-tune a teacher on this data."
         )
-    perm = torch.tensor([theirs.index(label) for label in labels])
+    return [theirs.index(label) for label in labels]
+
+
+def align_labels(model: nn.Module, labels: list[str], name: str) -> None:
+    """Make a fine-tuned model's outputs follow the dataset's label order.
+
+    The names in `config.id2label` are matched to the dataset's; if the order differs, the rows
+    of the output layer are permuted (a teacher trained with another label order would
+    otherwise teach the wrong classes). A different count or different names are an error.
+    """
+    order = label_order(model.config, labels, name)
+    if order is None:
+        return
+    theirs = [model.config.id2label[i] for i in range(len(labels))]
+    perm = torch.tensor(order)
     out = _output_layer(model, len(labels))
     with torch.no_grad():
         out.weight.copy_(out.weight[perm])  # [labels, hidden], rows in the dataset's order
@@ -708,6 +719,80 @@ def _nonfinite(
     )
     jlog.write({"step": state.global_step, "error": str(err)})
     return err
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking every stage before the first one trains
+# ---------------------------------------------------------------------------------------------
+
+
+def preflight(cfg: Config, stages: Sequence[str]) -> None:
+    """Check the inputs of every stage about to run, before the first one trains, so that a
+    broken student setting does not surface only after hours of teacher fine-tuning.
+
+    Cheap: data, configs and tokenizers, no weights. A student stage whose teacher is not
+    fine-tuned yet checks against the pretrained teacher, which has the same tokenizer, depth
+    and width (the teacher stage gives it the data's labels). Every stage repeats its full
+    checks when it starts; this only moves the failures earlier.
+    """
+    task = get_task(cfg)
+    load_data(cfg, task)
+    for stage in stages:
+        if stage not in STAGES:
+            raise StageError(f"unknown stage '{stage}' ({', '.join(STAGES)})")
+        if check_stage_dir(cfg, stage) == "complete":
+            continue
+        check_writable(stage_dir(cfg, stage))
+        _check_model_setup(cfg, stage, task)
+
+
+def _check_model_setup(cfg: Config, stage: str, task: Task) -> None:
+    """The model-dependent checks of `build_models`, `bind_tokenizers` and `build_losses`, on
+    configs and tokenizers only."""
+    t, s = cfg.teacher, cfg.student
+    if stage == "teacher":
+        models.load_config(t.model, t.revision, t.trust_remote_code)
+        models.load_tokenizer(t.model, t.revision, t.trust_remote_code)
+        return
+    teacher_config = teacher_tok = None
+    if stage == "student" and t.model:
+        finetuned = t.finetuned or (stage_dir(cfg, "teacher") / "model").exists()
+        src = teacher_source(cfg) if finetuned else t.model
+        revision = t.revision if (t.finetuned or not finetuned) else None
+        teacher_config = models.load_config(src, revision, t.trust_remote_code)
+        if finetuned:
+            label_order(teacher_config, task.labels, f"teacher '{src}'")
+        teacher_tok = models.load_tokenizer(src, revision, t.trust_remote_code)
+    if s.model:
+        student_config = models.load_config(s.model, s.revision, s.trust_remote_code, **dict(s.config_overrides))
+        tokenizer = models.load_tokenizer(s.model, s.revision, s.trust_remote_code)
+    else:
+        student_config = models.load_config(t.model, t.revision, t.trust_remote_code, **dict(s.config_overrides))
+        n = student_config.num_hidden_layers
+        try:
+            layers = list(s.from_teacher_layers) or models.uniform_layers(n, s.num_layers)
+        except ValueError as err:
+            raise StageError(f"cannot cut the student out of teacher '{t.model}' ({n} layers): {err}") from None
+        bad = [i for i in layers if not 0 <= i < n]
+        if bad or sorted(set(layers)) != list(layers):
+            raise StageError(
+                f"cannot cut the student out of teacher '{t.model}' ({n} layers): "
+                f"student.from_teacher_layers={layers} must be increasing, unique and in 0..{n - 1}"
+            )
+        student_config.num_hidden_layers = len(layers)
+        tokenizer = models.load_tokenizer(t.model, t.revision, t.trust_remote_code)
+    bind_tokenizers(cfg, get_task(cfg), tokenizer, teacher_tok)
+    if teacher_config is not None and cfg.distill.hidden_weight > 0:
+        build_losses(cfg, _ConfigOnly(student_config), _ConfigOnly(teacher_config))
+
+
+class _ConfigOnly(nn.Module):
+    """A model stand-in that only has a config (what `build_losses` reads)."""
+
+    def __init__(self, config: Any):
+        super().__init__()
+        self.config = config
 
 
 # ---------------------------------------------------------------------------------------------

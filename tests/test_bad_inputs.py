@@ -216,3 +216,48 @@ def test_teacher_with_another_label_order_is_reordered(tiny_bert_dir):
     assert torch.allclose(after, before[[1, 2, 0]])
     assert model.config.id2label == {0: "neg", 1: "neu", 2: "pos"}
     assert isinstance(train._output_layer(model, 3), nn.Linear)
+
+
+PREFLIGHT_CASES = {
+    "layer-map-out-of-range": (["distill.hidden_weight=1.0", "distill.layer_map=[7]"], "teacher layers [7] are out of range 1..2"),
+    "tokenizers-cannot-be-aligned": (
+        ["student.num_layers=null", "student.model={roberta}", "distill.hidden_weight=1.0"], "needs teacher and student with the same tokenizer"
+    ),
+    "student-not-loadable": (["student.num_layers=null", "student.model={root}/not-a-model"], "exists but is not a loadable model"),
+    "student-layers-out-of-range": (["student.from_teacher_layers=[0,2]", "student.num_layers=null"], "must be increasing, unique and in 0..1"),
+    "student-data-missing-column": (["data.columns.text=sentence"], "has no column 'sentence'"),
+}
+
+
+@pytest.mark.parametrize("name", list(PREFLIGHT_CASES))
+def test_preflight_fails_before_the_teacher_trains(name, world, tmp_path):
+    """`distill run` can check the student's setup before fine-tuning the teacher: against the
+    pretrained teacher, from configs and tokenizers only, writing nothing."""
+    from distill.config import load_config
+    from distill.data import DataError
+    from distill.models import ModelLoadError
+
+    overrides, message = PREFLIGHT_CASES[name]
+    fill = {"root": str(world.root), **{k: str(v) for k, v in world.paths.items()}}
+    run = tmp_path / "fresh"
+    cfg = load_config(world.recipe, [f"output_dir={run}", *(o.format(**fill) for o in overrides)])
+    with pytest.raises((train.StageError, DataError, ModelLoadError)) as info:
+        train.preflight(cfg, ["teacher", "student"])
+    assert message in str(info.value)
+    written = [p for p in run.rglob("*") if p.is_file()]
+    assert written == []
+
+
+def test_preflight_passes_a_good_recipe_and_refuses_a_different_student_config(world, tmp_path):
+    from distill.config import load_config
+
+    run = tmp_path / "run"
+    shutil.copytree(world.base_run, run)
+    (run / "student").mkdir()
+    (run / "student" / "config.yaml").write_text((run / "teacher" / "config.yaml").read_text())
+    good = load_config(world.recipe, [f"output_dir={tmp_path / 'fresh'}"])
+    train.preflight(good, ["teacher", "student", "baseline"])  # no error, no file written
+    assert not [p for p in (tmp_path / "fresh").rglob("*") if p.is_file()]
+    other = load_config(world.recipe, [f"output_dir={run}", "distill.temperature=4.0"])
+    with pytest.raises(train.StageError, match="holds a run with a different config"):
+        train.preflight(other, ["teacher", "student"])
