@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
-import torch
-
-from distill import models
 from distill.config import Config
 from distill.tasks import get_task
 from distill.train import stage_dir
@@ -16,29 +12,20 @@ from distill.train import stage_dir
 LABELS = {"teacher": "teacher (fine-tuned)", "student": "student (distilled)", "baseline": "student (fine-tuned alone)"}
 
 
-@torch.no_grad()
-def cpu_latency_ms(model_dir: Path, model_class, seq: int, runs: int = 10) -> float:
-    """Median latency of one batch-1 forward at length `seq` (random ids, current threads)."""
-    model = model_class.from_pretrained(model_dir).eval()
-    ids = torch.randint(5, model.config.vocab_size - 1, (1, seq))
-    mask = torch.ones_like(ids)
-    for _ in range(3):
-        model(input_ids=ids, attention_mask=mask)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        model(input_ids=ids, attention_mask=mask)
-        times.append(time.perf_counter() - start)
-    return 1000 * sorted(times)[len(times) // 2]
-
-
 def summary_rows(cfg: Config, results: dict[str, dict]) -> list[dict]:
+    """Per stage: headline score, parameters, and CPU latency measured round-robin over the
+    stages' saved models (batch 1, the recipe's max length), so machine load hits all alike."""
+    from distill.bench.latency import measure_interleaved
+
     task = get_task(cfg)
     metric = task.metric
+    stages = list(results)
+    loaded = [task.model_class().from_pretrained(stage_dir(cfg, s) / "model").eval() for s in stages]
+    timings = measure_interleaved([(m, 1, cfg.data.max_length) for m in loaded], warmup=3, runs=15)
     rows = []
-    for stage, res in results.items():
+    for stage, timing in zip(stages, timings):
+        res = results[stage]
         split = "test" if "test" in res else "validation"
-        model_dir = stage_dir(cfg, stage) / "model"
         rows.append(
             {
                 "stage": stage,
@@ -46,7 +33,9 @@ def summary_rows(cfg: Config, results: dict[str, dict]) -> list[dict]:
                 "split": split,
                 "score": res.get(split, {}).get(metric),
                 "parameters": res.get("info", {}).get("parameters"),
-                "latency_ms": cpu_latency_ms(model_dir, task.model_class(), cfg.data.max_length),
+                "latency_ms": timing.median_ms,
+                "latency_iqr_ms": timing.iqr_ms,
+                "threads": timing.threads,
             }
         )
     ref = next((r["latency_ms"] for r in rows if r["stage"] == "teacher"), rows[0]["latency_ms"])
