@@ -208,8 +208,11 @@ def test_measure_interleaved_keeps_cases_apart():
     torch.manual_seed(0)
     small = AutoModel.from_config(TINY_CONFIGS["bert"])
     other = AutoModel.from_config(TINY_CONFIGS["distilbert"])
+    rounds = []
     timings = latency.measure_interleaved([(small, 1, 8), (other, 2, 12), (small, 1, 24)],
-                                          warmup=1, runs=4, threads=1)
+                                          warmup=1, runs=4, threads=1,
+                                          progress=lambda done, total: rounds.append((done, total)))
+    assert rounds == [(i, 5) for i in range(1, 6)]
     assert [(t.batch, t.seq, t.runs, t.threads) for t in timings] == [
         (1, 8, 4, 1), (2, 12, 4, 1), (1, 24, 4, 1)]
     for t in timings:

@@ -171,6 +171,7 @@ def run_bench(
             timings = measure_interleaved(
                 [(model, row["batch"], row["seq"]) for _, model, row in cases], warmup=warmup,
                 runs=runs, threads=threads, device=device, seed=seed,
+                progress=lambda done, total: print(f"  round {done}/{total}", file=log, flush=True),
             )
         except ValueError as err:
             raise BenchError(str(err)) from err
@@ -266,7 +267,8 @@ def plot_latency(rows: list[dict[str, Any]], path: Path) -> bool:
     ax.set_xlabel("sequence length (tokens)")
     ax.set_ylabel(f"median latency, batch {batch} (ms)")
     ax.set_yscale("log")
-    ax.set_title(f"{timed[0]['device_name']}, {timed[0]['threads']} threads")
+    threads = timed[0]["threads"]
+    ax.set_title(f"{timed[0]['device_name']}, {threads} thread{'' if threads == 1 else 's'}")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -331,7 +333,8 @@ def backends_table(results: dict[str, list[Any]]) -> str:
             note = r.reason if not r.available else "; ".join(r.notes)
             cells = [model, r.backend, _fmt(t.median_ms if t else None, 3),
                      _fmt(t.iqr_ms if t else None, 3), _fmt(speed), _fmt(r.size_mb, 1),
-                     _fmt(r.accuracy, 4), _fmt(r.agreement, 4), _fmt(r.max_logit_diff, 4),
+                     _fmt(r.accuracy, 4), _fmt(r.agreement, 4),
+                     "–" if r.max_logit_diff is None else f"{r.max_logit_diff:.1e}",
                      _fmt(r.setup_s, 1), note.replace("|", "/")]
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"

@@ -200,20 +200,26 @@ def measure(
 def measure_interleaved(
     cases: list[tuple[nn.Module, int, int]], *, warmup: int = 10, runs: int = 100,
     threads: int | None = None, device: str = "cpu", seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[Timing]:
     """Like `measure` for many (model, batch, seq) cases, timed round-robin: run i of every case
     before run i+1 of any, so a shared machine's changing load hits all cases alike and their
-    ratios stay fair. Each forward then starts with the other models' weights in cache."""
+    ratios stay fair. Each forward then starts with the other models' weights in cache.
+    `progress(done, total)` is called after every round, warm-up included."""
     prepared = [_forward(model, batch, seq, device, seed) for model, batch, seq in cases]
     sync = synchronizer(device)
     seconds: list[list[float]] = [[] for _ in cases]
     with fixed_threads(threads) as used, torch.inference_mode():
-        for _ in range(warmup):
+        for done in range(1, warmup + 1):
             for fn, _dtype in prepared:
                 fn()
-        for _ in range(runs):
+            if progress:
+                progress(done, warmup + runs)
+        for done in range(warmup + 1, warmup + runs + 1):
             for i, (fn, _dtype) in enumerate(prepared):
                 seconds[i] += time_calls(fn, 0, 1, sync)
+            if progress:
+                progress(done, warmup + runs)
     name = device_name(device)
     return [
         summarize(s, batch=batch, seq=seq, warmup=warmup, threads=used,
