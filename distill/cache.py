@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader
 from distill import models
 from distill.config import Config
 from distill.losses import uniform_layer_map
-from distill.sampling import LengthGroupedBatchSampler
+from distill.sampling import sorted_batches
 from distill.tasks.base import Task
 from distill.train import StageError
 
@@ -396,8 +396,8 @@ def build_cache(
 ) -> Path:
     """Run the teacher over `features` once and write the cache folder `path` (atomically).
 
-    Every process computes the features i with i % num_processes == rank (length-sorted, in
-    batches of `batch_size`) into its own shard; the main process merges the shards into one
+    Every process computes the features i with i % num_processes == rank (longest first, in
+    batches of up to `batch_size` that stay nearly free of padding) into its own shard; the main process merges the shards into one
     dataset ordered by feature_id, checks that every feature is there exactly once, writes
     metadata.json and renames the folder into place. Called on every process.
     """
@@ -442,8 +442,7 @@ def build_cache(
     rank, world = accelerator.process_index, accelerator.num_processes
     indices = list(range(rank, len(features), world))
     shard = features.select(indices)
-    sampler = LengthGroupedBatchSampler(shard["length"], batch_size, shuffle=False, group_by_length=True)
-    loader = DataLoader(shard, batch_sampler=sampler, collate_fn=task.collate)
+    loader = DataLoader(shard, batch_sampler=sorted_batches(shard["length"], batch_size), collate_fn=task.collate)
     schema = _features_schema(specs)
     clamped = rows = 0
     writer = ArrowWriter(features=schema, path=str(_shard_file(tmp, rank)))

@@ -94,6 +94,39 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
 
+def sorted_batches(lengths: Sequence[int], max_batch: int, min_fill: float = 0.95) -> list[list[int]]:
+    """Longest-first batches of at most `max_batch` examples for inference passes.
+
+    A batch also closes before its padding would push its fill (real / processed tokens)
+    below `min_fill`: a fixed count of consecutive length-sorted rows spans a wide range of
+    lengths on a small or long-tailed set (the first batch of 128 rows of 256 pads most of
+    them to the longest), while big sets still get full batches.
+    """
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    if not 0.0 <= min_fill <= 1.0:
+        raise ValueError(f"min_fill must be in [0, 1], got {min_fill}")
+    lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)  # [examples]
+    order = np.argsort(-lengths, kind="stable")
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = real = 0
+    for i in order.tolist():
+        length = int(lengths[i])
+        if current and (
+            len(current) == max_batch or (real + length) < min_fill * longest * (len(current) + 1)
+        ):
+            batches.append(current)
+            current, real = [], 0
+        if not current:
+            longest = length
+        current.append(i)
+        real += length
+    if current:
+        batches.append(current)
+    return batches
+
+
 def padding_ratio(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> float:
     """Real tokens / processed tokens when every batch pads to its longest member."""
     lengths = np.asarray(lengths)

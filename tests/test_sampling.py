@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from distill.sampling import LengthGroupedBatchSampler, padding_ratio
+from distill.sampling import LengthGroupedBatchSampler, padding_ratio, sorted_batches
 
 
 def long_tailed_lengths(n: int, seed: int = 0) -> list[int]:
@@ -129,3 +129,25 @@ def test_accelerate_sharding_over_two_processes_covers_every_example(n):
         seen = Counter(flat(shards[0]) + flat(shards[1]))
         assert set(seen) == set(range(n))  # nobody's batch was skipped
         assert sum(seen.values()) - n < 2 * 8  # only the padding that evens out the last step
+
+
+def test_sorted_batches_cover_everything_longest_first_with_little_padding():
+    batches = sorted_batches(LENGTHS, max_batch=128, min_fill=0.95)
+    assert sorted(flat(batches)) == list(range(len(LENGTHS)))
+    assert all(1 <= len(b) <= 128 for b in batches)
+    maxima = [max(LENGTHS[i] for i in b) for b in batches]
+    assert maxima == sorted(maxima, reverse=True)
+    assert all(padding_ratio(LENGTHS, [b]) >= 0.95 for b in batches)
+    # a plain cut of the sorted order into 128s pads far more on these 1000 long-tailed lengths
+    order = sorted(range(len(LENGTHS)), key=lambda i: -LENGTHS[i])
+    plain = [order[i : i + 128] for i in range(0, len(order), 128)]
+    assert padding_ratio(LENGTHS, plain) < 0.9 < padding_ratio(LENGTHS, batches)
+
+
+def test_sorted_batches_are_full_when_lengths_repeat():
+    lengths = [50] * 300 + [20] * 100  # many rows per length: nothing to gain from smaller batches
+    batches = sorted_batches(lengths, max_batch=64)
+    assert [len(b) for b in batches] == [64, 64, 64, 64, 48, 64, 32]  # 4 short rows fit in the 5th
+    assert sorted_batches([], 8) == []
+    with pytest.raises(ValueError, match="max_batch"):
+        sorted_batches(lengths, 0)
