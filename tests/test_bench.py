@@ -160,6 +160,8 @@ def test_resolve_shape_catalog_and_missing(monkeypatch, tiny_bert_dir):
     assert (m.source, m.config.hidden_size) == ("local", 32)
     with pytest.raises(shapes.ModelNotFound, match="shape name"):
         shapes.resolve_model("nobody/no-such-model")
+    with pytest.raises(KeyError, match="1 <= N <= 12"):
+        shapes.resolve_model("albeto-base-13")
 
 
 # --- latency -------------------------------------------------------------------------------------

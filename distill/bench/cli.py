@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --- rows ------------------------------------------------------------------------------------------
 def count_params(config: Any) -> int:
-    """Parameters of the bare encoder (`AutoModel`) of `config`, built on the meta device (no memory)."""
+    """Parameters of the bare encoder (`AutoModel`) of `config`, built on the meta device."""
     from transformers import AutoModel
 
     with torch.device("meta"):
@@ -95,6 +95,7 @@ def build_model(config: Any, dtype: str, seed: int) -> torch.nn.Module:
 
 
 def analytic_row(m: BenchModel, params: int, batch: int, seq: int) -> dict[str, Any]:
+    """A result row with the counts filled in (no MAC columns for unsupported architectures)."""
     row: dict[str, Any] = {
         "model": m.name, "source": m.source, "origin": m.origin,
         "model_type": getattr(m.config, "model_type", ""), "params": params, "batch": batch, "seq": seq,

@@ -177,7 +177,7 @@ def _catalog(name: str) -> tuple[str, dict[str, Any]] | None:
 def resolve_model(name: str) -> BenchModel:
     """Shape name -> its config; catalog name -> hub config (offline: the matching shape);
     local folder or hub id -> its config. Weights are never needed: bench uses random ones."""
-    if is_shape(name):
+    if is_shape(name) or _BASE_N.match(name):  # base-N out of range: shape_config says why
         return BenchModel(name, shape_config(name), "shape", shape_hub_id(name))
     entry = _catalog(name)
     if entry is not None:
