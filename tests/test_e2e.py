@@ -1,9 +1,9 @@
 """End to end: `distill run` (teacher -> student -> baseline) on tiny models and a learnable task.
 
 The synthetic task: each text holds filler words and one keyword of its class. The teacher (the
-real pretrained MiniLM) learns it from gold labels; the student, a tiny randomly initialised
-ALBERT, sees no gold label at all (ce_weight=0, KL only) and must still end up agreeing with the
-teacher.
+real pretrained MiniLM) learns it from gold labels; the student, one layer cut from the
+pretrained MiniLM with a fresh head, sees no gold label at all (ce_weight=0, KL only) and must
+still end up agreeing with the teacher.
 """
 
 import json
@@ -12,10 +12,11 @@ import random
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AlbertConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from distill import models
 from distill.cli import main
-from tests.conftest import copy_tokenizer, minilm_path
+from tests.conftest import minilm_path
 
 KEYWORDS = {"rojo": ["red", "fire", "blood"], "verde": ["green", "grass", "forest"], "azul": ["blue", "sea", "sky"]}
 FILLER = "the a house dog cat run walk big small old new good day night water book city table".split()
@@ -41,14 +42,6 @@ def run_dir(tmp_path_factory, minilm_dir):
     root = tmp_path_factory.mktemp("e2e")
     for split, n, seed in (("train", 384, 0), ("validation", 90, 1), ("test", 150, 2)):
         write_jsonl(root / f"{split}.jsonl", make_rows(n, seed))
-    # an untrained ALBERT-shaped student (shared layer), sharing the teacher's tokenizer
-    student_dir = root / "tiny-albert"
-    torch.manual_seed(1)
-    AutoModelForSequenceClassification.from_config(
-        AlbertConfig(vocab_size=30522, embedding_size=16, hidden_size=32, num_hidden_layers=2,
-                     num_attention_heads=2, intermediate_size=64)
-    ).save_pretrained(student_dir)
-    copy_tokenizer(minilm_path(), student_dir)
     recipe = root / "recipe.yaml"
     recipe.write_text(
         f"""# tiny end-to-end run
@@ -59,9 +52,9 @@ data:
   columns: {{text: sentence, label: color}}
   max_length: 24
 teacher: {{model: {minilm_dir}, lr: 2e-4, epochs: 2}}
-student: {{model: {student_dir}}}
+student: {{num_layers: 1}}
 distill: {{ce_weight: 0.0, kd_weight: 1.0, kd_loss: kl, temperature: 2.0, hidden_weight: 0.0}}
-train: {{lr: 1e-3, batch_size: 32, epochs: 10, warmup_ratio: 0.0, logging_steps: 5}}
+train: {{lr: 5e-4, batch_size: 32, epochs: 6, warmup_ratio: 0.0, logging_steps: 5}}
 run: {{baseline: true}}
 tracking: {{report_to: []}}
 output_dir: {root}/run
@@ -106,7 +99,9 @@ def test_student_model_holds_only_the_student(run_dir):
     path = run_dir / "run/student/model/model.safetensors"
     with safe_open(str(path), "pt") as f:
         keys = list(f.keys())
-    assert keys and all(k.startswith(("albert.", "classifier.")) for k in keys), keys[:5]
+    assert keys and all(k.startswith(("bert.", "classifier.")) for k in keys), keys[:5]
+    layers = {k.split(".")[3] for k in keys if k.startswith("bert.encoder.layer.")}
+    assert layers == {"0"}  # the one kept layer, no teacher tensors
 
 
 @pytest.mark.slow
@@ -121,10 +116,10 @@ def test_kd_alone_transfers_the_teacher(run_dir):
     teacher, student = preds("teacher"), preds("student")
     agreement = sum(a == b for a, b in zip(teacher, student)) / len(teacher)
 
-    untrained = AutoModelForSequenceClassification.from_pretrained(
-        run_dir / "tiny-albert", num_labels=3, ignore_mismatched_sizes=True
-    ).eval()
-    tok = AutoTokenizer.from_pretrained(run_dir / "tiny-albert")
+    torch.manual_seed(0)
+    base = models.load_model(str(minilm_path()), AutoModelForSequenceClassification, new_head=True, num_labels=3)
+    untrained = models.student_from_teacher(base, models.uniform_layers(6, 1)).eval()
+    tok = AutoTokenizer.from_pretrained(minilm_path())
     texts = [json.loads(line)["sentence"] for line in (run_dir / "test.jsonl").read_text().splitlines()]
     labels = json.loads((run / "teacher/model/config.json").read_text())["id2label"]
     with torch.no_grad():
