@@ -705,13 +705,17 @@ def any_nonfinite(accelerator: Accelerator, value: torch.Tensor) -> bool:
 
 
 def _nonfinite(
-    jlog: JsonlLog, state: LoopState, what: str, terms: dict, batch: dict, value: torch.Tensor, ckpt_root: Path
+    accelerator: Accelerator, jlog: JsonlLog, state: LoopState, what: str, terms: dict, batch: dict,
+    value: torch.Tensor, ckpt_root: Path,
 ) -> NonFiniteLoss:
-    """The error for a NaN/inf loss or gradient: step, loss terms, the batch's example ids."""
+    """The error for a NaN/inf loss or gradient: step, loss terms, the batch's example ids (of
+    this process's batch: with several processes, the one whose value is not finite names the
+    rows that caused it)."""
     latest = latest_checkpoint(ckpt_root)
     values = {k: float(v.detach()) for k, v in terms.items()}
+    where = f" on process {accelerator.process_index}" if accelerator.num_processes > 1 else ""
     err = NonFiniteLoss(
-        f"non-finite {what} ({float(value)}) at step {state.global_step + 1} (epoch {state.epoch}, "
+        f"non-finite {what} ({float(value)}{where}) at step {state.global_step + 1} (epoch {state.epoch}, "
         f"batch {state.batches_done} of the epoch): loss terms {values}, batch example_ids "
         f"{batch['example_id'].tolist()}. "
         + (f"The last good checkpoint is kept: {latest}. " if latest else "No checkpoint was saved yet. ")
@@ -719,7 +723,6 @@ def _nonfinite(
     )
     jlog.write({"step": state.global_step, "error": str(err)})
     return err
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -912,13 +915,14 @@ def run_stage(cfg: Config, stage: str) -> dict[str, dict[str, float]]:
     jlog = JsonlLog(out / "log.jsonl", main)
     if latest is not None:
         state = resume_from(accelerator, latest, best_dir)
-        jlog.rewind(state.global_step)
-        if main:
-            print(
-                f"[distill] resuming {stage} from {latest} (epoch {state.epoch}, batch "
-                f"{state.batches_done}, step {state.global_step})",
-                flush=True,
-            )
+    if status == "resume":
+        jlog.rewind(state.global_step)  # the steps after the checkpoint are logged again
+    if latest is not None and main:
+        print(
+            f"[distill] resuming {stage} from {latest} (epoch {state.epoch}, batch "
+            f"{state.batches_done}, step {state.global_step})",
+            flush=True,
+        )
     elif main:
         shutil.rmtree(best_dir, ignore_errors=True)  # left by a run that never checkpointed
 
@@ -1006,14 +1010,14 @@ def run_stage(cfg: Config, stage: str) -> dict[str, dict[str, float]]:
                     loss = sum(weights[k] * v for k, v in terms.items())
                     # one scalar sync per batch: a NaN stops the run at the batch that made it
                     if any_nonfinite(accelerator, loss):
-                        raise _nonfinite(jlog, state, "loss", terms, batch, loss, ckpt_root)
+                        raise _nonfinite(accelerator, jlog, state, "loss", terms, batch, loss, ckpt_root)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and tcfg.max_grad_norm > 0:
                         norm = accelerator.clip_grad_norm_(trainee.parameters(), tcfg.max_grad_norm)
                         # a non-finite gradient would poison the weights, and every later checkpoint
                         # (DeepSpeed clips inside its engine and may report no norm)
                         if norm is not None and any_nonfinite(accelerator, torch.as_tensor(norm)):
-                            raise _nonfinite(jlog, state, "gradient norm", terms, batch, norm, ckpt_root)
+                            raise _nonfinite(accelerator, jlog, state, "gradient norm", terms, batch, norm, ckpt_root)
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad()
