@@ -715,7 +715,7 @@ def _nonfinite(
     values = {k: float(v.detach()) for k, v in terms.items()}
     where = f" on process {accelerator.process_index}" if accelerator.num_processes > 1 else ""
     err = NonFiniteLoss(
-        f"non-finite {what} ({float(value)}{where}) at step {state.global_step + 1} (epoch {state.epoch}, "
+        f"non-finite {what} ({float(torch.as_tensor(value).detach())}{where}) at step {state.global_step + 1} (epoch {state.epoch}, "
         f"batch {state.batches_done} of the epoch): loss terms {values}, batch example_ids "
         f"{batch['example_id'].tolist()}. "
         + (f"The last good checkpoint is kept: {latest}. " if latest else "No checkpoint was saved yet. ")
