@@ -302,6 +302,19 @@ def validate(cfg: Config) -> None:
         "train.keep_checkpoints": t.keep_checkpoints >= 1,
         "data.max_length": cfg.data.max_length > 8,
         "data.doc_stride": cfg.task.family == "classification" or 0 < cfg.data.doc_stride < cfg.data.max_length,
+        # counts the loop divides by or compares with: a bad one would fail only mid-training
+        "train.logging_steps": t.logging_steps >= 1,
+        "train.eval_steps": t.eval_steps >= 0,
+        "train.checkpoint_steps": t.checkpoint_steps >= 0,
+        "train.patience": t.patience >= 0,
+        "train.max_grad_norm": t.max_grad_norm >= 0,
+        "train.weight_decay": t.weight_decay >= 0,
+        "train.eval_batch_size": t.eval_batch_size is None or t.eval_batch_size > 0,
+        "teacher.lr": cfg.teacher.lr is None or cfg.teacher.lr > 0,
+        "teacher.batch_size": cfg.teacher.batch_size is None or cfg.teacher.batch_size > 0,
+        "teacher.epochs": cfg.teacher.epochs is None or cfg.teacher.epochs > 0,
+        "student.num_layers": cfg.student.num_layers is None or cfg.student.num_layers >= 1,
+        "distill.layer_map": all(j >= 1 for j in d.layer_map),  # teacher layers count from 1
     }
     for key, ok in checks.items():
         if not ok:

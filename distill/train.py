@@ -205,16 +205,9 @@ def _link_tree(src: Path, dst: Path) -> None:
 
 
 def same_tokenizer(a: Any, b: Any) -> bool:
-    """Two fast tokenizers that produce identical ids for every text: same normalizer,
-    pre-tokenizer, model and special tokens (the truncation/padding a fast tokenizer keeps from
-    its last call is state, not identity, and is ignored)."""
-    specs = []
-    for tok in (a, b):
-        spec = json.loads(tok.backend_tokenizer.to_str())
-        spec.pop("truncation", None)
-        spec.pop("padding", None)
-        specs.append(spec)
-    return specs[0] == specs[1]
+    """Two tokenizers that produce identical ids for every text (the one identity the tasks and
+    the teacher cache use too)."""
+    return models.same_tokenizer(a, b)
 
 
 def teacher_source(cfg: Config) -> str:

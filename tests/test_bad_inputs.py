@@ -114,6 +114,7 @@ CASES = {
     "wrong-type": Case("run", ["train.batch_size=big"], ["bad value for 'train.batch_size'"]),
     "bad-choice": Case("run", ["distill.kd_loss=kld"], ["distill.kd_loss='kld' is not one of: kl, ce, mse"]),
     "temperature-zero": Case("run", ["distill.temperature=0"], ["distill.temperature must be > 0, got 0"]),
+    "logging-steps-zero": Case("run", ["train.logging_steps=0"], ["train.logging_steps=0 is out of range"]),
     "all-weights-zero": Case("run", ["distill.kd_weight=0"], ["all loss weights are zero", "set at least one > 0"]),
     "model-path-not-a-model": Case(
         "student", ["student.num_layers=null", "student.model={root}/not-a-model"],
