@@ -64,7 +64,8 @@ KNOWN_LENGTHS = {
     "start_logits": "length",
     "end_logits": "length",
 }
-# Free space required beyond the estimate: shards and the merged copy coexist while merging.
+# Free space required, as a multiple of the estimate: shards and the merged copy coexist while
+# merging.
 SPACE_FACTOR = 2.0
 
 

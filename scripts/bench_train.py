@@ -668,7 +668,7 @@ def markdown(r: dict) -> str:
         "|---|---:|---:|",
         f"| plain inference pass (training batches, inference mode), best of {len(c['inference_s'])} | "
         f"{min(c['inference_s']):.2f} | {min(c['inference_cpu_s']):.2f} |",
-        f"| cache build (key + length-sorted pass at batch {c['build_batch_size']} + write + merge), best of "
+        f"| cache build (key + longest-first pass, batches up to {c['build_batch_size']} + write + merge), best of "
         f"{len(c['build_s'])} | {min(c['build_s']):.2f} | {min(c['build_cpu_s']):.2f} |",
         f"| cache reuse (key + open) | {c['reuse_s']:.2f} | |",
         f"| cache reads during one epoch | {c['reads_per_epoch_s']:.3f} | |",
