@@ -70,8 +70,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def run_stages(cfg, stages: list[str]) -> dict[str, dict]:
-    from distill.train import run_stage
+    from distill.train import preflight, run_stage
 
+    preflight(cfg, stages)  # every stage's checks before the first one trains
     return {stage: run_stage(cfg, stage) for stage in stages}
 
 
@@ -91,14 +92,18 @@ def cmd_eval(cfg) -> int:
     if not cfg.checkpoint:
         raise ConfigError("distill eval needs checkpoint=PATH (a saved model folder, e.g. runs/x/student/model)")
     results = evaluate_checkpoint(cfg, cfg.checkpoint)
-    print(json.dumps(results, indent=2))
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(json.dumps(results, indent=2))
     return 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
-    for noisy in ("httpx", "urllib3", "datasets", "filelock", "accelerate.utils.other"):
+    for noisy in ("httpx", "urllib3", "datasets", "filelock", "accelerate.utils.other",
+                  "accelerate.checkpointing", "accelerate.accelerator"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     import transformers
 
