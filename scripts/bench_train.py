@@ -2,15 +2,18 @@
 """Training-speed benchmark: what distillation costs next to plain fine-tuning of the student.
 
 One run, one data set, one student init and one batch order (length-grouped, seed 0, epoch 0)
-for every mode; each mode runs in its own process (so peak memory is its own), one after the
-other:
+for every mode:
 
   plain     the student fine-tuned alone (gold labels): the floor distillation cannot beat
   trainer   KD with the teacher online, as a `transformers.Trainer` subclass overriding
             `compute_loss` does it (written below the way users write it)
-  online    our loop with the teacher online (`train.OnlineTeacher`)
-  cached    our loop reading the teacher cache (`distill.cache`), teacher not resident
+  online    our loop's step with the teacher online (`train.OnlineTeacher`)
+  cached    our loop's step reading the teacher cache (`distill.cache`)
   build     the cache build on its own, next to one plain teacher inference pass
+
+Each group runs in its own process, one after the other: build; plain, cached and online
+interleaved batch by batch (so that all three see the same machine load); peak memory of plain
+and of cached training (teacher not resident), one process each; the Trainer.
 
 plus the padding ratio (real / processed tokens) with and without length grouping, on lengths
 drawn like XNLI sentence pairs (long-tailed; median ~45 tokens, truncated at 128).
@@ -19,9 +22,10 @@ Shapes: a BETO-shaped teacher (BERT 12 x 768, vocab 31002) and an ALBETO-tiny-sh
 (ALBERT 4 x 312, embeddings 128, vocab 31000, one shared layer), random weights, max length 128;
 token ids are drawn below 31000 so both models read the same inputs.
 
-    python scripts/bench_train.py --out docs/training-speed.json --markdown docs/training-speed-table.md
+    python scripts/bench_train.py --out results.json --markdown table.md
 
-takes about 5-8 minutes on 2 CPU cores with the defaults (256 examples, batch 32).
+takes about 6-10 minutes on 2 CPU cores with the defaults (256 examples, batch 32). On a machine
+shared with other jobs, add `--threads 1`: timings then measure the work, not the contention.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
@@ -222,34 +226,40 @@ class OurLoop:
         )
         self.trainee.train()
 
-    def epoch(self, max_batches: Optional[int] = None) -> tuple[float, float]:
-        """(wall, CPU) seconds for one pass over epoch 0's batches (the same batches every call)."""
-        acc, task = self.accelerator, self.task
+    def batches(self) -> list[dict]:
+        """Epoch 0's collated batches (the same every call)."""
         self.loader.set_epoch(0)  # the prepared loader would otherwise count epochs itself
+        return list(self.loader)
+
+    def step(self, batch: dict) -> None:
+        acc, task = self.accelerator, self.task
+        with acc.accumulate(self.trainee):
+            teacher_targets = None
+            if self.teacher_fn is not None:
+                teacher_targets, _ = self.teacher_fn(batch)
+            outputs, _ = self.trainee(task.model_inputs(batch))
+            terms = {}
+            if "ce" in self.weights:
+                terms["ce"] = outputs.loss
+            if self.kd_loss is not None:
+                pairs = task.kd_pairs(task.kd_targets(outputs, batch, teacher=False), teacher_targets, batch)
+                terms["kd"] = self.kd_loss(pairs)
+            loss = sum(self.weights[k] * v for k, v in terms.items())
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"non-finite loss {terms}")
+            acc.backward(loss)
+            if acc.sync_gradients:
+                acc.clip_grad_norm_(self.trainee.parameters(), 1.0)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad()
+
+    def epoch(self) -> tuple[float, float]:
+        """(wall, CPU) seconds for one pass over epoch 0's batches, loading included."""
+        self.loader.set_epoch(0)
         start, cpu = time.perf_counter(), time.process_time()
-        for i, batch in enumerate(self.loader):
-            if max_batches is not None and i >= max_batches:
-                break
-            with acc.accumulate(self.trainee):
-                teacher_targets = None
-                if self.teacher_fn is not None:
-                    teacher_targets, _ = self.teacher_fn(batch)
-                outputs, _ = self.trainee(task.model_inputs(batch))
-                terms = {}
-                if "ce" in self.weights:
-                    terms["ce"] = outputs.loss
-                if self.kd_loss is not None:
-                    pairs = task.kd_pairs(task.kd_targets(outputs, batch, teacher=False), teacher_targets, batch)
-                    terms["kd"] = self.kd_loss(pairs)
-                loss = sum(self.weights[k] * v for k, v in terms.items())
-                if not torch.isfinite(loss):
-                    raise RuntimeError(f"non-finite loss {terms}")
-                acc.backward(loss)
-                if acc.sync_gradients:
-                    acc.clip_grad_norm_(self.trainee.parameters(), 1.0)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad()
+        for batch in self.loader:
+            self.step(batch)
         return time.perf_counter() - start, time.process_time() - cpu
 
 
@@ -337,28 +347,31 @@ def worker_build(workdir: Path, args: argparse.Namespace) -> dict:
     accelerator = Accelerator(cpu=True)
     teacher = teacher_model()
     results: dict[str, Any] = {"inference_s": [], "build_s": [], "inference_cpu_s": [], "build_cpu_s": []}
-    cfg = make_cfg(workdir, args, workdir / "cache")
-    task = make_task(cfg)
+    task = make_task(make_cfg(workdir, args, workdir / "cache"))
     batches = list(loader(task, features, args))
     with torch.inference_mode():
         teacher(**task.model_inputs(batches[0], teacher=True))  # warm-up: first-call setup
 
-    for r in range(args.build_repeats):
-        start, cpu = time.perf_counter(), time.process_time()
+    def inference_pass() -> None:
         with torch.inference_mode():
             for batch in batches:
                 teacher(**task.model_inputs(batch, teacher=True))
-        results["inference_s"].append(time.perf_counter() - start)
-        results["inference_cpu_s"].append(time.process_time() - cpu)
 
+    def build(r: int) -> None:  # into a fresh folder each time
         cfg = make_cfg(workdir, args, workdir / f"cache-{r}")
-        start, cpu = time.perf_counter(), time.process_time()
         fn = cache.teacher_outputs(cfg, task, teacher, features, accelerator, hidden=False)
-        results["build_s"].append(time.perf_counter() - start)
-        results["build_cpu_s"].append(time.process_time() - cpu)
         results["cache_path"] = str(fn.cache.path)
         results["cache_bytes"] = fn.cache.metadata["bytes"]
         results["cache_batch_size"] = fn.cache.metadata["batch_size"]
+
+    for r in range(args.build_repeats):  # interleaved, the order alternating: A B, B A, ...
+        runs = [("inference", inference_pass), ("build", lambda: build(r))]
+        for name, run in runs if r % 2 == 0 else runs[::-1]:
+            start, cpu = time.perf_counter(), time.process_time()
+            run()
+            results[f"{name}_s"].append(time.perf_counter() - start)
+            results[f"{name}_cpu_s"].append(time.process_time() - cpu)
+    cfg = make_cfg(workdir, args, Path(results["cache_path"]).parent)
     start = time.perf_counter()
     again = cache.teacher_outputs(cfg, task, teacher, features, accelerator, hidden=False)
     results["reuse_s"] = time.perf_counter() - start  # key (teacher + data hashes) and open
@@ -367,34 +380,48 @@ def worker_build(workdir: Path, args: argparse.Namespace) -> dict:
 
 
 def worker_students(workdir: Path, args: argparse.Namespace) -> dict:
-    """Plain fine-tuning and cached KD epochs, interleaved in one process so that both see the
-    same machine load; the teacher is never loaded here."""
+    """Plain fine-tuning, cached KD and our online KD, interleaved batch by batch in one process
+    (the order rotating every batch) so that all three see the same machine load; a mode's
+    epoch time is the sum of its steps over epoch 0's batches (collation, shared, excluded)."""
+    from accelerate import Accelerator
+
     from distill import cache
+    from distill.train import OnlineTeacher
 
     features = open_features(workdir)
     cfg = make_cfg(workdir, args, workdir / "cache")
     task = make_task(cfg)
     stored = cache.TeacherCache(args.cache_path)
+    online = OnlineTeacher(teacher_model(), task, Accelerator(cpu=True), hidden=False)
     loops = {
         "plain": OurLoop(cfg, task, student_model(), features, args),
         "cached": OurLoop(cfg, task, student_model(), features, args, cache.CachedTeacher(stored, torch.device("cpu"))),
+        "online": OurLoop(cfg, task, student_model(), features, args, online),
     }
-    for loop in loops.values():
-        loop.epoch(max_batches=2)  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in loops}
+    batches = loops["plain"].batches()
+    for loop in loops.values():  # warm-up: first-call setup of every model
+        for batch in batches[:2]:
+            loop.step(batch)
+    wall: dict[str, list[float]] = {name: [] for name in loops}
     cpu: dict[str, list[float]] = {name: [] for name in loops}
     for r in range(args.repeats):
-        order = ["plain", "cached"] if r % 2 == 0 else ["cached", "plain"]
-        for name in order:
-            wall, used = loops[name].epoch()
-            times[name].append(wall)
-            cpu[name].append(used)
+        modes = [m for m in loops if m != "online" or r < args.online_repeats]
+        spent = {m: [0.0, 0.0] for m in modes}
+        for i, batch in enumerate(batches):
+            k = (i + r) % len(modes)
+            for m in modes[k:] + modes[:k]:
+                start, used = time.perf_counter(), time.process_time()
+                loops[m].step(batch)
+                spent[m][0] += time.perf_counter() - start
+                spent[m][1] += time.process_time() - used
+        for m, (w, c) in spent.items():
+            wall[m].append(w)
+            cpu[m].append(c)
     # what the cache lookup itself costs per epoch (reads + padding + tensors)
     start = time.perf_counter()
-    reader = loops["cached"].teacher_fn
-    for batch in loops["cached"].loader:
-        reader(batch)
-    return {"epoch_s": times, "epoch_cpu_s": cpu, "cache_reads_s": time.perf_counter() - start}
+    for batch in batches:
+        loops["cached"].teacher_fn(batch)
+    return {"epoch_s": wall, "epoch_cpu_s": cpu, "cache_reads_s": time.perf_counter() - start}
 
 
 def worker_memory(workdir: Path, args: argparse.Namespace) -> dict:
@@ -421,22 +448,6 @@ def worker_memory(workdir: Path, args: argparse.Namespace) -> dict:
     return {"peak_rss_mb": peak_rss_mb(), "epoch_s": seconds, "peak_reset": supported}
 
 
-def worker_online(workdir: Path, args: argparse.Namespace) -> dict:
-    """Our loop with the teacher online (train.OnlineTeacher)."""
-    from accelerate import Accelerator
-
-    from distill.train import OnlineTeacher
-
-    features = open_features(workdir)
-    cfg = make_cfg(workdir, args, workdir / "cache")
-    task = make_task(cfg)
-    online = OnlineTeacher(teacher_model(), task, Accelerator(cpu=True), hidden=False)
-    loop = OurLoop(cfg, task, student_model(), features, args, online)
-    loop.epoch(max_batches=2)  # warm-up
-    epochs = [loop.epoch() for _ in range(args.online_repeats)]
-    return {"epoch_s": [w for w, _ in epochs], "epoch_cpu_s": [c for _, c in epochs]}
-
-
 def worker_trainer(workdir: Path, args: argparse.Namespace) -> dict:
     features = open_features(workdir)
     cfg = make_cfg(workdir, args, workdir / "cache")
@@ -449,7 +460,6 @@ WORKERS = {
     "build": worker_build,
     "students": worker_students,
     "memory": worker_memory,
-    "online": worker_online,
     "trainer": worker_trainer,
 }
 
@@ -508,9 +518,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--examples", type=int, default=256, help="training examples (default 256)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3, help="timed epochs of plain and cached KD, interleaved")
+    p.add_argument("--repeats", type=int, default=3, help="timed epochs of plain and cached KD (interleaved)")
     p.add_argument("--build-repeats", type=int, default=1, help="cache builds / inference passes to time, interleaved")
-    p.add_argument("--online-repeats", type=int, default=1, help="timed epochs of each online KD mode")
+    p.add_argument("--online-repeats", type=int, default=1, help="timed epochs of each online KD mode (ours interleaved)")
     p.add_argument("--padding-examples", type=int, default=100_000, help="simulated lengths for the padding ratio")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
@@ -549,18 +559,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     cache_path = build["cache_path"]
     students = run_worker("students", workdir, args, cache_path=cache_path)
     memory = {m: run_worker("memory", workdir, args, mode=m, cache_path=cache_path) for m in ("plain", "cached")}
-    online = run_worker("online", workdir, args)
     trainer = run_worker("trainer", workdir, args)
 
     # Other processes can only add time: the fastest of the repeats is the best estimate of
     # each mode's own cost (medians are kept in the JSON beside it).
     walls = {
         "plain": students["epoch_s"]["plain"], "cached": students["epoch_s"]["cached"],
-        "online": online["epoch_s"], "trainer": trainer["epoch_s"],
+        "online": students["epoch_s"]["online"], "trainer": trainer["epoch_s"],
     }
     cpus = {
         "plain": students["epoch_cpu_s"]["plain"], "cached": students["epoch_cpu_s"]["cached"],
-        "online": online["epoch_cpu_s"], "trainer": trainer["epoch_cpu_s"],
+        "online": students["epoch_cpu_s"]["online"], "trainer": trainer["epoch_cpu_s"],
     }
     epoch = {k: min(v) for k, v in walls.items()}
     epoch_cpu = {k: min(v) for k, v in cpus.items()}
@@ -617,7 +626,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         },
         "load_avg": {name: r["load_avg"] for name, r in (
             ("build", build), ("students", students), ("memory_plain", memory["plain"]),
-            ("memory_cached", memory["cached"]), ("online", online), ("trainer", trainer),
+            ("memory_cached", memory["cached"]), ("trainer", trainer),
         )},
         "wall_s": time.perf_counter() - started,
     }
