@@ -19,6 +19,7 @@ weights as an uninterrupted run.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -860,6 +861,12 @@ def run_stage(cfg: Config, stage: str) -> dict[str, dict[str, float]]:
         teacher_fn = cache.teacher_outputs(cfg, task, teacher, features["train"], accelerator, hidden="hidden" in weights)
         if teacher_fn is None:
             teacher_fn = OnlineTeacher(teacher, task, accelerator, hidden="hidden" in weights)
+        else:
+            # outputs are cached: the teacher need not stay resident while the student trains
+            del teacher
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     # --- every check passed: replace an old run (overwrite=true), record the config -----------
     if main:
