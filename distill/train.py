@@ -131,14 +131,23 @@ def check_stage_dir(cfg: Config, stage: str) -> str:
     return "resume"
 
 
-def check_writable(out: Path) -> None:
+def check_writable(out: Path, keep: bool = True) -> None:
     """Create the stage folder and write (then remove) a probe file: an unusable output_dir fails
-    here, before any data or model is loaded, instead of at the first checkpoint."""
+    here, before any data or model is loaded, instead of at the first checkpoint. With
+    keep=False the folders this check created are removed again (a dry check leaves nothing)."""
     probe = out / f".write-probe-{socket.gethostname()}-{os.getpid()}"
+    created = []
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        created.append(parent)
+        parent = parent.parent
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe.write_text("ok")
         probe.unlink()
+        if not keep:
+            for folder in created:  # deepest first
+                folder.rmdir()
     except OSError as err:
         raise StageError(
             f"output_dir is not writable: cannot create or write {out} ({err.strerror or err}). "
@@ -740,7 +749,7 @@ def preflight(cfg: Config, stages: Sequence[str]) -> None:
             raise StageError(f"unknown stage '{stage}' ({', '.join(STAGES)})")
         if check_stage_dir(cfg, stage) == "complete":
             continue
-        check_writable(stage_dir(cfg, stage))
+        check_writable(stage_dir(cfg, stage), keep=False)
         _check_model_setup(cfg, stage, task)
 
 
