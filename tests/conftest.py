@@ -159,3 +159,24 @@ def tiny_roberta_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     AutoModelForSequenceClassification.from_config(config).save_pretrained(dst)
     return dst
+
+
+KEYWORD_FILLER = "el la un producto servicio llegó hoy ayer muy bastante casa envío".split()
+
+
+def write_keyword_data(root: Path, words: dict[str, list[str]], sizes: dict[str, int], seed: int = 0) -> None:
+    """<split>.jsonl files of a keyword task: filler words plus one keyword of the row's class
+    (`words`: label -> keywords), 3-12 words per row, deterministic for a seed."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    for split, n in sizes.items():
+        rows = []
+        for _ in range(n):
+            label = rng.choice(sorted(words))
+            tokens = rng.choices(KEYWORD_FILLER, k=rng.randint(2, 11)) + [rng.choice(words[label])]
+            rng.shuffle(tokens)
+            rows.append({"text": " ".join(tokens), "label": label})
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+

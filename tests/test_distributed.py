@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -23,24 +22,15 @@ from safetensors.torch import load_file
 
 import distill.train as train
 from distill.cli import main
-from tests.conftest import minilm_path, save_tiny, tiny_bert_config
+from tests.conftest import minilm_path, save_tiny, tiny_bert_config, write_keyword_data
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5  # weights and losses, 1 vs 2 processes (measured: ~6e-8)
 WORDS = {"pos": ["bueno", "genial"], "neg": ["malo", "roto"], "neu": ["normal", "regular"]}
-FILLER = "el la un producto servicio llegó hoy ayer muy bastante casa envío".split()
 
 
 def write_data(root: Path) -> None:
-    rng = random.Random(0)
-    for split, n in (("train", 64), ("validation", 25), ("test", 23)):
-        rows = []
-        for _ in range(n):
-            label = rng.choice(sorted(WORDS))
-            words = rng.choices(FILLER, k=rng.randint(2, 11)) + [rng.choice(WORDS[label])]
-            rng.shuffle(words)
-            rows.append({"text": " ".join(words), "label": label})
-        (root / f"{split}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_keyword_data(root, WORDS, {"train": 64, "validation": 25, "test": 23})
 
 
 @pytest.fixture(scope="module")

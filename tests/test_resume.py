@@ -23,26 +23,15 @@ from safetensors.torch import load_file
 
 import distill.train as train
 from distill.cli import main
+from tests.conftest import write_keyword_data
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = {"pos": ["bueno", "genial", "rápido", "barato"], "neg": ["malo", "lento", "roto", "caro"],
          "neu": ["normal", "regular", "común", "medio"]}
-FILLER = "el la un producto servicio llegó hoy ayer muy bastante casa envío".split()
 
 
 def write_data(root: Path) -> None:
-    """64 / 16 / 16 rows of a 3-class keyword task, lengths 3-12 words."""
-    import random
-
-    rng = random.Random(0)
-    for split, n in (("train", 64), ("validation", 16), ("test", 16)):
-        rows = []
-        for _ in range(n):
-            label = rng.choice(sorted(WORDS))
-            words = rng.choices(FILLER, k=rng.randint(2, 11)) + [rng.choice(WORDS[label])]
-            rng.shuffle(words)
-            rows.append({"text": " ".join(words), "label": label})
-        (root / f"{split}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_keyword_data(root, WORDS, {"train": 64, "validation": 16, "test": 16})
 
 
 def write_recipe(root: Path, teacher: Path) -> Path:
