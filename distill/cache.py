@@ -49,7 +49,7 @@ from distill.config import Config
 from distill.losses import uniform_layer_map
 from distill.sampling import sorted_batches
 from distill.tasks.base import Task
-from distill.train import StageError
+from distill.errors import CacheError, StageError
 
 log = logging.getLogger("distill")
 
@@ -67,10 +67,6 @@ KNOWN_LENGTHS = {
 # Free space required, as a multiple of the estimate: shards and the merged copy coexist while
 # merging.
 SPACE_FACTOR = 2.0
-
-
-class CacheError(StageError):
-    """A teacher cache that cannot be built or read; the message says why and what to do."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,8 +21,8 @@ EXTERNAL = {
     "export": ("distill.export", "write a Hub-ready folder for a trained student (model + card)"),
     "push": ("distill.hub", "upload an exported student to the Hugging Face Hub"),
     "bench": ("distill.bench.cli", "measure parameters, MACs and latency of models (offline shapes too)"),
-    "report": ("distill.report", "collect a tree of runs into the study's result tables"),
-    "grid": ("distill.grid", "expand tasks x students x settings into runs; run or write launch scripts"),
+    "report": ("distill.study.report", "collect a tree of runs into the study's result tables"),
+    "grid": ("distill.study.grid", "expand tasks x students x settings into runs; run or write launch scripts"),
 }
 
 STAGE_HELP = {
@@ -134,7 +134,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.command == "run":
             stages = stages_of(cfg)
             results = run_stages(cfg, stages)
-            from distill.summary import print_summary
+            from distill.study.summary import print_summary
 
             print_summary(cfg, results)
             if cfg.hub.push:
@@ -157,7 +157,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise
     except Exception as err:
         from distill.card import ExportError
-        from distill.data import DataError
+        from distill.errors import DataError
         from distill.hub import PushError
         from distill.models import ModelLoadError
         from distill.train import StageError

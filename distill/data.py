@@ -14,6 +14,7 @@ from typing import Optional
 from datasets import Dataset, DatasetDict, load_dataset
 
 from distill.config import Config
+from distill.errors import DataError
 
 SPLITS = ("train", "validation", "test")
 _EXT = {
@@ -25,10 +26,6 @@ _EXT = {
     ".conll": "conll",
     ".txt": "conll",
 }
-
-
-class DataError(ValueError):
-    """Data that cannot be used; the message names the split, file or column."""
 
 
 def _format_of(path: Path, declared: Optional[str]) -> str:

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
+from distill.errors import ModelLoadError
+
 log = logging.getLogger(__name__)
 
 CATALOG: dict[str, tuple[str, dict[str, Any]]] = {
@@ -36,10 +38,6 @@ CATALOG: dict[str, tuple[str, dict[str, Any]]] = {
 # The study's published names of the students, used to name exported models.
 STUDY_NAMES = {"albeto-tiny": "albert-tiny-spanish", "albeto-base": "albert-base-spanish"}
 _TRUNCATED = re.compile(r"^albeto-base-(\d+)$")
-
-
-class ModelLoadError(RuntimeError):
-    """A model id or path that cannot be loaded; the message says why and what to do."""
 
 
 def resolve_student(name: str) -> tuple[str, dict[str, Any]]:

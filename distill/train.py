@@ -45,6 +45,7 @@ from transformers import get_linear_schedule_with_warmup
 from distill import data as data_mod
 from distill import models
 from distill.config import Config, stage_train, to_dict, to_yaml
+from distill.errors import REQUEUE_EXIT_CODE, NonFiniteLoss, Preempted, StageError
 from distill.losses import HiddenStateLoss, SoftLabelLoss
 from distill.sampling import LengthGroupedBatchSampler
 from distill.tasks import get_task
@@ -53,24 +54,6 @@ from distill.tasks.base import Task
 log = logging.getLogger("distill")
 
 STAGES = ("teacher", "student", "baseline")
-REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; see docs/launching.md (SLURM requeue)
-
-
-class StageError(RuntimeError):
-    """A stage that cannot run as configured; the message says why and what to do."""
-
-
-class Preempted(SystemExit):
-    """Raised after a checkpoint was saved on SIGTERM/SIGINT; exits with REQUEUE_EXIT_CODE."""
-
-    def __init__(self, message: str):
-        super().__init__(REQUEUE_EXIT_CODE)
-        self.message = message
-
-
-class NonFiniteLoss(StageError):
-    """The loss or the gradient norm stopped being finite; the last good checkpoint is kept."""
-
 
 # ---------------------------------------------------------------------------------------------
 # Stage layout and bookkeeping

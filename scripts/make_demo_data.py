@@ -1,6 +1,6 @@
-"""Generate the demo's Spanish review-polarity dataset (distill/data/demo/*.jsonl).
+"""Generate the demo's Spanish review-polarity dataset (distill/sample_data/demo/*.jsonl).
 
-    python scripts/make_demo_data.py [--out distill/data/demo] [--seed 13]
+    python scripts/make_demo_data.py [--out distill/sample_data/demo] [--seed 13]
 
 Reviews of products and services whose polarity needs more than a keyword: negation flips an
 adjective ("no es barato"), a contrast clause decides ("es bonito, pero se rompió"), and
@@ -78,7 +78,7 @@ def review(rng: random.Random) -> tuple[str, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="distill/data/demo")
+    ap.add_argument("--out", default="distill/sample_data/demo")
     ap.add_argument("--seed", type=int, default=13)
     ap.add_argument("--sizes", default="1200,300,300", help="train,validation,test rows")
     args = ap.parse_args()

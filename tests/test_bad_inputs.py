@@ -235,7 +235,7 @@ def test_preflight_fails_before_the_teacher_trains(name, world, tmp_path):
     """`distill run` can check the student's setup before fine-tuning the teacher: against the
     pretrained teacher, from configs and tokenizers only, writing nothing."""
     from distill.config import load_config
-    from distill.data import DataError
+    from distill.errors import DataError
     from distill.models import ModelLoadError
 
     overrides, message = PREFLIGHT_CASES[name]

@@ -13,7 +13,7 @@ import pytest
 
 from distill.cli import main
 
-DATA = Path(__file__).parent.parent / "distill" / "data"
+DATA = Path(__file__).parent.parent / "distill" / "sample_data"
 
 
 def run(tmp_path, body: str) -> Path:

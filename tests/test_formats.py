@@ -102,7 +102,7 @@ def test_shipped_spanish_mini_datasets_load_as_recipes_would():
     from distill.config import Config
     from distill.data import load_raw
 
-    shipped = Path(__file__).parent.parent / "distill" / "data"
+    shipped = Path(__file__).parent.parent / "distill" / "sample_data"
     cfg = Config()
     cfg.data.source = str(shipped / "ner_es")
     ner = load_raw(cfg)

@@ -14,7 +14,7 @@ import pytest
 
 from transformers import AlbertConfig, BertConfig
 
-from distill import grid
+from distill.study import grid
 from distill.config import load_config, to_yaml
 from tests.conftest import save_tiny, train_bpe_tokenizer
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from distill import published, report
+from distill.study import published, report
 from distill.bench.shapes import shape_config
 from distill.config import load_config, to_yaml
 

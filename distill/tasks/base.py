@@ -22,7 +22,7 @@ import torch
 from datasets import Dataset, DatasetDict
 
 from distill.config import Config
-from distill.data import DataError
+from distill.errors import DataError
 from distill.models import tokenizer_digest
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")

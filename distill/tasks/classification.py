@@ -15,7 +15,7 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
-from distill.data import DataError
+from distill.errors import DataError
 from distill.tasks.base import TEACHER_PREFIX, LogitPair, Task, column, require_columns
 
 

@@ -30,7 +30,7 @@ from datasets import Dataset, DatasetDict, Features, List, Value
 
 from transformers import AutoModelForQuestionAnswering
 
-from distill.data import DataError
+from distill.errors import DataError
 from distill.metrics import answer_start_mismatch, squad_metrics
 from distill.models import same_tokenizer
 from distill.tasks.base import LogitPair, Task, column, require_columns

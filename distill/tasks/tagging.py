@@ -34,7 +34,7 @@ from datasets import ClassLabel, Dataset, DatasetDict
 from transformers import AutoModelForTokenClassification
 
 from distill.metrics import seqeval_metrics, token_accuracy
-from distill.data import DataError
+from distill.errors import DataError
 from distill.tasks.base import TEACHER_PREFIX, LogitPair, Task, column, require_columns
 
 logger = logging.getLogger(__name__)

@@ -35,11 +35,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 from distill import models
 from distill.config import Config, ConfigError, load_config, to_dict, validate
-from distill.report import ReportError, collect_runs, report, safe_name, select_best, student_ref, write_selection
+from distill.errors import REQUEUE_EXIT_CODE
+from distill.study.report import ReportError, collect_runs, report, safe_name, select_best, student_ref, write_selection
 
 log = logging.getLogger("distill.grid")
 
-REQUEUE_EXIT_CODE = 75  # what the training loop exits with after a checkpoint on SIGTERM
 DEFAULT_LAUNCHER = "accelerate launch -m distill"
 # short names of common sweep keys in setting folder names (lr5e-5-bs16)
 ABBREVIATIONS = {

@@ -30,7 +30,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import yaml
 
-from distill.published import (
+from distill.study.published import (
     BLOCK_TITLES,
     BLOCKS,
     DISTILLED,
