@@ -118,6 +118,15 @@ class DistillConfig:
     # empty = uniform spread (works for any depth ratio).
     layer_map: list[int] = field(default_factory=list)
     include_embeddings: bool = False
+    # TinyBERT attention-score maps of mapped layers (same head counts, same tokenizer)
+    attention_weight: float = 0.0
+    # MiniLMv2 self-attention relations (Q-Q, K-K, V-V) of one teacher layer and the student's last
+    relation_weight: float = 0.0
+    relation_heads: int = 0  # 0 = the default rule (see distill/intermediate.py)
+    relation_layer: int = 0  # teacher layer (1-based) the relations follow; 0 = its last
+    # TinyBERT's two phases: the first N epochs train the intermediate terms (hidden, attention,
+    # relations) alone, the rest the prediction terms (ce, kd); 0 = one phase with every term
+    intermediate_epochs: int = 0
     teacher_outputs: str = "auto"  # auto | cached | online
     cache_hidden_states: bool = False
     cache_dir: Optional[str] = None  # None = <output_dir>/teacher_cache
@@ -141,6 +150,8 @@ class TrainConfig:
     logging_steps: int = 10
     checkpoint_steps: int = 0  # 0 = checkpoint at epoch ends only
     keep_checkpoints: int = 2
+    num_workers: int = 0  # DataLoader worker processes (pinned memory when on a GPU)
+    compile: bool = False  # torch.compile the trained model
 
 
 @dataclass
@@ -284,14 +295,28 @@ def validate(cfg: Config) -> None:
     d = cfg.distill
     if d.temperature <= 0:
         raise ConfigError(f"distill.temperature must be > 0, got {d.temperature}")
-    for name in ("ce_weight", "kd_weight", "hidden_weight"):
+    weight_names = ("ce_weight", "kd_weight", "hidden_weight", "attention_weight", "relation_weight")
+    for name in weight_names:
         if getattr(d, name) < 0:
             raise ConfigError(f"distill.{name} must be >= 0, got {getattr(d, name)}")
-    if cfg.teacher.model and d.ce_weight == 0 and d.kd_weight == 0 and d.hidden_weight == 0:
+    if cfg.teacher.model and all(getattr(d, name) == 0 for name in weight_names):
         raise ConfigError(
-            "all loss weights are zero (distill.ce_weight, kd_weight, hidden_weight): "
+            f"all loss weights are zero (distill.{', '.join(weight_names)}): "
             "nothing would be trained; set at least one > 0"
         )
+    if d.intermediate_epochs:
+        if d.intermediate_epochs >= stage_train(cfg, "student").epochs:
+            raise ConfigError(
+                f"distill.intermediate_epochs={d.intermediate_epochs} leaves no epoch for the "
+                f"prediction terms (train.epochs={cfg.train.epochs}); use fewer intermediate epochs"
+            )
+        if d.hidden_weight == d.attention_weight == d.relation_weight == 0:
+            raise ConfigError(
+                "distill.intermediate_epochs > 0 needs an intermediate term: set "
+                "distill.hidden_weight, attention_weight or relation_weight > 0"
+            )
+        if d.ce_weight == d.kd_weight == 0:
+            raise ConfigError("distill.intermediate_epochs > 0 needs a prediction term after it: set ce_weight or kd_weight > 0")
     t = cfg.train
     checks = {
         "train.lr": t.lr > 0,
@@ -315,6 +340,10 @@ def validate(cfg: Config) -> None:
         "teacher.epochs": cfg.teacher.epochs is None or cfg.teacher.epochs > 0,
         "student.num_layers": cfg.student.num_layers is None or cfg.student.num_layers >= 1,
         "distill.layer_map": all(j >= 1 for j in d.layer_map),  # teacher layers count from 1
+        "distill.relation_heads": d.relation_heads >= 0,
+        "distill.relation_layer": d.relation_layer >= 0,
+        "distill.intermediate_epochs": d.intermediate_epochs >= 0,
+        "train.num_workers": t.num_workers >= 0,
     }
     for key, ok in checks.items():
         if not ok:
