@@ -8,7 +8,7 @@ before any work with a message naming the key and the closest valid one.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -56,6 +56,24 @@ class SplitSource:
 
 
 @dataclass
+class TransferSource:
+    """Unlabelled rows the teacher labels for the student (docs/transfer-and-augmentation.md):
+    local `files` (any format `data` reads, plus `text`: one example per line) or a Hub
+    `source` (+ config `name`, `split`, `revision`). `columns` maps the task's input roles
+    (text, text_pair | tokens or text | question, context) to this source's columns; empty =
+    `data.columns`."""
+
+    files: list[str] = field(default_factory=list)
+    format: Optional[str] = None  # None = from the extension (.txt = text, one example per line)
+    source: Optional[str] = None
+    name: Optional[str] = None
+    split: str = "train"
+    revision: Optional[str] = None
+    max_samples: Optional[int] = None  # the first N rows of this source
+    columns: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class DataConfig:
     # Hub dataset id or a local path (file or directory); for per-split files use `files`.
     source: Optional[str] = None
@@ -76,6 +94,26 @@ class DataConfig:
     max_eval_samples: Optional[int] = None
     # Take the validation split from train when the dataset has none (fraction of train).
     validation_from_train: float = 0.0
+    # Unlabelled transfer sets for the student stage (teacher-labelled, no gold loss).
+    transfer: list[TransferSource] = field(default_factory=list)
+
+
+@dataclass
+class AugmentConfig:
+    """TinyBERT-style whole-word replacement of the training rows, for the student stage
+    (docs/transfer-and-augmentation.md). Augmented rows are teacher-labelled, no gold loss."""
+
+    copies: int = 0  # augmented copies per training row; 0 = off
+    method: str = "embedding"  # embedding (nearest input embeddings) | mlm (masked-LM top-k)
+    p: float = 0.3  # probability that a word is replaced in a copy
+    top_k: int = 8  # candidates per word
+    model: Optional[str] = None  # mlm: a model with an MLM head (required); embedding: None = the teacher
+    seed: Optional[int] = None  # None = the recipe's seed
+    batch_size: int = 32  # rows per generation batch (does not change the rows)
+    max_length: int = 128  # mlm: tokens of context around a masked word
+    keep_words: list[str] = field(default_factory=list)  # never replaced (e.g. stopwords)
+    include_transfer: bool = False  # also augment the transfer rows
+    cache_dir: Optional[str] = None  # None = <output_dir>/augment_cache
 
 
 @dataclass
@@ -182,6 +220,7 @@ class HubConfig:
 class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
@@ -365,6 +404,70 @@ def validate(cfg: Config) -> None:
         )
     if (cfg.student.from_teacher_layers or cfg.student.num_layers) and not cfg.teacher.model:
         raise ConfigError("student.from_teacher_layers/num_layers need teacher.model")
+    check_transfer_and_augment(cfg)
+
+
+TRANSFER_FORMATS = ("jsonl", "json", "csv", "tsv", "parquet", "conll", "squad", "text")
+# input roles a transfer source can map, per task family (labels never: transfer rows have none)
+TRANSFER_ROLES = {
+    "classification": ("text", "text_pair"),
+    "tagging": ("tokens", "text"),
+    "qa": ("question", "context", "id"),
+}
+
+
+def check_transfer_and_augment(cfg: Config) -> None:
+    """`data.transfer` entries and the `augment` section: each error names the entry and key."""
+    roles = TRANSFER_ROLES.get(cfg.task.family, ())
+    for i, src in enumerate(cfg.data.transfer):
+        where = f"data.transfer[{i}]"
+        if bool(src.files) == bool(src.source):
+            raise ConfigError(
+                f"{where}: set exactly one of 'files' (local files) or 'source' (Hub id or local "
+                f"file), got {'both' if src.files else 'neither'}"
+            )
+        if src.format is not None and src.format not in TRANSFER_FORMATS:
+            raise ConfigError(f"{where}.format={src.format!r} is not one of: {', '.join(TRANSFER_FORMATS)}")
+        if src.max_samples is not None and src.max_samples <= 0:
+            raise ConfigError(f"{where}.max_samples must be a positive number of rows, got {src.max_samples}")
+        if not src.split:
+            raise ConfigError(f"{where}.split is empty; name the split to read (e.g. train)")
+        for role, col in src.columns.items():
+            if role not in roles:
+                why = " (transfer rows have no labels)" if role in ("label", "tags", "answers") else ""
+                raise ConfigError(
+                    f"{where}.columns.{role}: not an input role of task.family={cfg.task.family}"
+                    f"{why}; use {', '.join(roles)}"
+                )
+            if not col:
+                raise ConfigError(f"{where}.columns.{role} is empty; name the source's column")
+    a = cfg.augment
+    if a.method not in ("embedding", "mlm"):
+        raise ConfigError(f"augment.method={a.method!r} is not one of: embedding, mlm")
+    checks = {
+        "augment.copies": a.copies >= 0,
+        "augment.p": 0 < a.p <= 1,
+        "augment.top_k": a.top_k >= 1,
+        "augment.batch_size": a.batch_size >= 1,
+        "augment.max_length": a.max_length >= 8,
+    }
+    for key, ok in checks.items():
+        if not ok:
+            raise ConfigError(f"{key}={getattr(a, key.split('.')[1])} is out of range")
+    if a.copies and a.method == "mlm" and not a.model:
+        raise ConfigError(
+            "augment.method=mlm needs augment.model: a Hub id or path of a model with a masked-LM "
+            "head (e.g. dccuchile/bert-base-spanish-wwm-cased)"
+        )
+    wants = [k for k, on in (("data.transfer", bool(cfg.data.transfer)), ("augment.copies", a.copies > 0)) if on]
+    if wants and not cfg.teacher.model:
+        raise ConfigError(f"{' and '.join(wants)} need teacher.model: the teacher labels those rows")
+    teacher_terms = [f.name for f in fields(DistillConfig) if f.name.endswith("_weight") and f.name != "ce_weight"]
+    if wants and all(getattr(cfg.distill, name) == 0 for name in teacher_terms):
+        raise ConfigError(
+            f"{' and '.join(wants)} add rows without gold labels, which only the teacher's terms "
+            f"train on: set one of distill.{', '.join(teacher_terms)} > 0"
+        )
 
 
 def to_yaml(cfg: Config) -> str:
