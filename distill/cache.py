@@ -32,7 +32,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -45,8 +45,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from distill import models
-from distill.config import Config
-from distill.losses import uniform_layer_map
 from distill.sampling import sorted_batches
 from distill.tasks.base import Task
 from distill.errors import CacheError, StageError
@@ -67,45 +65,6 @@ KNOWN_LENGTHS = {
 # Free space required, as a multiple of the estimate: shards and the merged copy coexist while
 # merging.
 SPACE_FACTOR = 2.0
-
-
-# ---------------------------------------------------------------------------------------------
-# When to cache, and what
-# ---------------------------------------------------------------------------------------------
-
-
-def use_cache(cfg: Config, hidden: bool) -> bool:
-    """Resolve `distill.teacher_outputs`: auto caches unless hidden states are needed and
-    their caching was not asked for (they are large); online never caches."""
-    mode = cfg.distill.teacher_outputs
-    if mode == "online":
-        return False
-    if mode == "cached" and hidden and not cfg.distill.cache_hidden_states:
-        raise CacheError(
-            "distill.teacher_outputs=cached with distill.hidden_weight > 0 needs the teacher's "
-            "hidden states on disk: set distill.cache_hidden_states=true (the size is printed "
-            "before writing), or use distill.teacher_outputs=online"
-        )
-    return not hidden or cfg.distill.cache_hidden_states
-
-
-def student_num_layers(cfg: Config) -> int:
-    """The student's depth, from the recipe (layer-subset students) or its config."""
-    s = cfg.student
-    if s.from_teacher_layers:
-        return len(s.from_teacher_layers)
-    if s.num_layers:
-        return s.num_layers
-    config = models.load_config(s.model, s.revision, s.trust_remote_code, **dict(s.config_overrides))
-    return int(config.num_hidden_layers)
-
-
-def mapped_teacher_layers(cfg: Config, teacher_layers: int, student_layers: int) -> list[int]:
-    """Indices into the teacher's hidden-state tuple that the hidden-state loss reads
-    (0 = embeddings), following the same mapping rule as `HiddenStateLoss`."""
-    d = cfg.distill
-    mapping = list(d.layer_map) or uniform_layer_map(student_layers, teacher_layers)
-    return sorted(set(mapping) | ({0} if d.include_embeddings else set()))
 
 
 def length_columns(task: Task) -> dict[str, str]:
@@ -154,14 +113,15 @@ def data_fingerprint(features: Dataset) -> str:
 
 
 def cache_key(
-    cfg: Config,
     task: Task,
     teacher: nn.Module,
     features: Dataset,
     mixed_precision: str,
+    settings: dict[str, Any],
     hidden_layers: Sequence[int] = (),
 ) -> tuple[str, dict[str, Any]]:
-    """(key, parts): the parts name everything that changes what the cache holds."""
+    """(key, parts): the parts name everything that changes what the cache holds. `settings` are
+    the preprocessing options the caller used (task family, lengths, strides, ...)."""
     id2label = getattr(teacher.config, "id2label", None) or {}
     parts = {
         "version": CACHE_VERSION,
@@ -170,12 +130,9 @@ def cache_key(
         "teacher_labels": [id2label[i] for i in sorted(id2label)],
         "tokenizer": models.tokenizer_digest(task.teacher_tokenizer or task.tokenizer),
         "student_tokenizer": models.tokenizer_digest(task.tokenizer),
-        "family": cfg.task.family,
         "task_class": f"{type(task).__module__}.{type(task).__name__}",
         "labels": list(task.labels),
-        "max_length": cfg.data.max_length,
-        "doc_stride": cfg.data.doc_stride,
-        "label_all_tokens": cfg.task.label_all_tokens,
+        **settings,
         "data": data_fingerprint(features),
         "num_features": len(features),
         "mixed_precision": str(mixed_precision),
@@ -571,73 +528,33 @@ class TeacherCache:
         return out
 
 
-class CachedTeacher:
-    """Stands in for the online teacher: batch -> (teacher targets, hidden states or None), read
-    from the cache by the batch's `feature_id` (same signature as `train.OnlineTeacher`)."""
-
-    def __init__(self, cache: TeacherCache, device: torch.device, num_hidden: int = 0):
-        self.cache, self.device = cache, torch.device(device)
-        self.num_hidden = num_hidden  # length of the hidden-state tuple the loss indexes
-
-    def __call__(self, batch: dict) -> tuple[dict[str, torch.Tensor], Any]:
-        ids = batch["feature_id"].detach().cpu().numpy()
-        widths = {}
-        if self.cache.hidden_layers and "attention_mask" in batch:
-            width = batch["attention_mask"].size(1)
-            widths = {f"{HIDDEN_PREFIX}{j}": width for j in self.cache.hidden_layers}
-        arrays = self.cache.rows(ids, widths)
-        tensors = {}
-        for name, array in arrays.items():
-            tensor = torch.from_numpy(array).to(self.device, non_blocking=True)
-            tensors[name] = tensor.float() if tensor.dtype == torch.float16 else tensor
-        hidden = None
-        if self.cache.hidden_layers:
-            # a tuple indexed like the model's hidden_states; unmapped layers are never read
-            hidden_list: list[Optional[torch.Tensor]] = [None] * max(self.num_hidden, max(self.cache.hidden_layers) + 1)
-            for j in self.cache.hidden_layers:
-                hidden_list[j] = tensors.pop(f"{HIDDEN_PREFIX}{j}")  # [batch, seq, hidden]
-            hidden = tuple(hidden_list)
-        return tensors, hidden
-
-
 # ---------------------------------------------------------------------------------------------
-# The entry point the training loop calls
+# The entry point: reuse or build
 # ---------------------------------------------------------------------------------------------
-
-
-def cache_root(cfg: Config) -> Path:
-    return Path(cfg.distill.cache_dir) if cfg.distill.cache_dir else Path(cfg.output_dir) / "teacher_cache"
-
-
-def teacher_batch_size(cfg: Config) -> int:
-    """Inference needs no activations for backward: batches 4x the training batch (at least the
-    evaluation batch size)."""
-    return max(4 * cfg.train.batch_size, cfg.train.eval_batch_size or 0)
 
 
 def get_or_build(
-    cfg: Config,
+    root: Path,
     task: Task,
     teacher: nn.Module,
     train_features: Dataset,
     accelerator: Accelerator,
+    settings: dict[str, Any],
     hidden_layers: Sequence[int] = (),
-    batch_size: Optional[int] = None,
+    batch_size: int = 128,
 ) -> TeacherCache:
-    """The cache for this (teacher, tokenizers, preprocessing, data): reused when it exists,
-    built (on every process, merged once) when it does not."""
-    key, parts = cache_key(cfg, task, teacher, train_features, accelerator.mixed_precision, hidden_layers)
-    path = cache_root(cfg) / key
+    """The cache under `root` for this (teacher, tokenizers, preprocessing `settings`, data,
+    stored hidden layers): reused when it exists, built (on every process, merged once) when it
+    does not."""
+    key, parts = cache_key(task, teacher, train_features, accelerator.mixed_precision, settings, hidden_layers)
+    path = Path(root) / key
     if (path / "metadata.json").exists():
         if accelerator.is_main_process:
             print(f"[distill] teacher cache: reusing {path}", flush=True)
     else:
         if accelerator.is_main_process:
             print(f"[distill] teacher cache: building {path} ({len(train_features)} features)", flush=True)
-        build_cache(
-            task, teacher, train_features, accelerator, path, parts, hidden_layers,
-            batch_size or teacher_batch_size(cfg),
-        )
+        build_cache(task, teacher, train_features, accelerator, path, parts, hidden_layers, batch_size)
         if accelerator.is_main_process:
             meta = json.loads((path / "metadata.json").read_text())
             print(
@@ -646,19 +563,3 @@ def get_or_build(
                 flush=True,
             )
     return TeacherCache(path)
-
-
-def teacher_outputs(
-    cfg: Config, task: Task, teacher: nn.Module, train_features: Dataset, accelerator: Accelerator, hidden: bool
-) -> Optional[Callable[[dict], tuple[dict, Any]]]:
-    """A callable batch -> (teacher targets, hidden states) reading the cache, or None when the
-    teacher should run online (`distill.teacher_outputs`, see `use_cache`)."""
-    if not use_cache(cfg, hidden):
-        return None
-    hidden_layers: list[int] = []
-    num_hidden = 0
-    if hidden:
-        num_hidden = teacher.config.num_hidden_layers + 1
-        hidden_layers = mapped_teacher_layers(cfg, teacher.config.num_hidden_layers, student_num_layers(cfg))
-    cache = get_or_build(cfg, task, teacher, train_features, accelerator, hidden_layers)
-    return CachedTeacher(cache, accelerator.device, num_hidden)

@@ -278,3 +278,7 @@ class Capture:
         embeddings, i = layer i), None at the layers nobody asked for."""
         size = max(self.hidden, default=-1) + 1
         return tuple(self.hidden.get(i) for i in range(size))
+
+
+# The name the stage setup imports: `QKVCapture(model, layers, stop_after=L)`.
+QKVCapture = Capture

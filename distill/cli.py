@@ -70,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def run_stages(cfg, stages: list[str]) -> dict[str, dict]:
-    from distill.train import preflight, run_stage
+    from distill.setup import preflight
+    from distill.train import run_stage
 
     preflight(cfg, stages)  # every stage's checks before the first one trains
     return {stage: run_stage(cfg, stage) for stage in stages}
@@ -150,7 +151,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"distill: config error: {err}", file=sys.stderr)
         return 2
     except SystemExit as err:
-        from distill.train import Preempted
+        from distill.errors import Preempted
 
         if isinstance(err, Preempted):
             print(f"distill: {err.message}", file=sys.stderr)
@@ -159,8 +160,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         from distill.card import ExportError
         from distill.errors import DataError
         from distill.hub import PushError
-        from distill.models import ModelLoadError
-        from distill.train import StageError
+        from distill.errors import ModelLoadError
+        from distill.errors import StageError
 
         if isinstance(err, (DataError, ModelLoadError, StageError, ExportError, PushError, FileNotFoundError)):
             print(f"distill: {type(err).__name__}: {err}", file=sys.stderr)

@@ -217,6 +217,39 @@ class HubConfig:
 
 
 @dataclass
+class SearchLatencyConfig:
+    """How `distill search` times a trial's model for the `latency` objective."""
+
+    batch: int = 1
+    seq: int = 64
+    runs: int = 30
+    warmup: int = 5
+    threads: Optional[int] = None  # None = torch's current thread count
+    device: Optional[str] = None  # None = cuda when available, else cpu
+
+
+@dataclass
+class SearchConfig:
+    """`distill search` (docs/search.md); not part of any stage's identity, and ignored by
+    every other command."""
+
+    trials: Optional[int] = None  # finished trials the study should hold
+    time_budget: Optional[str] = None  # e.g. 2h, 30m, 1h30m, 5400 (seconds), per invocation
+    # recipe key -> {low, high, log?, step?} (range) or [choices]
+    space: dict[str, Any] = field(default_factory=dict)
+    objectives: list[str] = field(default_factory=list)  # empty = the task metric; + latency, macs, parameters
+    sampler: str = "tpe"  # tpe | random | nsgaii | nsgaiii | gp | cmaes | qmc
+    sampler_options: dict[str, Any] = field(default_factory=dict)  # passed to the Optuna sampler
+    pruner: Optional[str] = None  # hyperband | median | none; None = hyperband (single objective)
+    pruner_options: dict[str, Any] = field(default_factory=dict)  # passed to the Optuna pruner
+    storage: Optional[str] = None  # None = sqlite:///<search folder>/study.db; any Optuna URL
+    study_name: Optional[str] = None  # None = task.name
+    seed: Optional[int] = None  # sampler seed (+ worker index); None = the recipe's seed
+    heartbeat: int = 60  # seconds; a trial silent for 2 heartbeats is failed and retried
+    latency: SearchLatencyConfig = field(default_factory=SearchLatencyConfig)
+
+
+@dataclass
 class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -228,6 +261,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     hub: HubConfig = field(default_factory=HubConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     output_dir: str = "runs/default"
     seed: int = 42
     overwrite: bool = False
@@ -405,6 +439,10 @@ def validate(cfg: Config) -> None:
     if (cfg.student.from_teacher_layers or cfg.student.num_layers) and not cfg.teacher.model:
         raise ConfigError("student.from_teacher_layers/num_layers need teacher.model")
     check_transfer_and_augment(cfg)
+    if cfg.search != SearchConfig():  # the section's own checks (space keys, ranges, objectives)
+        from distill.study.search import check_section
+
+        check_section(cfg)
 
 
 TRANSFER_FORMATS = ("jsonl", "json", "csv", "tsv", "parquet", "conll", "squad", "text")

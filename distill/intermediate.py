@@ -102,6 +102,7 @@ class AttentionTerm(nn.Module):
     """
 
     name = "attention"
+    intermediate = True  # trains in the first phase of a two-phase schedule
 
     def __init__(
         self,
@@ -197,6 +198,7 @@ class RelationTerm(nn.Module):
     """
 
     name = "relations"
+    intermediate = True
 
     def __init__(
         self,
@@ -285,3 +287,33 @@ def check_compatible(
         f"or set {' and '.join(POSITIONAL_TERMS[n] for n in positional)} to 0 (logit KD aligns "
         "different tokenizers)"
     )
+
+
+def layer_count(config: Any) -> int:
+    """Transformer-block applications of a model from its config (ALBERT: groups × inner layers),
+    the numbering `Capture` uses."""
+    return int(config.num_hidden_layers) * int(getattr(config, "inner_group_num", 1) or 1)
+
+
+def intermediate_terms(d: Any, student_config: Any, teacher_config: Any, weights: dict[str, float]) -> list[nn.Module]:
+    """The attention / relation terms the recipe weights (> 0), built from the `distill:` section
+    `d` (layer_map, relation_heads, relation_layer) and the two models' configs."""
+    s_layers, t_layers = layer_count(student_config), layer_count(teacher_config)
+    terms: list[nn.Module] = []
+    if weights.get("attention", 0) > 0:
+        terms.append(
+            AttentionTerm(
+                s_layers, t_layers, student_config.num_attention_heads, teacher_config.num_attention_heads,
+                layer_map=tuple(getattr(d, "layer_map", ()) or ()),
+            )
+        )
+    if weights.get("relations", 0) > 0:
+        terms.append(
+            RelationTerm(
+                s_layers, t_layers, student_config.hidden_size, teacher_config.hidden_size,
+                student_config.num_attention_heads, teacher_config.num_attention_heads,
+                relation_heads=int(getattr(d, "relation_heads", 0) or 0),
+                relation_layer=int(getattr(d, "relation_layer", 0) or 0),
+            )
+        )
+    return terms

@@ -1,8 +1,17 @@
-"""Loss terms. Each is a small module with its formula in the docstring; the recipe weights them.
+"""Loss terms and the objective that weights them. Each term is a small module with its formula
+in the docstring; the recipe weights them; each is logged on its own as train/loss_<name>.
 
     total = ce_weight * CE(student, gold)
           + kd_weight * KD(student logits, teacher logits)
           + hidden_weight * Hidden(student hidden states, teacher hidden states)
+          + attention_weight * Attention(...) + relation_weight * Relations(...)   (intermediate.py)
+
+Every term has one signature, `term(student: Signals, teacher: Signals, batch) -> scalar`, and
+says which layers it reads from each model (`student_layers()` / `teacher_layers()`), so the
+stage captures only those and the teacher cache stores only those. `Objective` owns the terms,
+their weights, the layer map and the projections; `Trainee` wraps the trained model with it, so
+accelerate prepares, synchronises and checkpoints both together while only the model is saved.
+A new term is one class here (or in its own module) plus one weight in the recipe.
 
 The reference study's published setting is ce_weight=0, kd_weight=1, kd_loss=kl, T=1.
 Plain fine-tuning (teacher stage, or a student with no teacher) is ce_weight=1 alone.
@@ -10,7 +19,8 @@ Plain fine-tuning (teacher stage, or a student with no teacher) is ce_weight=1 a
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -160,3 +170,168 @@ class HiddenStateLoss(nn.Module):
             else:
                 losses.append((1 - F.cosine_similarity(hs, ht, dim=-1)).mean())
         return torch.stack(losses).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# Terms with one signature, the objective that weights them, and the trained module
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Signals:
+    """What one forward pass exposes to the loss terms (student or teacher)."""
+
+    outputs: Any = None  # the model output object (student: .loss, .logits, ...)
+    targets: Optional[dict] = None  # task.kd_targets(...): the logits distillation compares
+    hidden: Optional[Sequence[Optional[torch.Tensor]]] = None  # index 0 = embeddings; [batch, seq, hidden]
+    qkv: Optional[dict] = None  # layer (1-based) -> captured self-attention projections (capture.QKV)
+    attention_mask: Optional[torch.Tensor] = None  # [batch, seq]
+
+
+class Term(nn.Module):
+    """A loss term: `forward(student, teacher, batch)` returns a scalar.
+
+    `student_layers()` / `teacher_layers()` name what the term reads, as {"hidden": {layers},
+    "qkv": {layers}} (hidden index 0 = embeddings; qkv layers count from 1), so only those are
+    captured. `intermediate` terms train in the first phase of a two-phase schedule.
+    """
+
+    name = ""
+    intermediate = False
+
+    def student_layers(self) -> dict[str, set[int]]:
+        return {}
+
+    def teacher_layers(self) -> dict[str, set[int]]:
+        return {}
+
+    def forward(self, student: Signals, teacher: Optional[Signals], batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class GoldTerm(Term):
+    """CE(student, gold): the model's own task loss (`outputs.loss`), computed by its head on the
+    gold labels the task passed in (rows without a gold label carry the ignore index)."""
+
+    name = "ce"
+
+    def forward(self, student: Signals, teacher: Optional[Signals], batch: dict) -> torch.Tensor:
+        loss = student.outputs.loss
+        if "has_gold" in batch:
+            # a batch of transfer rows only has no gold loss (the head's mean would be 0/0)
+            loss = torch.nan_to_num(loss, nan=0.0) * batch["has_gold"].any()
+        return loss
+
+
+class SoftLabelTerm(Term):
+    """Soft-label KD over the task's logit pairs (see `soft_label_loss`)."""
+
+    name = "kd"
+
+    def __init__(self, task: Any, kind: str = "kl", temperature: float = 1.0):
+        super().__init__()
+        self.task = task
+        self.loss = SoftLabelLoss(kind, temperature)
+
+    def forward(self, student: Signals, teacher: Optional[Signals], batch: dict) -> torch.Tensor:
+        mine = self.task.kd_targets(student.outputs, batch, teacher=False)
+        return self.loss(self.task.kd_pairs(mine, teacher.targets, batch))
+
+
+class HiddenTerm(Term):
+    """Hidden-state distance of mapped layers (see `HiddenStateLoss`, which owns the projections)."""
+
+    name = "hidden"
+    intermediate = True
+
+    def __init__(self, loss: HiddenStateLoss):
+        super().__init__()
+        self.loss = loss
+
+    def student_layers(self) -> dict[str, set[int]]:
+        return {"hidden": {i for i, _ in self.loss.pairs}}
+
+    def teacher_layers(self) -> dict[str, set[int]]:
+        return {"hidden": {j for _, j in self.loss.pairs}}
+
+    def forward(self, student: Signals, teacher: Optional[Signals], batch: dict) -> torch.Tensor:
+        return self.loss(student.hidden, teacher.hidden, batch["attention_mask"])
+
+
+class Objective(nn.Module):
+    """The weighted sum of the stage's terms: `objective(student, teacher, batch)` returns
+    (total, {name: value}). With `intermediate_phase` set, only the intermediate terms count
+    (TinyBERT's first phase); otherwise, under a two-phase schedule, only the prediction terms.
+    """
+
+    def __init__(self, terms: Sequence[Term], weights: dict[str, float], two_phase: bool = False):
+        super().__init__()
+        self.terms = nn.ModuleDict({t.name: t for t in terms})
+        self.weights = {t.name: float(weights[t.name]) for t in terms}
+        self.two_phase = two_phase
+        self.intermediate_phase = False
+
+    def needs(self, side: str) -> dict[str, set[int]]:
+        """What the terms read from `side` ("student" or "teacher"), merged."""
+        merged: dict[str, set[int]] = {}
+        for term in self.terms.values():
+            for kind, layers in (term.student_layers() if side == "student" else term.teacher_layers()).items():
+                merged.setdefault(kind, set()).update(layers)
+        return merged
+
+    def active(self, name: str) -> bool:
+        if not self.two_phase:
+            return True
+        return self.terms[name].intermediate == self.intermediate_phase
+
+    def forward(self, student: Signals, teacher: Optional[Signals], batch: dict) -> tuple[torch.Tensor, dict]:
+        values: dict[str, torch.Tensor] = {}
+        total = None
+        for name, term in self.terms.items():
+            if not self.active(name):
+                # keep the inactive term's parameters (projections) in the graph with a zero
+                # gradient: DDP expects every parameter to take part in every step
+                params = list(term.parameters())
+                if params:
+                    zero = sum(p.sum() for p in params) * 0.0
+                    total = zero if total is None else total + zero
+                continue
+            values[name] = term(student, teacher, batch)
+            weighted = self.weights[name] * values[name]
+            total = weighted if total is None else total + weighted
+        return total, values
+
+
+class Trainee(nn.Module):
+    """The trained model plus its objective (whose projections are trained with it).
+
+    `trainee(inputs)` returns (model outputs, None, {}); `trainee(inputs, batch, teacher)` also
+    computes the objective: (outputs, total loss, {term: value}). Only `model` is ever saved.
+    """
+
+    def __init__(self, model: nn.Module, objective: Optional[Objective] = None, capture: Any = None):
+        super().__init__()
+        self.model = model
+        self.objective = objective
+        self.capture = capture  # a factory of per-forward captures of the student's layers
+
+    def forward(self, inputs: dict, batch: Optional[dict] = None, teacher: Optional[Signals] = None):
+        if self.objective is None or batch is None:
+            return self.model(**inputs), None, {}
+        needs = self.objective.needs("student")
+        hidden_needed = bool(needs.get("hidden"))
+        if self.capture is not None and needs.get("qkv"):
+            with self.capture(self.model, needs["qkv"]) as captured:
+                out = self.model(**inputs, output_hidden_states=hidden_needed)
+            qkv = captured.qkv
+        else:
+            out = self.model(**inputs, output_hidden_states=hidden_needed)
+            qkv = None
+        student = Signals(
+            outputs=out,
+            hidden=out.hidden_states if hidden_needed else None,
+            qkv=qkv,
+            attention_mask=inputs.get("attention_mask"),
+        )
+        loss, terms = self.objective(student, teacher, batch)
+        return out, loss, terms

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
-from distill.errors import ModelLoadError
+from distill.config import StudentConfig, TeacherConfig
+from distill.errors import ModelLoadError, StageError
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,16 @@ def load_config(name: str, revision: Optional[str] = None, trust_remote_code: bo
         )
     except Exception as err:  # OSError, ValueError, HFValidationError ... all mean "can't load"
         raise _explain_load_error(name, source, err) from None
+    unknown = [key for key in overrides if not hasattr(config, key)]
+    if unknown:
+        import difflib
+
+        known = [k for k in config.to_dict() if not k.startswith("_")]
+        hints = [f"'{k}'" + (f" (did you mean '{m[0]}'?)" if (m := difflib.get_close_matches(k, known, 1)) else "") for k in unknown]
+        raise ModelLoadError(
+            f"config_overrides for '{name}' name settings its {type(config).__name__} does not have: "
+            f"{', '.join(hints)}; a typo here would silently change nothing"
+        )
     for key, value in {**catalog_overrides, **overrides}.items():
         setattr(config, key, value)
     return config
@@ -265,3 +276,118 @@ def freeze(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# The models of a stage, and a fine-tuned model's label order
+# ---------------------------------------------------------------------------------------------
+
+
+def output_layer(model: nn.Module, num_labels: int) -> nn.Linear:
+    """The linear layer that produces the label logits (a classifier/score head, else the last
+    linear layer with one output per label)."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == num_labels]
+    named = [m for n, m in linears if n.split(".")[0] in ("classifier", "score")]
+    if named:
+        return named[-1]
+    if linears:
+        return linears[-1][1]
+    raise StageError(f"cannot find the output layer ({num_labels} outputs) of {type(model).__name__}")
+
+
+def label_order(config: Any, labels: list[str], name: str) -> Optional[list[int]]:
+    """Where each of the dataset's labels sits in a fine-tuned model's outputs (by the names in
+    `config.id2label`): None when the order already matches or the names are generic
+    (LABEL_0, ...); an error for another count or other names."""
+    if not labels:
+        return None
+    id2label = {int(k): v for k, v in config.id2label.items()}
+    theirs = [id2label[i] for i in range(len(id2label))]
+    if theirs == labels:
+        return None
+    if len(theirs) != len(labels):
+        raise StageError(
+            f"{name} predicts {len(theirs)} labels {theirs[:10]} but the dataset has "
+            f"{len(labels)} {labels[:10]}: a teacher must be fine-tuned on the same label set "
+            "(fine-tune it with `distill teacher`, or point teacher.model at one that matches)"
+        )
+    if all(v == f"LABEL_{i}" for i, v in enumerate(theirs)):
+        log.warning("%s has generic label names; assuming the dataset's order %s", name, labels)
+        return None
+    if sorted(theirs) != sorted(labels):
+        raise StageError(
+            f"{name} was fine-tuned with labels {theirs} but the dataset's are {labels}: "
+            "the names differ, so its outputs cannot be matched to the data. Map the data's "
+            "labels to the teacher's names, or fine-tune a teacher on this data."
+        )
+    return [theirs.index(label) for label in labels]
+
+
+def align_labels(model: nn.Module, labels: list[str], name: str) -> None:
+    """Make a fine-tuned model's outputs follow the dataset's label order.
+
+    The names in `config.id2label` are matched to the dataset's; if the order differs, the rows
+    of the output layer are permuted (a teacher trained with another label order would
+    otherwise teach the wrong classes). A different count or different names are an error.
+    """
+    order = label_order(model.config, labels, name)
+    if order is None:
+        return
+    theirs = [model.config.id2label[i] for i in range(len(labels))]
+    perm = torch.tensor(order)
+    out = output_layer(model, len(labels))
+    with torch.no_grad():
+        out.weight.copy_(out.weight[perm])  # [labels, hidden], rows in the dataset's order
+        if out.bias is not None:
+            out.bias.copy_(out.bias[perm])
+    model.config.id2label = dict(enumerate(labels))
+    model.config.label2id = {label: i for i, label in enumerate(labels)}
+    log.warning("%s: reordered output labels %s -> dataset order %s", name, theirs, labels)
+
+
+def student_layers(student: StudentConfig, num_teacher_layers: int, teacher_name: str) -> list[int]:
+    """The teacher layers a layer-subset student keeps (checked: increasing, unique, in range)."""
+    n = num_teacher_layers
+    try:
+        layers = list(student.from_teacher_layers) or uniform_layers(n, student.num_layers or 0)
+    except ValueError as err:
+        raise StageError(f"cannot cut the student out of teacher '{teacher_name}' ({n} layers): {err}") from None
+    if any(not 0 <= i < n for i in layers) or sorted(set(layers)) != list(layers):
+        raise StageError(
+            f"cannot cut the student out of teacher '{teacher_name}' ({n} layers): "
+            f"student.from_teacher_layers={layers} must be increasing, unique and in 0..{n - 1}"
+        )
+    return layers
+
+
+def build_trained_model(
+    stage: str, teacher: TeacherConfig, student: StudentConfig, head: Any, task_kwargs: dict[str, Any]
+) -> tuple[PreTrainedModel, Any]:
+    """(model to train, its tokenizer): the pretrained teacher for the teacher stage; the student
+    otherwise — a model of its own, or a cut of the *pretrained* teacher (for the distilled
+    student and the baseline alike, so the two differ only in their loss)."""
+    t, s = teacher, student
+    if stage == "teacher":
+        if not t.model:
+            raise StageError("the teacher stage needs teacher.model (a hub id or path)")
+        model = load_model(t.model, head, t.revision, t.trust_remote_code, new_head=True, **task_kwargs)
+        return model, load_tokenizer(t.model, t.revision, t.trust_remote_code)
+    overrides = dict(s.config_overrides)
+    if s.model:
+        model = load_model(
+            s.model, head, s.revision, s.trust_remote_code, config_overrides=overrides, new_head=True, **task_kwargs
+        )
+        return model, load_tokenizer(s.model, s.revision, s.trust_remote_code)
+    # the overrides (e.g. dropout) go into the config the modules are built from
+    base = load_model(t.model, head, t.revision, t.trust_remote_code, config_overrides=overrides, new_head=True, **task_kwargs)
+    layers = student_layers(s, base.config.num_hidden_layers, t.model or "")
+    model = student_from_teacher(base, layers)
+    return model, load_tokenizer(t.model, t.revision, t.trust_remote_code)
+
+
+def load_teacher(source: str, revision: Optional[str], trust_remote_code: bool, head: Any, labels: list[str]) -> tuple[PreTrainedModel, Any]:
+    """(frozen fine-tuned teacher with outputs in the dataset's label order, its tokenizer)."""
+    teacher = load_model(source, head, revision, trust_remote_code)
+    align_labels(teacher, labels, f"teacher '{source}'")
+    freeze(teacher)
+    return teacher, load_tokenizer(source, revision, trust_remote_code)

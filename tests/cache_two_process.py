@@ -23,13 +23,12 @@ from datasets import Dataset, DatasetDict  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
-from tests.conftest import SPANISH, minilm_path, tiny_bert_config  # noqa: E402
+from tests.conftest import SPANISH, minilm_path, online_teacher, pair, teacher_outputs, tiny_bert_config  # noqa: E402
 from distill import cache  # noqa: E402
 from distill.config import Config  # noqa: E402
 from distill.losses import SoftLabelLoss  # noqa: E402
 from distill.sampling import LengthGroupedBatchSampler  # noqa: E402
 from distill.tasks.classification import ClassificationTask  # noqa: E402
-from distill.train import OnlineTeacher  # noqa: E402
 
 
 def main(out: Path) -> None:
@@ -60,7 +59,7 @@ def main(out: Path) -> None:
             rows[0] += len(kwargs["input_ids"])
 
     teacher.register_forward_hook(count, with_kwargs=True)
-    fn = cache.teacher_outputs(cfg, task, teacher, features, accelerator, hidden=False)
+    fn = teacher_outputs(cfg, task, teacher, features, accelerator, hidden=False)
     build_rows, rows[0] = rows[0], 0
 
     torch.manual_seed(1)
@@ -69,18 +68,18 @@ def main(out: Path) -> None:
     sampler = LengthGroupedBatchSampler(features["length"], cfg.train.batch_size, seed=cfg.seed)
     loader = DataLoader(features, batch_sampler=sampler, collate_fn=task.collate)
     student, optimizer, loader = accelerator.prepare(student, optimizer, loader)
-    online = OnlineTeacher(teacher, task, accelerator, hidden=False)
+    online = online_teacher(teacher, task, accelerator, hidden=False)
     kd = SoftLabelLoss("kl", 1.0)
     losses, diff, batches, train_rows = [], 0.0, 0, 0
     for batch in loader:
-        targets, _ = fn(batch)
+        targets, _ = pair(fn(batch))
         outputs = student(**task.model_inputs(batch))
         loss = kd(task.kd_pairs(task.kd_targets(outputs, batch, teacher=False), targets, batch))
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad()
         counting[0] = False  # the comparison below is not training
-        live, _ = online(batch)
+        live, _ = pair(online(batch))
         counting[0] = True
         diff = max(diff, float((live["logits"] - targets["logits"]).abs().max()))
         losses.append(float(loss.detach()))

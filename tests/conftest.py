@@ -180,3 +180,43 @@ def write_keyword_data(root: Path, words: dict[str, list[str]], sizes: dict[str,
             rows.append({"text": " ".join(tokens), "label": label})
         (root / f"{split}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
+
+
+def pair(signals):
+    """(logit targets, hidden states) of a teacher's Signals."""
+    return signals.targets, signals.hidden
+
+
+def teacher_outputs(cfg, task, teacher, features, accelerator, hidden: bool):
+    """The cached teacher a student stage gets, built as `setup_stage` builds it (the hidden
+    layers the hidden-state term reads, the cache folder and batch size from the recipe); None
+    when the teacher runs online."""
+    import copy
+
+    from distill.setup import build_objective, cache_settings
+    from distill.teachers import CachedTeacher, make_teacher
+
+    layers: set = set()
+    if hidden:
+        d = copy.deepcopy(cfg.distill)
+        d.hidden_weight = d.hidden_weight or 1.0
+        student_config = copy.deepcopy(teacher.config)
+        s = cfg.student
+        student_config.num_hidden_layers = len(s.from_teacher_layers) or s.num_layers or teacher.config.num_hidden_layers
+        layers = build_objective(task, d, student_config, teacher.config).needs("teacher")["hidden"]
+    fn, _ = make_teacher(
+        teacher, task, accelerator, features,
+        mode=cfg.distill.teacher_outputs,
+        cache_root=Path(cfg.distill.cache_dir) if cfg.distill.cache_dir else Path(cfg.output_dir) / "teacher_cache",
+        cache_settings=cache_settings(cfg),
+        hidden_layers=sorted(layers),
+        cache_hidden_states=cfg.distill.cache_hidden_states,
+        batch_size=max(4 * cfg.train.batch_size, cfg.train.eval_batch_size or 0),
+    )
+    return fn if isinstance(fn, CachedTeacher) else None
+
+
+def online_teacher(teacher, task, accelerator, hidden: bool):
+    from distill.teachers import OnlineTeacher
+
+    return OnlineTeacher(teacher, task, accelerator, hidden_layers=range(teacher.config.num_hidden_layers + 1) if hidden else ())

@@ -22,6 +22,7 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification
 
 import distill.train as train
+from distill import models, setup
 from distill.cli import main
 from tests.conftest import minilm_path, save_tiny, tiny_bert_config
 
@@ -211,12 +212,12 @@ def test_teacher_with_another_label_order_is_reordered(tiny_bert_dir):
     ids = torch.tensor([[101, 2000, 2001, 102]])
     with torch.no_grad():
         before = model(input_ids=ids).logits[0]  # [3] in the order pos, neg, neu
-    train.align_labels(model, LABELS, "teacher")
+    models.align_labels(model, LABELS, "teacher")
     with torch.no_grad():
         after = model(input_ids=ids).logits[0]  # [3] in the order neg, neu, pos
     assert torch.allclose(after, before[[1, 2, 0]])
     assert model.config.id2label == {0: "neg", 1: "neu", 2: "pos"}
-    assert isinstance(train._output_layer(model, 3), nn.Linear)
+    assert isinstance(models.output_layer(model, 3), nn.Linear)
 
 
 PREFLIGHT_CASES = {
@@ -243,7 +244,7 @@ def test_preflight_fails_before_the_teacher_trains(name, world, tmp_path):
     run = tmp_path / "fresh"
     cfg = load_config(world.recipe, [f"output_dir={run}", *(o.format(**fill) for o in overrides)])
     with pytest.raises((train.StageError, DataError, ModelLoadError)) as info:
-        train.preflight(cfg, ["teacher", "student"])
+        setup.preflight(cfg, ["teacher", "student"])
     assert message in str(info.value)
     written = [p for p in run.rglob("*") if p.is_file()]
     assert written == []
@@ -257,8 +258,8 @@ def test_preflight_passes_a_good_recipe_and_refuses_a_different_student_config(w
     (run / "student").mkdir()
     (run / "student" / "config.yaml").write_text((run / "teacher" / "config.yaml").read_text())
     good = load_config(world.recipe, [f"output_dir={tmp_path / 'fresh'}"])
-    train.preflight(good, ["teacher", "student", "baseline"])  # no error, no file written
+    setup.preflight(good, ["teacher", "student", "baseline"])  # no error, no file written
     assert not [p for p in (tmp_path / "fresh").rglob("*") if p.is_file()]
     other = load_config(world.recipe, [f"output_dir={run}", "distill.temperature=4.0"])
     with pytest.raises(train.StageError, match="holds a run with a different config"):
-        train.preflight(other, ["teacher", "student"])
+        setup.preflight(other, ["teacher", "student"])

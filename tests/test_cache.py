@@ -23,15 +23,15 @@ from transformers import (
     RobertaConfig,
 )
 
-from tests.conftest import SPANISH, tiny_bert_config
+from tests.conftest import SPANISH, online_teacher, pair, teacher_outputs, tiny_bert_config
 from distill import cache
+from distill.teachers import CachedTeacher
 from distill.config import Config
 from distill.losses import HiddenStateLoss, SoftLabelLoss
 from distill.sampling import LengthGroupedBatchSampler
 from distill.tasks.classification import ClassificationTask
 from distill.tasks.qa import QATask
 from distill.tasks.tagging import TaggingTask
-from distill.train import OnlineTeacher
 
 TESTS = Path(__file__).parent
 TAGS = ["O", "B-LOC", "I-LOC", "B-ORG", "I-ORG"]
@@ -144,13 +144,13 @@ def shuffled_batches(task, features: Dataset, batch_size: int = 4, epochs: int =
 
 def assert_same_kd_loss(task, student, teacher, features, fn, accelerator, epochs: int = 2) -> int:
     """Cached and online teachers give the same KD loss on every shuffled batch."""
-    online = OnlineTeacher(teacher, task, accelerator, hidden=False)
+    online = online_teacher(teacher, task, accelerator, hidden=False)
     checked = 0
     for batch in shuffled_batches(task, features, epochs=epochs):
         with torch.no_grad():
             s = task.kd_targets(student(**task.model_inputs(batch)), batch, teacher=False)
-        cached, hidden = fn(batch)
-        live, _ = online(batch)
+        cached, hidden = pair(fn(batch))
+        live, _ = pair(online(batch))
         assert hidden is None and set(cached) == set(live)
         loss_cached = KD(task.kd_pairs(s, cached, batch))
         loss_online = KD(task.kd_pairs(s, live, batch))
@@ -174,8 +174,8 @@ def test_classification_cached_matches_online(tmp_path, tok, bpe_tok, accelerato
         task, feats = classification(cfg, tok)
         teacher = sharpen(seeded(AutoModelForSequenceClassification, tiny_bert_config(num_labels=3)))
     student = seeded(AutoModelForSequenceClassification, tiny_bert_config(num_labels=3), seed=1).eval()
-    fn = cache.teacher_outputs(cfg, task, teacher, feats, accelerator, hidden=False)
-    assert isinstance(fn, cache.CachedTeacher)
+    fn = teacher_outputs(cfg, task, teacher, feats, accelerator, hidden=False)
+    assert isinstance(fn, CachedTeacher)
     assert assert_same_kd_loss(task, student, teacher, feats, fn, accelerator) == 2 * -(-len(feats) // 4)
     # stored as float16, one [labels] row per feature, ordered by feature_id
     data = fn.cache.dataset
@@ -192,7 +192,7 @@ def test_tagging_rows_are_trimmed_to_words_and_match_online(tmp_path, tok, bpe_t
         config = roberta_config(bpe_tok, num_labels=len(TAGS)) if own else tiny_bert_config(num_labels=len(TAGS))
         teacher = sharpen(seeded(AutoModelForTokenClassification, config))
         student = seeded(AutoModelForTokenClassification, tiny_bert_config(num_labels=len(TAGS)), seed=1).eval()
-        fn = cache.teacher_outputs(cfg, task, teacher, feats, accelerator, hidden=False)
+        fn = teacher_outputs(cfg, task, teacher, feats, accelerator, hidden=False)
         for fid, words in enumerate(feats["num_words"]):
             assert fn.cache.row("word_logits", fid).shape == (words, len(TAGS))
             assert fn.cache.row("word_mask", fid).shape == (words,)
@@ -205,7 +205,7 @@ def test_qa_rows_are_trimmed_to_the_window_and_match_online(tmp_path, tok, accel
     assert len(feats) > len(set(feats["example_id"]))
     teacher = sharpen(seeded(AutoModelForQuestionAnswering, tiny_bert_config()), scale=10.0)
     student = seeded(AutoModelForQuestionAnswering, tiny_bert_config(), seed=1).eval()
-    fn = cache.teacher_outputs(cfg, task, teacher, feats, accelerator, hidden=False)
+    fn = teacher_outputs(cfg, task, teacher, feats, accelerator, hidden=False)
     for fid, length in enumerate(feats["length"]):
         assert fn.cache.row("start_logits", fid).shape == (length,)
     assert assert_same_kd_loss(task, student, teacher, feats, fn, accelerator, epochs=1) > 0
@@ -228,7 +228,7 @@ def test_cache_is_reused_when_nothing_changed_and_rebuilt_when_anything_did(tmp_
     rows = count_forwards(teacher)
 
     def build(cfg=cfg, task=task, teacher=teacher, feats=feats) -> Path:
-        return cache.teacher_outputs(cfg, task, teacher, feats, accelerator, hidden=False).cache.path
+        return teacher_outputs(cfg, task, teacher, feats, accelerator, hidden=False).cache.path
 
     first = build()
     assert rows[0] == len(feats) + 2  # one pass, plus the 2-row probe
@@ -293,11 +293,11 @@ def test_a_failed_build_leaves_no_cache_behind(tmp_path, tok, accelerator, monke
 
     monkeypatch.setattr(task, "kd_targets", flaky)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        cache.teacher_outputs(cfg, task, teacher, feats, accelerator, hidden=False)
+        teacher_outputs(cfg, task, teacher, feats, accelerator, hidden=False)
     root = tmp_path / "run" / "teacher_cache"
     assert not [p for p in root.iterdir() if not p.name.startswith(".tmp-")]
     monkeypatch.setattr(task, "kd_targets", original)
-    fn = cache.teacher_outputs(cfg, task, teacher, feats, accelerator, hidden=False)
+    fn = teacher_outputs(cfg, task, teacher, feats, accelerator, hidden=False)
     assert len(fn.cache) == len(feats)
 
 
@@ -309,7 +309,7 @@ def test_not_enough_disk_space_is_refused_before_writing(tmp_path, tok, accelera
     usage = cache.shutil.disk_usage(tmp_path)
     monkeypatch.setattr(cache.shutil, "disk_usage", lambda path: usage._replace(free=100))
     with pytest.raises(cache.CacheError, match=r"needs about .* \(\d+ bytes\) and 100 B \(100 bytes\) are free") as err:
-        cache.teacher_outputs(cfg, task, teacher, feats, accelerator, hidden=False)
+        teacher_outputs(cfg, task, teacher, feats, accelerator, hidden=False)
     assert str(tmp_path / "cache") in str(err.value)
     assert list((tmp_path / "cache").iterdir()) == []
 
@@ -322,13 +322,13 @@ def test_teacher_outputs_modes(tmp_path, tok, accelerator):
     task, feats = classification(cfg, tok, texts=SPANISH)
     teacher = seeded(AutoModelForSequenceClassification, tiny_bert_config(num_labels=3)).eval()
     cfg.distill.teacher_outputs = "online"
-    assert cache.teacher_outputs(cfg, task, teacher, feats, accelerator, hidden=False) is None
+    assert teacher_outputs(cfg, task, teacher, feats, accelerator, hidden=False) is None
     cfg.distill.teacher_outputs = "auto"
-    assert cache.teacher_outputs(cfg, task, teacher, feats, accelerator, hidden=True) is None  # hidden: online
-    assert cache.teacher_outputs(cfg, task, teacher, feats, accelerator, hidden=False) is not None
+    assert teacher_outputs(cfg, task, teacher, feats, accelerator, hidden=True) is None  # hidden: online
+    assert teacher_outputs(cfg, task, teacher, feats, accelerator, hidden=False) is not None
     cfg.distill.teacher_outputs = "cached"
     with pytest.raises(cache.CacheError, match="cache_hidden_states=true"):
-        cache.teacher_outputs(cfg, task, teacher, feats, accelerator, hidden=True)
+        teacher_outputs(cfg, task, teacher, feats, accelerator, hidden=True)
 
 
 def test_hidden_states_are_cached_on_request_with_their_size_printed(tmp_path, tok, accelerator, capsys):
@@ -338,18 +338,18 @@ def test_hidden_states_are_cached_on_request_with_their_size_printed(tmp_path, t
     cfg.distill.hidden_weight, cfg.distill.cache_hidden_states, cfg.distill.include_embeddings = 1.0, True, True
     task, feats = classification(cfg, tok)
     teacher = seeded(AutoModelForSequenceClassification, tiny_bert_config(num_labels=3)).eval()
-    fn = cache.teacher_outputs(cfg, task, teacher, feats, accelerator, hidden=True)
+    fn = teacher_outputs(cfg, task, teacher, feats, accelerator, hidden=True)
     tokens = sum(feats["length"])
     out = capsys.readouterr().out
     assert f"{len(feats)} features x 2 layers" in out and f"x 32 x 2 bytes = {cache._format_bytes(tokens * 2 * 32 * 2)}" in out
     assert fn.cache.hidden_layers == [0, 2]  # embeddings + the last of 2 layers for a 1-layer student
 
     loss = HiddenStateLoss(1, 2, 32, 32, include_embeddings=True)
-    online = OnlineTeacher(teacher, task, accelerator, hidden=True)
+    online = online_teacher(teacher, task, accelerator, hidden=True)
     student = seeded(AutoModelForSequenceClassification, tiny_bert_config(layers=1, num_labels=3), seed=2).eval()
     for batch in shuffled_batches(task, feats, epochs=1):
-        targets, hidden = fn(batch)
-        live_targets, live_hidden = online(batch)
+        targets, hidden = pair(fn(batch))
+        live_targets, live_hidden = pair(online(batch))
         assert hidden[1] is None and len(hidden) == len(live_hidden) == 3
         for j in (0, 2):
             mask = batch["attention_mask"].bool()
@@ -400,4 +400,4 @@ def test_left_padding_is_refused_for_token_aligned_rows(tmp_path, minilm_dir, ac
     task, feats = classification(cfg, left)
     teacher = seeded(AutoModelForSequenceClassification, tiny_bert_config(num_labels=3)).eval()
     with pytest.raises(cache.CacheError, match="not right-padded"):
-        cache.teacher_outputs(cfg, task, teacher, feats, accelerator, hidden=True)
+        teacher_outputs(cfg, task, teacher, feats, accelerator, hidden=True)

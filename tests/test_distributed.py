@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 import distill.train as train
+from distill import setup, teachers
 from distill.cli import main
 from tests.conftest import minilm_path, save_tiny, tiny_bert_config, write_keyword_data
 
@@ -146,14 +147,14 @@ def test_teacher_is_inference_only(setup, monkeypatch):
         return original(self, *objects, **kwargs)
 
     seen: dict = {}
-    online_call = train.OnlineTeacher.__call__
+    online_call = teachers.OnlineTeacher.__call__
 
     def record(self, batch):
         seen["teacher"] = self.model
         return online_call(self, batch)
 
     monkeypatch.setattr(train.Accelerator, "prepare", spy)
-    monkeypatch.setattr(train.OnlineTeacher, "__call__", record)
+    monkeypatch.setattr(teachers.OnlineTeacher, "__call__", record)
     assert main(["student", str(recipe), f"output_dir={root / 'inference'}", "train.epochs=1", "data.max_eval_samples=4"]) == 0
     teacher = seen["teacher"]
     assert not teacher.training

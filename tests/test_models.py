@@ -6,7 +6,8 @@ from transformers import AutoModelForSequenceClassification
 
 from distill import models
 from distill.losses import HiddenStateLoss
-from distill.train import align_labels, StageError
+from distill.errors import StageError
+from distill.models import align_labels
 
 
 @pytest.mark.parametrize(

@@ -180,14 +180,15 @@ class GridRun:
 
     @property
     def folder(self) -> Path:
-        from distill.train import stage_dir
+        from distill.stage import stage_dir
 
         return stage_dir(self.cfg, "teacher") if self.kind == "teacher" else Path(self.cfg.output_dir)
 
     def stage_states(self) -> dict[str, str]:
         """Each stage's state as the training loop sees it: fresh, resume, complete, overwrite, or
         conflict (the folder holds a run with another config)."""
-        from distill.train import StageError, check_stage_dir
+        from distill.errors import StageError
+        from distill.stage import check_stage_dir
 
         states = {}
         for stage in self.stages:

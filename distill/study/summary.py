@@ -7,7 +7,7 @@ from pathlib import Path
 
 from distill.config import Config
 from distill.tasks import get_task
-from distill.train import stage_dir
+from distill.stage import stage_dir
 
 LABELS = {"teacher": "teacher (fine-tuned)", "student": "student (distilled)", "baseline": "student (fine-tuned alone)"}
 

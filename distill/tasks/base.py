@@ -50,6 +50,8 @@ class Task:
     family: str = ""
     pipeline_tag: str = ""
     default_metric: str = ""
+    # what compute_metrics returns (with "loss", which evaluation adds): checked before training
+    metric_names: tuple[str, ...] = ()
     # metrics where lower is better; everything else is maximized
     lower_is_better: tuple[str, ...] = ("loss",)
     # per-feature tensors `kd_targets` returns, with their shape after the batch dimension

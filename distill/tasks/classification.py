@@ -44,6 +44,7 @@ class ClassificationTask(Task):
     family = "classification"
     pipeline_tag = "text-classification"
     default_metric = "accuracy"
+    metric_names = ("accuracy",)
     kd_target_keys = ("logits",)
 
     def setup(self, raw: DatasetDict) -> None:

@@ -153,6 +153,7 @@ class TaggingTask(Task):
     family = "tagging"
     pipeline_tag = "token-classification"
     default_metric = "f1"
+    metric_names = ("f1", "precision", "recall", "accuracy")
     # word_logits [words, labels] and word_mask [words]; the word axis of a feature is
     # `num_words` long (a batch column): the teacher cache trims rows to it.
     kd_target_keys = ("word_logits", "word_mask")

@@ -1,0 +1,80 @@
+"""Raw splits -> the task's features -> batches.
+
+`load_data` reads and subsamples the recipe's splits and lets the task read its label names
+(before any model is built, so heads get the right size); `prepare_data` tokenizes them with the
+task's bound tokenizers; `make_loader` batches them in an order that is a function of
+(seed, epoch) only, so a resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Optional
+
+import torch
+from datasets import Dataset, DatasetDict
+from torch.utils.data import DataLoader
+
+from distill import data as data_mod
+from distill.config import Config
+from distill.errors import DataError
+from distill.sampling import LengthGroupedBatchSampler
+from distill.tasks.base import Task
+
+
+def load_data(cfg: Config, task: Task) -> DatasetDict:
+    """The raw splits, subsampled; the task reads its label names from them."""
+    raw = data_mod.subsample(data_mod.load_raw(cfg), cfg)
+    try:
+        task.setup(raw)
+    except ValueError as err:  # the task's own data checks (DataError is a ValueError too)
+        raise DataError(str(err)) from None
+    return raw
+
+
+def prepare_data(task: Task, raw: DatasetDict, accelerator: Optional[Any] = None) -> dict[str, Dataset]:
+    """Raw splits -> features with the task's (bound) tokenizers. With an accelerator, the main
+    process tokenizes first and the others then read the datasets cache."""
+    features = {}
+    first = accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext()
+    with first:
+        for split, ds in raw.items():
+            try:
+                features[split] = task.preprocess(ds, split)
+            except ValueError as err:
+                raise DataError(f"split '{split}': {err}") from None
+    for split, feats in features.items():
+        if len(feats) == 0:
+            raise DataError(f"split '{split}' has no features after preprocessing")
+    return features
+
+
+def make_loader(
+    task: Task,
+    features: Dataset,
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    group_by_length: bool = True,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """Length-grouped batches whose order is a function of (seed, epoch) only.
+
+    The loader gets its own generator: starting an iteration draws a seed from it, and drawing
+    from the global RNG instead would shift dropout after a resume. Workers only collate (the
+    batch order is fixed by the sampler), so their number never changes the batches.
+    """
+    sampler = LengthGroupedBatchSampler(
+        features["length"], batch_size, shuffle=shuffle, group_by_length=group_by_length, seed=seed
+    )
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        features,
+        batch_sampler=sampler,
+        collate_fn=task.collate,
+        generator=generator,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+    )

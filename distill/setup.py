@@ -1,0 +1,292 @@
+"""Building a stage once, and checking every stage before the first one trains.
+
+`setup_stage` turns the config into a `Stage`: the task, its raw data and features, the model to
+train and its tokenizer, the teacher (online or cached, one interface), the objective (the
+weighted loss terms) and the loaders. It writes nothing, so a bad input never costs an earlier
+result. `preflight` runs the same checks on configs and tokenizers only (no weights), for every
+stage of a `distill run`, before the first one starts.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from datasets import Dataset, DatasetDict
+from torch.utils.data import DataLoader
+
+from distill import models
+from distill.config import Config, DistillConfig, TrainConfig, stage_train
+from distill.errors import StageError
+from distill.features import load_data, make_loader, prepare_data
+from distill.losses import GoldTerm, HiddenStateLoss, HiddenTerm, Objective, SoftLabelTerm, Term
+from distill.stage import STAGES, check_stage_dir, check_writable, stage_dir
+from distill.tasks import get_task
+from distill.tasks.base import Task
+from distill.teachers import Teacher, make_teacher, place_teacher
+
+log = logging.getLogger("distill")
+
+# terms that compare token positions: teacher and student must tokenize alike
+POSITION_TERMS = ("hidden", "attention", "relations")
+
+
+@dataclass
+class Stage:
+    """Everything a stage trains with, built once by `setup_stage`."""
+
+    name: str
+    out: Path
+    train: TrainConfig
+    task: Task
+    raw: DatasetDict
+    features: dict[str, Dataset]
+    model: torch.nn.Module
+    tokenizer: Any
+    objective: Objective
+    teacher: Optional[Teacher] = None
+    teacher_source: Optional[str] = None
+    train_loader: Optional[DataLoader] = None
+    eval_loaders: dict[str, DataLoader] = field(default_factory=dict)
+    capture: Any = None
+
+
+def teacher_source(cfg: Config) -> str:
+    """Where the fine-tuned teacher for distillation lives."""
+    if cfg.teacher.finetuned:
+        return cfg.teacher.model  # type: ignore[return-value]
+    path = stage_dir(cfg, "teacher") / "model"
+    if not path.exists():
+        raise StageError(
+            f"no fine-tuned teacher at {path}: run `distill teacher` (or `distill run`) first, "
+            "or set teacher.finetuned=true with teacher.model pointing at a fine-tuned model"
+        )
+    return str(path)
+
+
+def bind_tokenizers(task: Task, tokenizer: Any, teacher_tok: Any, position_terms: Sequence[str] = ()) -> None:
+    """Give the task its tokenizers; refuse a teacher/student pair the task or a term cannot align."""
+    if teacher_tok is None or models.same_tokenizer(tokenizer, teacher_tok):
+        task.bind(tokenizer)
+        return
+    if position_terms:
+        names = ", ".join(f"distill.{'relation' if t == 'relations' else t}_weight" for t in position_terms)
+        raise StageError(
+            f"the {'/'.join(position_terms)} term compares token positions, which needs teacher and "
+            f"student with the same tokenizer ({type(teacher_tok).__name__} of vocabulary "
+            f"{len(teacher_tok)} vs {type(tokenizer).__name__} of vocabulary {len(tokenizer)}); "
+            f"set {names}=0 or pick a student that shares the teacher's tokenizer"
+        )
+    try:
+        task.bind(tokenizer, teacher_tok)
+    except ValueError as err:
+        raise StageError(f"teacher and student tokenizers cannot be aligned for {task.family}: {err}") from None
+
+
+def build_objective(task: Task, d: DistillConfig, student_config: Any, teacher_config: Any = None) -> Objective:
+    """The stage's weighted terms: ce alone without a teacher, else the recipe's ce, kd, hidden,
+    attention and relation terms with a weight > 0 (built from the two models' configs only)."""
+    if teacher_config is None:
+        return Objective([GoldTerm()], {"ce": 1.0})
+    weights = {
+        "ce": d.ce_weight, "kd": d.kd_weight, "hidden": d.hidden_weight,
+        "attention": d.attention_weight, "relations": d.relation_weight,
+    }
+    weights = {k: w for k, w in weights.items() if w > 0}
+    s_layers, t_layers = student_config.num_hidden_layers, teacher_config.num_hidden_layers
+    terms: list[Term] = []
+    try:
+        if "ce" in weights:
+            terms.append(GoldTerm())
+        if "kd" in weights:
+            terms.append(SoftLabelTerm(task, d.kd_loss, d.temperature))
+        if "hidden" in weights:
+            loss = HiddenStateLoss(
+                s_layers, t_layers, student_config.hidden_size, teacher_config.hidden_size,
+                kind=d.hidden_loss, layer_map=d.layer_map, include_embeddings=d.include_embeddings,
+            )
+            terms.append(HiddenTerm(loss))
+        if "attention" in weights or "relations" in weights:
+            from distill.intermediate import intermediate_terms
+
+            terms.extend(intermediate_terms(d, student_config, teacher_config, weights))
+    except ValueError as err:
+        raise StageError(f"{err} (student has {s_layers} layers, teacher {t_layers})") from None
+    return Objective(terms, weights, two_phase=d.intermediate_epochs > 0)
+
+
+def check_lengths(max_length: int, *configs: Any) -> None:
+    """data.max_length must fit every model's position table (else step 2 crashes on an index)."""
+    for config in configs:
+        table = getattr(config, "max_position_embeddings", None)
+        if table is None:
+            continue
+        # RoBERTa-style position ids start after the padding index
+        usable = table - (config.pad_token_id + 1 if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert") else 0)
+        if max_length > usable:
+            raise StageError(
+                f"data.max_length={max_length} is longer than {getattr(config, '_name_or_path', '') or config.model_type}'s "
+                f"position table ({usable} positions): set data.max_length <= {usable}"
+            )
+
+
+def check_metrics(task: Task, select: Optional[str]) -> None:
+    """task.metric and train.select_metric must be metrics the task produces."""
+    produced = set(task.metric_names) | {"loss"}
+    if not task.metric_names:
+        return
+    for key, name in (("task.metric", task.metric), ("train.select_metric", select)):
+        if name and name not in produced:
+            raise StageError(f"{key}='{name}' is not a metric {task.family} produces: {sorted(produced)}")
+
+
+def cache_settings(cfg: Config) -> dict[str, Any]:
+    """The preprocessing options the teacher cache's key names (besides the features' content)."""
+    return {
+        "family": cfg.task.family,
+        "max_length": cfg.data.max_length,
+        "doc_stride": cfg.data.doc_stride,
+        "label_all_tokens": cfg.task.label_all_tokens,
+    }
+
+
+def capture_factory(objective: Objective) -> Any:
+    """The attention-projection capture, when a term reads Q/K/V (imported only then)."""
+    if not (objective.needs("student").get("qkv") or objective.needs("teacher").get("qkv")):
+        return None
+    from distill.capture import QKVCapture
+
+    return QKVCapture
+
+
+def setup_stage(cfg: Config, stage: str, accelerator: Accelerator) -> Stage:
+    """Build the stage: every input (data, models, tokenizers, label names, layer maps, the
+    teacher cache) is checked here, before anything is written into the stage folder."""
+    out = stage_dir(cfg, stage)
+    tcfg = stage_train(cfg, stage)
+    check_writable(out)
+    set_seed(cfg.seed)
+    task = get_task(cfg)
+    raw = load_data(cfg, task)
+    check_metrics(task, tcfg.select_metric)
+    head, kwargs = task.model_class(), task.model_kwargs()
+    teacher_model = teacher_tok = source = None
+    if stage == "student" and cfg.teacher.model:
+        source = teacher_source(cfg)
+        revision = cfg.teacher.revision if cfg.teacher.finetuned else None
+        teacher_model, teacher_tok = models.load_teacher(source, revision, cfg.teacher.trust_remote_code, head, task.labels)
+    model, tokenizer = models.build_trained_model(stage, cfg.teacher, cfg.student, head, kwargs)
+    objective = build_objective(task, cfg.distill, model.config, teacher_model.config if teacher_model is not None else None)
+    check_lengths(cfg.data.max_length, model.config, *([teacher_model.config] if teacher_model is not None else []))
+    bind_tokenizers(task, tokenizer, teacher_tok, [n for n in objective.terms if n in POSITION_TERMS])
+    features = prepare_data(task, raw, accelerator)
+    capture = capture_factory(objective)
+    teacher = None
+    if teacher_model is not None:
+        place_teacher(teacher_model, accelerator)
+        needs = objective.needs("teacher")
+        teacher, keep = make_teacher(
+            teacher_model, task, accelerator, features["train"],
+            mode=cfg.distill.teacher_outputs,
+            cache_root=Path(cfg.distill.cache_dir) if cfg.distill.cache_dir else Path(cfg.output_dir) / "teacher_cache",
+            cache_settings=cache_settings(cfg),
+            hidden_layers=sorted(needs.get("hidden", ())),
+            qkv_layers=sorted(needs.get("qkv", ())),
+            cache_hidden_states=cfg.distill.cache_hidden_states,
+            # inference needs no activations for backward: batches 4x the training batch
+            batch_size=max(4 * cfg.train.batch_size, cfg.train.eval_batch_size or 0),
+            capture=capture,
+        )
+        if not keep:  # outputs are cached: the teacher need not stay resident while the student trains
+            del teacher_model
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    on_gpu = accelerator.device.type == "cuda"
+    loader_args = dict(seed=cfg.seed, group_by_length=tcfg.group_by_length, num_workers=tcfg.num_workers, pin_memory=on_gpu)
+    eval_bs = tcfg.eval_batch_size or 2 * tcfg.batch_size
+    return Stage(
+        name=stage, out=out, train=tcfg, task=task, raw=raw, features=features, model=model, tokenizer=tokenizer,
+        objective=objective, teacher=teacher, teacher_source=source, capture=capture,
+        train_loader=make_loader(task, features["train"], tcfg.batch_size, shuffle=True, **loader_args),
+        eval_loaders={
+            s: make_loader(task, features[s], eval_bs, **loader_args) for s in ("validation", "test") if s in features
+        },
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking every stage before the first one trains
+# ---------------------------------------------------------------------------------------------
+
+
+def preflight(cfg: Config, stages: Sequence[str]) -> None:
+    """Check the inputs of every stage about to run, before the first one trains, so that a
+    broken student setting does not surface only after hours of teacher fine-tuning.
+
+    Cheap: data, configs and tokenizers, no weights. A student stage whose teacher is not
+    fine-tuned yet checks against the pretrained teacher, which has the same tokenizer, depth
+    and width (the teacher stage gives it the data's labels). Every stage repeats its full
+    checks when it starts; this only moves the failures earlier.
+    """
+    task = get_task(cfg)
+    load_data(cfg, task)
+    for stage in stages:
+        if stage not in STAGES:
+            raise StageError(f"unknown stage '{stage}' ({', '.join(STAGES)})")
+        if check_stage_dir(cfg, stage) == "complete":
+            continue
+        check_writable(stage_dir(cfg, stage), keep=False)
+        check_metrics(task, stage_train(cfg, stage).select_metric)
+        _check_model_setup(cfg, stage, task)
+
+
+def _check_model_setup(cfg: Config, stage: str, task: Task) -> None:
+    """The model-dependent checks of `setup_stage`, on configs and tokenizers only."""
+    t, s = cfg.teacher, cfg.student
+    if stage == "teacher":
+        config = models.load_config(t.model, t.revision, t.trust_remote_code)
+        models.load_tokenizer(t.model, t.revision, t.trust_remote_code)
+        check_lengths(cfg.data.max_length, config)
+        return
+    teacher_config = teacher_tok = None
+    if stage == "student" and t.model:
+        finetuned = t.finetuned or (stage_dir(cfg, "teacher") / "model").exists()
+        src = teacher_source(cfg) if finetuned else t.model
+        revision = t.revision if (t.finetuned or not finetuned) else None
+        teacher_config = models.load_config(src, revision, t.trust_remote_code)
+        if finetuned:
+            models.label_order(teacher_config, task.labels, f"teacher '{src}'")
+        teacher_tok = models.load_tokenizer(src, revision, t.trust_remote_code)
+    if s.model:
+        student_config = models.load_config(s.model, s.revision, s.trust_remote_code, **dict(s.config_overrides))
+        tokenizer = models.load_tokenizer(s.model, s.revision, s.trust_remote_code)
+    else:
+        student_config = models.load_config(t.model, t.revision, t.trust_remote_code, **dict(s.config_overrides))
+        layers = models.student_layers(s, student_config.num_hidden_layers, t.model or "")
+        student_config.num_hidden_layers = len(layers)
+        tokenizer = models.load_tokenizer(t.model, t.revision, t.trust_remote_code)
+    objective = build_objective(task, cfg.distill, student_config, teacher_config)
+    check_lengths(cfg.data.max_length, student_config, *([teacher_config] if teacher_config is not None else []))
+    bind_tokenizers(get_task(cfg), tokenizer, teacher_tok, [n for n in objective.terms if n in POSITION_TERMS])
+
+
+def make_accelerator(cfg: Config, stage: str, grad_accum: int) -> Accelerator:
+    trackers = [t for t in cfg.tracking.report_to if t != "none"]
+    if "wandb" in trackers:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            log.warning("wandb is not installed; logging to log.jsonl only (pip install 'distill[wandb]')")
+            trackers.remove("wandb")
+    return Accelerator(
+        gradient_accumulation_steps=grad_accum,
+        log_with=trackers or None,
+        project_dir=str(stage_dir(cfg, stage)),
+    )
