@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AlbertConfig, AutoModelForSequenceClassification, AutoTokenizer, BertConfig
 
-from distill.capture import Capture
+from distill.capture import QKV, Capture
 from distill.errors import StageError
 from distill.intermediate import (
     AttentionTerm,
@@ -29,8 +29,6 @@ except ImportError:  # the loop's Signals: only qkv and attention_mask are read 
     def Signals(**kw):  # noqa: N802
         return SimpleNamespace(**{"qkv": None, "attention_mask": None, **kw})
 
-
-from distill.capture import QKV
 
 
 def rand_qkv(width: int, heads: int, seed: int, batch: int = 2, seq: int = 4) -> QKV:
