@@ -22,6 +22,7 @@ application is its own layer here, exactly as in `output_hidden_states`.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
@@ -66,9 +67,22 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+_LAYOUTS: "weakref.WeakKeyDictionary[nn.Module, tuple[int, _Layout]]" = weakref.WeakKeyDictionary()
+
+
 def _layout(model: nn.Module) -> _Layout:
-    """Find the self-attention projections and the transformer block that holds each of them."""
+    """The model's layout, found once per model (walking every module costs ~1 ms: too much to
+    pay twice per training step)."""
     model = _unwrap(model)
+    key = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    cached = _LAYOUTS.get(model)
+    if cached is None or cached[0] != key:
+        cached = _LAYOUTS[model] = (key, _find_layout(model))
+    return cached[1]
+
+
+def _find_layout(model: nn.Module) -> _Layout:
+    """Find the self-attention projections and the transformer block that holds each of them."""
     named = dict(model.named_modules())
     attentions: list[tuple[str, nn.Module, tuple[nn.Linear, nn.Linear, nn.Linear]]] = []
     for name, module in named.items():
@@ -282,3 +296,19 @@ class Capture:
 
 # The name the stage setup imports: `QKVCapture(model, layers, stop_after=L)`.
 QKVCapture = Capture
+
+
+def forward_capturing(
+    model: nn.Module,
+    inputs: dict,
+    qkv: Iterable[int] = (),
+    hidden: Iterable[int] = (),
+    stop_after: Optional[int] = None,
+    **kwargs: Any,
+) -> tuple[Any, Capture]:
+    """`model(**inputs, **kwargs)` under a `Capture`: (outputs, capture). outputs is None when
+    the forward stopped after `stop_after` (a `with` body would leave its result unassigned)."""
+    outputs = None
+    with Capture(model, qkv, hidden, stop_after) as cap:
+        outputs = model(**inputs, **kwargs)
+    return outputs, cap

@@ -216,7 +216,8 @@ class RelationTerm(nn.Module):
             raise ValueError(f"distill.relation_heads={relation_heads}: use 0 (default rule) or a positive count")
         if relation_heads == 0:
             relation_heads = default_relation_heads(student_hidden, teacher_hidden, student_heads)
-        uneven = [f"{who} width {w}" for who, w in (("student", student_hidden), ("teacher", teacher_hidden)) if w % relation_heads]
+        widths = (("student", student_hidden), ("teacher", teacher_hidden))
+        uneven = [f"{who} width {w}" for who, w in widths if w % relation_heads]
         if uneven:
             valid = _divisors(math.gcd(student_hidden, teacher_hidden))
             raise ValueError(
@@ -258,7 +259,11 @@ class RelationTerm(nn.Module):
 
 
 # Recipe keys of the terms that compare token positions, and the term each one turns on.
-POSITIONAL_TERMS = {"hidden": "distill.hidden_weight", "attention": "distill.attention_weight", "relations": "distill.relation_weight"}
+POSITIONAL_TERMS = {
+    "hidden": "distill.hidden_weight",
+    "attention": "distill.attention_weight",
+    "relations": "distill.relation_weight",
+}
 
 
 def check_compatible(

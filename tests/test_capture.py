@@ -18,7 +18,7 @@ from transformers import (
     RobertaConfig,
 )
 
-from distill.capture import Capture, deepest_layer, num_layers, wanted_layers
+from distill.capture import Capture, deepest_layer, forward_capturing, num_layers, wanted_layers
 from distill.intermediate import attention_scores
 
 
@@ -204,3 +204,31 @@ def test_wanted_layers_and_deepest():
     assert wants == {"qkv": {5}, "hidden": {0, 9}}
     assert deepest_layer(wants) == 9
     assert deepest_layer(wanted_layers([Term()], "student")) == 2
+
+
+def test_forward_capturing_returns_none_when_stopped():
+    model = make("roberta", layers=3)
+    x = inputs()
+    with torch.no_grad():
+        out, cap = forward_capturing(model, x, qkv={3}, hidden={1})
+        assert out.logits.shape == (2, 2) and not cap.stopped and sorted(cap.qkv) == [3]
+        stopped, early = forward_capturing(model, x, qkv={1}, hidden={1}, stop_after=1)
+    assert stopped is None and early.stopped
+    torch.testing.assert_close(early.hidden[1], cap.hidden[1])
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_trains_or_refuses(reentrant):
+    """Non-reentrant checkpointing keeps the graph through the captures; reentrant runs the
+    layers under no_grad, so a term would silently train nothing: the capture refuses."""
+    model = make("bert", layers=2).train()
+    model.activation_checkpointing_enable({"use_reentrant": reentrant})
+    if reentrant:
+        with pytest.raises(RuntimeError, match="carry no gradient.*use_reentrant=False"):
+            with Capture(model, qkv={2}):
+                model(**inputs())
+        return
+    with Capture(model, qkv={2}) as cap:
+        model(**inputs())
+    cap.qkv[2].q.pow(2).mean().backward()  # the recompute runs after the hooks are gone
+    assert model.bert.encoder.layer[1].attention.self.query.weight.grad.abs().sum() > 0
