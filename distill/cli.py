@@ -23,6 +23,7 @@ EXTERNAL = {
     "bench": ("distill.bench.cli", "measure parameters, MACs and latency of models (offline shapes too)"),
     "report": ("distill.study.report", "collect a tree of runs into the study's result tables"),
     "grid": ("distill.study.grid", "expand tasks x students x settings into runs; run or write launch scripts"),
+    "search": ("distill.study.search", "Optuna search over recipe keys (the recipe's search: section); trials are stages"),
 }
 
 STAGE_HELP = {

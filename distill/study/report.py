@@ -582,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Collect metrics.json/config.yaml from a tree of runs into the study's Summary "
         "and All results tables (markdown + CSV), best run per (block, task, model).",
     )
-    p.add_argument("runs_dir", help="folder holding the runs (searched recursively)")
+    p.add_argument("runs_dir", help="folder holding the runs (searched recursively), or a `distill search` folder")
     p.add_argument("--out", default=None, help="output folder (default RUNS_DIR/report)")
     p.add_argument("--split", default="test", help="split whose scores fill the tables (default test)")
     p.add_argument("--compare-published", action="store_true",
@@ -595,6 +595,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    from distill.study.search import is_search_folder, search_report
+
+    if is_search_folder(args.runs_dir):  # a `distill search` folder: its trials table and best trial(s)
+        print(search_report(args.runs_dir))
+        return 0
     try:
         tables, paths = report(Path(args.runs_dir), args.out, args.split, args.compare_published, args.reselect)
     except ReportError as err:
