@@ -82,7 +82,7 @@ class DataConfig:
     files: dict[str, str] = field(default_factory=dict)  # split -> local file
     # split -> a source of its own, over what `source` / `files` give for that split
     split_sources: dict[str, SplitSource] = field(default_factory=dict)
-    format: Optional[str] = None  # jsonl | json | csv | tsv | conll | squad; None = from extension
+    format: Optional[str] = None  # jsonl | json | csv | tsv | parquet | conll | conllu | squad; None = from extension
     splits: SplitsConfig = field(default_factory=SplitsConfig)
     # task input -> dataset column, e.g. {text: premise, text_pair: hypothesis, label: label}
     columns: dict[str, str] = field(default_factory=dict)
@@ -92,8 +92,12 @@ class DataConfig:
     doc_stride: int = 32  # qa and long tagging sentences: overlap between windows (QA recipes: 128)
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
-    # Take the validation split from train when the dataset has none (fraction of train).
+    # Take the validation split from train when the dataset has none: a fraction of train in
+    # (0, 1), or a whole number of rows (>= 1); 0 = off.
     validation_from_train: float = 0.0
+    # Rows with a null or empty text, label, word or tag: false = stop naming split, file and
+    # row; true = drop them and print how many went.
+    drop_invalid: bool = False
     # Unlabelled transfer sets for the student stage (teacher-labelled, no gold loss).
     transfer: list[TransferSource] = field(default_factory=list)
 
@@ -275,7 +279,7 @@ CHOICES = {
     "distill.kd_loss": ("kl", "ce", "mse"),
     "distill.hidden_loss": ("mse", "cosine"),
     "distill.teacher_outputs": ("auto", "cached", "online"),
-    "data.format": (None, "jsonl", "json", "csv", "tsv", "conll", "squad", "parquet"),
+    "data.format": (None, "jsonl", "json", "csv", "tsv", "conll", "conllu", "squad", "parquet"),
 }
 
 
@@ -438,6 +442,7 @@ def validate(cfg: Config) -> None:
         )
     if (cfg.student.from_teacher_layers or cfg.student.num_layers) and not cfg.teacher.model:
         raise ConfigError("student.from_teacher_layers/num_layers need teacher.model")
+    check_data_and_run(cfg)
     check_transfer_and_augment(cfg)
     if cfg.search != SearchConfig():  # the section's own checks (space keys, ranges, objectives)
         from distill.study.search import check_section
@@ -525,3 +530,63 @@ def stage_train(cfg: Config, stage: str) -> TrainConfig:
             if value is not None:
                 t[key] = value
     return OmegaConf.to_object(t)
+
+
+# The roles `data.columns` may map, per task family (role -> dataset column).
+COLUMN_ROLES = {
+    "classification": ("text", "text_pair", "label"),
+    "tagging": ("tokens", "tags"),
+    "qa": ("id", "question", "context", "answers"),
+}
+FAMILIES_WITH_LABELS = ("classification", "tagging")
+
+
+def _trackers() -> tuple[str, ...]:
+    """The tracker names accelerate knows, plus "none" (log.jsonl only)."""
+    try:
+        from accelerate.utils import LoggerType
+
+        known = tuple(t.value for t in LoggerType)
+    except ImportError:  # pragma: no cover - accelerate is a dependency
+        known = ("all", "aim", "tensorboard", "wandb", "comet_ml", "mlflow", "clearml", "dvclive")
+    return known + ("none",)
+
+
+def check_data_and_run(cfg: Config) -> None:
+    """Values that would otherwise fail after data loading or mid-run: the roles of
+    `data.columns`, `task.labels`, `data.validation_from_train`, `seed`, `tracking.report_to`."""
+    roles = COLUMN_ROLES[cfg.task.family]
+    for role, col in cfg.data.columns.items():
+        if role not in roles:
+            close = difflib.get_close_matches(role, roles, n=1, cutoff=0.5)
+            hint = f" Did you mean 'data.columns.{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"data.columns.{role}: '{role}' is not a column role of {cfg.task.family} "
+                f"(roles: {', '.join(roles)}).{hint}"
+            )
+        if not isinstance(col, str) or not col.strip():
+            raise ConfigError(f"data.columns.{role}={col!r}: name a column of the data")
+    labels = list(cfg.task.labels)
+    if labels and cfg.task.family not in FAMILIES_WITH_LABELS:
+        raise ConfigError(f"task.labels: {cfg.task.family} has no labels (only {', '.join(FAMILIES_WITH_LABELS)} do)")
+    repeated = sorted({name for name in labels if labels.count(name) > 1})
+    if repeated:
+        raise ConfigError(f"task.labels names {repeated} more than once; each label once, in id order")
+    if any(not str(name).strip() for name in labels):
+        raise ConfigError(f"task.labels={labels} holds an empty name")
+    v = cfg.data.validation_from_train
+    if not (v == 0 or 0 < v < 1 or (v >= 1 and float(v).is_integer())):
+        raise ConfigError(
+            f"data.validation_from_train={v:g}: use a fraction of the training split in (0, 1), "
+            "a whole number of rows (e.g. 500), or 0 for none"
+        )
+    if not 0 <= cfg.seed < 2**32:
+        raise ConfigError(f"seed={cfg.seed} is out of range: use an integer in 0..{2**32 - 1}")
+    known = _trackers()
+    for name in cfg.tracking.report_to:
+        if name not in known:
+            close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.5)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"tracking.report_to: unknown tracker '{name}' (known: {', '.join(known)}).{hint}"
+            )

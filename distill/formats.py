@@ -306,7 +306,7 @@ def _nested_rows(data: list[dict], path: Path) -> Iterator[dict]:
 
 def _flat_rows(rows: list[Any], path: Path, lines: list[int] | None = None) -> Iterator[dict]:
     for i, row in enumerate(rows):
-        where = f"{path}: row {i}" + (f" (line {lines[i]})" if lines else "")
+        where = f"{path}:{lines[i]}: row {i}" if lines else f"{path}: row {i}"
         if not isinstance(row, dict):
             raise DataError(f"{where} is not an object: {row!r}")
         missing = [k for k in ("context", "question") if k not in row]

@@ -15,29 +15,30 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
-from distill.errors import DataError
+from distill.data import invalid_rows, label_problem, origin, refuse_or_drop, text_problem
+from distill.labels import LabelSpace, label_space
 from distill.tasks.base import TEACHER_PREFIX, LogitPair, Task, column, require_columns
 
 
-def label_names(raw: DatasetDict, label_col: str, train_split: str | None) -> list[str]:
-    """Names from a ClassLabel feature, else the sorted unique values of the training split.
+def label_space_of(raw: DatasetDict, label_col: str, declared: list[str] = ()) -> LabelSpace:
+    """The label names of `label_col` (`distill.labels`): a ClassLabel's names, integer ids in
+    numeric order, or sorted names; `declared` (task.labels) overrides names and order.
 
     A label present in an evaluation split but never seen in training is an error: the model
     would have no output for it.
     """
-    first = raw[train_split] if train_split in raw else next(iter(raw.values()))
+    first = raw["train"] if "train" in raw else next(iter(raw.values()))
     feature = first.features[label_col]
-    if isinstance(feature, ClassLabel):
-        return list(feature.names)
-    seen = sorted({str(v) for v in first[label_col]})
-    for split, ds in raw.items():
-        unseen = sorted({str(v) for v in ds[label_col]} - set(seen))
-        if unseen:
-            raise DataError(
-                f"split '{split}' has labels never seen in training: {unseen[:10]} "
-                f"(training labels: {seen[:20]}). Fix the data or drop those rows."
-            )
-    return seen
+    names = list(feature.names) if isinstance(feature, ClassLabel) else None
+    values = {split: enumerate(ds[label_col]) for split, ds in raw.items()}
+    return label_space(
+        values, column=label_col, declared=declared, feature_names=names, where=lambda s: origin(raw, s)
+    )
+
+
+def label_names(raw: DatasetDict, label_col: str, declared: list[str] = ()) -> list[str]:
+    """The label names in id order (see `label_space_of`)."""
+    return label_space_of(raw, label_col, declared).names
 
 
 class ClassificationTask(Task):
@@ -48,6 +49,9 @@ class ClassificationTask(Task):
     kd_target_keys = ("logits",)
 
     def setup(self, raw: DatasetDict) -> None:
+        """Check columns and rows, and read the label names. Rows with a null or empty text or
+        label stop the run naming split, file and row, or with `data.drop_invalid` are dropped
+        from `raw` in place (the count is logged)."""
         self.text_col = column(self.cfg, "text", "text")
         self.pair_col = self.cfg.data.columns.get("text_pair")
         self.label_col = column(self.cfg, "label", "label")
@@ -55,19 +59,32 @@ class ClassificationTask(Task):
         if self.pair_col:
             needed["text_pair"] = self.pair_col
         require_columns(raw, needed)
-        self.labels = label_names(raw, self.label_col, self.cfg.data.splits.train)
-        self._is_classlabel = isinstance(
-            next(iter(raw.values())).features[self.label_col], ClassLabel
-        )
+        bad = {}
+        for split, ds in raw.items():
+            checks = {self.text_col: text_problem, self.label_col: self._label_check(ds)}
+            if self.pair_col:
+                checks[self.pair_col] = text_problem
+            bad[split] = invalid_rows(ds, checks)
+        refuse_or_drop(raw, bad, self.cfg.data.drop_invalid)
+        self.label_space = label_space_of(raw, self.label_col, list(self.cfg.task.labels))
+        self.labels = self.label_space.names
 
-    def _label_id(self, value: Any) -> int:
-        if self._is_classlabel:
-            return int(value)
-        return self.labels.index(str(value))
+    def _label_check(self, ds: Dataset):
+        """The row check of the label column: a ClassLabel id must be one of its classes."""
+        feature = ds.features[self.label_col]
+        if not isinstance(feature, ClassLabel):
+            return label_problem
+
+        def check(value: Any) -> str | None:
+            if value is None or not 0 <= int(value) < feature.num_classes:
+                return f"is {value!r}, not one of the {feature.num_classes} classes (no gold label)"
+            return None
+
+        return check
 
     def preprocess(self, raw: Dataset, split: str) -> Dataset:
         max_length = self.cfg.data.max_length
-        label_index = {name: i for i, name in enumerate(self.labels)}
+        label_id = self.label_space.id_of
 
         def encode(rows: dict, idx: list[int]) -> dict:
             texts = [str(t) for t in rows[self.text_col]]
@@ -76,10 +93,7 @@ class ClassificationTask(Task):
             if self.teacher_tokenizer is not None:
                 t = self.teacher_tokenizer(texts, pairs, truncation=True, max_length=max_length)
                 out.update({TEACHER_PREFIX + k: v for k, v in t.items()})
-            if self._is_classlabel:
-                out["labels"] = [int(v) for v in rows[self.label_col]]
-            else:
-                out["labels"] = [label_index[str(v)] for v in rows[self.label_col]]
+            out["labels"] = [label_id(v) for v in rows[self.label_col]]
             out["example_id"] = idx
             out["feature_id"] = idx
             out["length"] = [len(ids) for ids in out["input_ids"]]

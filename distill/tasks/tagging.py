@@ -2,7 +2,9 @@
 
 Example row (conll2002 `es`, with `data.columns: {tokens: tokens, tags: ner_tags}`):
     {"tokens": ["Juan", "vive", "en", "Madrid", "."], "ner_tags": [1, 0, 0, 5, 0]}
-Tags may be ClassLabel ids (names from the feature), plain strings, or plain ids.
+Tags may be ClassLabel ids (names from the feature), plain strings, or plain ids (ordered
+numerically; `task.labels` names them). A CoNLL-U treebank (`data.format: conllu`) gives
+`tokens` (FORM) and `tags` (UPOS); `data.columns: {tags: xpos}` trains on XPOS instead.
 
 Features are windows of whole words: a sentence longer than `data.max_length` sub-tokens is cut
 into overlapping word windows (overlap up to `data.doc_stride` sub-tokens, at most half a
@@ -34,7 +36,9 @@ from datasets import ClassLabel, Dataset, DatasetDict
 from transformers import AutoModelForTokenClassification
 
 from distill.metrics import seqeval_metrics, token_accuracy
+from distill.data import is_null, label_problem, origin, refuse_or_drop
 from distill.errors import DataError
+from distill.labels import LabelSpace, label_space
 from distill.tasks.base import TEACHER_PREFIX, LogitPair, Task, column, require_columns
 
 logger = logging.getLogger(__name__)
@@ -42,35 +46,61 @@ logger = logging.getLogger(__name__)
 IGNORE = -100  # label of positions the cross-entropy skips
 
 
-def tag_names(raw: DatasetDict, tags_col: str, train_split: str | None) -> tuple[list[str], str]:
-    """Label names and how tags are stored: ("classlabel" | "names" | "ids").
-
-    ClassLabel sequences give their names; string tags give the sorted tags of the training
-    split; plain integer ids give "0".."max". A tag in an evaluation split that training never
+def tag_space(raw: DatasetDict, tags_col: str, declared: list[str] = ()) -> LabelSpace:
+    """The tag names of `tags_col` (`distill.labels`): a ClassLabel sequence's names, integer
+    ids "0".."max" in numeric order, or the sorted tags of the training split; `declared`
+    (task.labels) overrides names and order. A tag in an evaluation split that training never
     saw is an error: the model would have no output for it.
     """
-    first = raw[train_split] if train_split in raw else next(iter(raw.values()))
-    feature = first.features[tags_col]
-    inner = getattr(feature, "feature", None)  # the item type of a List / LargeList feature
-    if isinstance(inner, ClassLabel):
-        return list(inner.names), "classlabel"
-    values = {v for tags in first[tags_col] for v in tags}
-    if not values:
-        raise DataError(f"column '{tags_col}' of the training split holds no tags")
-    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
-        known = {str(i) for i in range(max(values) + 1)}
-        kind, seen = "ids", [str(i) for i in range(max(values) + 1)]
-    else:
-        kind, seen = "names", sorted(str(v) for v in values)
-        known = set(seen)
-    for split, ds in raw.items():
-        unseen = sorted({str(v) for tags in ds[tags_col] for v in tags} - known)
-        if unseen:
-            raise DataError(
-                f"split '{split}' has tags never seen in training: {unseen[:10]} "
-                f"(training tags: {seen[:30]}). Fix the data or drop those sentences."
-            )
-    return seen, kind
+    first = raw["train"] if "train" in raw else next(iter(raw.values()))
+    inner = getattr(first.features[tags_col], "feature", None)  # item type of a List / LargeList
+    names = list(inner.names) if isinstance(inner, ClassLabel) else None
+    values = {
+        split: ((row, tag) for row, tags in enumerate(ds[tags_col]) for tag in tags)
+        for split, ds in raw.items()
+    }
+    return label_space(
+        values, column=tags_col, declared=declared, feature_names=names, what="tag",
+        where=lambda s: origin(raw, s),
+    )
+
+
+def tag_names(raw: DatasetDict, tags_col: str, declared: list[str] = ()) -> list[str]:
+    """The tag names in id order (see `tag_space`)."""
+    return tag_space(raw, tags_col, declared).names
+
+
+def sentence_problem(
+    words: Any, tags: Any, num_classes: int | None = None, words_col: str = "tokens", tags_col: str = "tags"
+) -> str | None:
+    """Why a (words, tags) row cannot be trained on (None when it can): null or empty words,
+    null or empty tags, or a different number of words and tags."""
+    where = f"column '{words_col}'"
+    if is_null(words):
+        return f"{where} is null"
+    if not isinstance(words, (list, tuple)):
+        return f"{where} is a {type(words).__name__}, not a list of words"
+    if not words:
+        return f"{where} has no words"
+    for j, word in enumerate(words):
+        if is_null(word):
+            return f"{where}: word {j} is null"
+        if isinstance(word, str) and not word.strip():
+            return f"{where}: word {j} is empty"
+    where = f"column '{tags_col}'"
+    if is_null(tags):
+        return f"{where} is null"
+    if not isinstance(tags, (list, tuple)):
+        return f"{where} is a {type(tags).__name__}, not a list of tags"
+    if len(tags) != len(words):
+        return f"{len(words)} words ('{words_col}') but {len(tags)} tags ('{tags_col}')"
+    for j, tag in enumerate(tags):
+        problem = label_problem(tag)
+        if num_classes is not None and not problem and not 0 <= int(tag) < num_classes:
+            problem = f"is {tag!r}, not one of the {num_classes} classes"
+        if problem:
+            return f"{where}: tag {j} (of word {words[j]!r}) {problem}"
+    return None
 
 
 def plan_windows(
@@ -160,23 +190,32 @@ class TaggingTask(Task):
     kd_target_lengths = {"word_logits": "num_words", "word_mask": "num_words"}
 
     def setup(self, raw: DatasetDict) -> None:
+        """Check columns and rows, and read the tag names. A sentence with null or empty words
+        or tags, or as many tags as words, stops the run naming split, file and row, or with
+        `data.drop_invalid` is dropped from `raw` in place (the count is logged)."""
         self.tokens_col = column(self.cfg, "tokens", "tokens")
         self.tags_col = column(self.cfg, "tags", "tags")
         require_columns(raw, {"tokens": self.tokens_col, "tags": self.tags_col})
-        self.labels, self._tag_kind = tag_names(raw, self.tags_col, self.cfg.data.splits.train)
-        named = list(self.cfg.task.labels)
-        if named and self._tag_kind == "ids":
-            if len(named) < len(self.labels):
-                raise DataError(
-                    f"task.labels names {len(named)} tags but the data uses ids up to {len(self.labels) - 1}"
-                )
-            self.labels = named  # ids index into the given names
-        elif named and self._tag_kind == "names":
-            missing = sorted(set(self.labels) - set(named))
-            if missing:
-                raise DataError(f"task.labels lacks tags the data uses: {missing[:10]}")
-            self.labels = named
-        self._index = index = {name: i for i, name in enumerate(self.labels)}
+        train = raw["train"] if "train" in raw else next(iter(raw.values()))
+        if not any(not is_null(t) for tags in train[self.tags_col] if tags for t in tags):
+            raise DataError(
+                f"column '{self.tags_col}' of {origin(raw, 'train')} holds no tags: every value "
+                "is null (CoNLL-U writes '_' where a treebank has no tag). Pick another column "
+                "with data.columns.tags=<column> (CoNLL-U files: tags = UPOS, or xpos)."
+            )
+        bad = {}
+        for split, ds in raw.items():
+            inner = getattr(ds.features[self.tags_col], "feature", None)
+            classes = inner.num_classes if isinstance(inner, ClassLabel) else None
+            bad[split] = [
+                (row, problem)
+                for row, (words, tags) in enumerate(zip(ds[self.tokens_col], ds[self.tags_col]))
+                if (problem := sentence_problem(words, tags, classes, self.tokens_col, self.tags_col))
+            ]
+        refuse_or_drop(raw, bad, self.cfg.data.drop_invalid)
+        self.label_space = tag_space(raw, self.tags_col, list(self.cfg.task.labels))
+        self.labels = self.label_space.names
+        index = {name: i for i, name in enumerate(self.labels)}
         # Later sub-tokens of a B-X word take I-X when it exists (label_all_tokens).
         self._inside = [
             index.get("I-" + name[2:], i) if name.startswith("B-") else i
@@ -184,9 +223,7 @@ class TaggingTask(Task):
         ]
 
     def _tag_ids(self, tags: list[Any]) -> list[int]:
-        if self._tag_kind == "names":
-            return [self._index[str(t)] for t in tags]
-        return [int(t) for t in tags]
+        return [self.label_space.id_of(t) for t in tags]
 
     def _fallback_label(self) -> str:
         """Prediction for a word no token represents (nothing to score it with)."""
