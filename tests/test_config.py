@@ -1,12 +1,18 @@
 """The recipe schema: merging, overrides, and errors that name the key."""
 
+import re
 from pathlib import Path
 
 import pytest
 
 from distill.config import ConfigError, load_config, stage_train, to_yaml
 
-RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+ROOT = Path(__file__).parent.parent
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+def recipe_path(recipe: Path) -> str:
+    return recipe.relative_to(ROOT).as_posix()
 
 
 def write(tmp_path, text: str) -> Path:
@@ -125,6 +131,66 @@ def test_resolved_config_round_trips(tmp_path):
 def test_every_shipped_recipe_validates(recipe):
     cfg = load_config(recipe)
     text = recipe.read_text()
-    assert text.lstrip().startswith("#"), "a recipe opens with a comment giving its command"
-    assert "distill run" in text.split("\n\n")[0] or "distill" in text.splitlines()[1]
+    header = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    assert header, "a recipe opens with a comment giving its command"
+    # the opening comment holds the command that runs this very recipe
+    command = re.compile(rf"(^|\s)(distill|python -m distill|accelerate launch .*-m distill) run {re.escape(recipe_path(recipe))}(\s|$)")
+    assert any(command.search(line.lstrip("# ")) for line in header), header[:3]
     assert cfg.task.name and cfg.output_dir
+
+
+def test_the_recipe_command_check_can_fail(tmp_path):
+    """The header check above must refuse a header that names another recipe or no command."""
+    text = "# POS tagging.\n#   distill run recipes/ner.yaml\ntask: {family: tagging}\n"
+    command = re.compile(r"(^|\s)(distill|python -m distill|accelerate launch .*-m distill) run recipes/pos\.yaml(\s|$)")
+    assert not any(command.search(line.lstrip("# ")) for line in text.splitlines()[:2])
+    assert command.search("accelerate launch -m distill run recipes/pos.yaml student.model=x")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.columns.lable=sentiment", "data.columns.lable: 'lable' is not a column role of classification (roles: text, text_pair, label). Did you mean 'data.columns.label'?"),
+        ("data.columns.text_par=hypothesis", "Did you mean 'data.columns.text_pair'?"),
+        ("data.columns.tags=upos", "'tags' is not a column role of classification"),
+        ("seed=-1", "seed=-1 is out of range: use an integer in 0..4294967295"),
+        ("seed=4294967296", "seed=4294967296 is out of range"),
+        ("data.validation_from_train=1.5", "data.validation_from_train=1.5: use a fraction of the training split in (0, 1), a whole number of rows"),
+        ("data.validation_from_train=-0.1", "data.validation_from_train=-0.1"),
+        ("tracking.report_to=[wandb,tensorbord]", "tracking.report_to: unknown tracker 'tensorbord'"),
+        ("task.labels=[neg,pos,neg]", "task.labels names ['neg'] more than once"),
+        ("data.format=conlu", "data.format='conlu' is not one of"),
+    ],
+)
+def test_values_that_would_fail_later_are_checked_now(tmp_path, override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, BASE), [override])
+    assert message in str(err.value)
+
+
+def test_good_data_values_pass(tmp_path):
+    cfg = load_config(
+        write(tmp_path, BASE),
+        [
+            "data.columns.text=premise", "data.columns.text_pair=hypothesis", "seed=0",
+            "data.validation_from_train=500", "tracking.report_to=[tensorboard,wandb]",
+            "task.labels=[neg,pos]", "data.format=conllu", "data.drop_invalid=true",
+        ],
+    )
+    assert cfg.data.validation_from_train == 500 and cfg.data.drop_invalid
+    assert load_config(write(tmp_path, BASE), ["data.validation_from_train=0.1"]).data.validation_from_train == 0.1
+
+
+def test_column_roles_and_labels_follow_the_family(tmp_path):
+    tagging = BASE.replace("family: classification", "family: tagging")
+    cfg = load_config(write(tmp_path, tagging), ["data.columns.tags=xpos", "data.columns.tokens=tokens"])
+    assert cfg.data.columns == {"tags": "xpos", "tokens": "tokens"}
+    with pytest.raises(ConfigError, match="Did you mean 'data.columns.tags'"):
+        load_config(write(tmp_path, tagging), ["data.columns.tag=xpos"])
+    qa = BASE.replace("family: classification", "family: qa")
+    with pytest.raises(ConfigError, match="task.labels: qa has no labels"):
+        load_config(write(tmp_path, qa), ["task.labels=[a]"])

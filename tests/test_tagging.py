@@ -3,6 +3,7 @@ and metrics that count every word."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -290,3 +291,112 @@ def test_forward_kd_and_metrics_with_tiny_models(bert_tok, bpe_tok, tiny_roberta
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["words_without_tokens"] == 1.0
     preds = task.predictions(evals, feats, raw["train"])
     assert [len(p["prediction"]) for p in preds] == [30, 8, 5]
+
+
+# --- rows and tags read as meant ------------------------------------------------------------
+
+COSER = Path(__file__).parent.parent.parent / "shared" / "data" / "ud_es_coser" / "es_coser-ud-test.conllu"
+
+
+def tagging_cfg(**columns) -> Config:
+    cfg = Config()
+    cfg.task.family = "tagging"
+    cfg.data.columns = dict(columns)
+    return cfg
+
+
+@pytest.mark.skipif(not COSER.is_file(), reason="the UD COSER treebank is not in ../shared/data")
+def test_conllu_treebank_trains_on_upos_by_default_and_xpos_on_request(bert_tok, caplog):
+    from distill.data import RawSplits, read_file
+
+    # a deterministic split of the real treebank: every 5th sentence is validation
+    full = read_file(COSER)  # .conllu: the format comes from the extension
+    val_rows = [i for i in range(len(full)) if i % 5 == 4]
+    train_rows = [i for i in range(len(full)) if i % 5 != 4]
+    origins = {"train": str(COSER), "validation": str(COSER)}
+
+    def raw():
+        return RawSplits({"train": full.select(train_rows), "validation": full.select(val_rows)}, origins)
+
+    task = TaggingTask(tagging_cfg())
+    upos = raw()
+    task.setup(upos)
+    train_upos = {t for s in upos["train"]["upos"] for t in s}
+    assert task.labels == sorted(train_upos) and "PUNCT" in task.labels and "_" not in task.labels
+    task.bind(bert_tok)
+    feats = task.preprocess(upos["validation"].select(range(4)), "validation")
+    first = upos["validation"][0]
+    gold = [task.labels[t] for t in feats[0]["labels"] if t != -100]
+    assert gold == first["upos"][: len(gold)]  # the words' UPOS tags, on first sub-tokens
+
+    # XPOS on request: this treebank leaves XPOS unspecified ('_') on some words, which are
+    # refused naming the file and row, or dropped when the recipe says so
+    with pytest.raises(ValueError) as err:
+        TaggingTask(tagging_cfg(tags="xpos")).setup(raw())
+    first_bad = next(i for i, s in enumerate(full.select(train_rows)["xpos"]) if None in s)
+    assert f"split 'train' ({COSER}): row {first_bad}: column 'xpos': tag" in str(err.value)
+    assert "is null" in str(err.value)
+    cfg = tagging_cfg(tags="xpos")
+    cfg.data.drop_invalid = True
+    # XPOS tags are many and rare: validation has some that training lacks, refused unless the
+    # recipe names every tag (then the model has an output for each)
+    with pytest.raises(ValueError, match="split 'validation' has tags never seen in training"):
+        TaggingTask(cfg).setup(raw())
+    cfg.task.labels = sorted({t for s in full["xpos"] for t in s if t is not None})
+    xpos = raw()
+    with caplog.at_level("WARNING", logger="distill.data"):
+        task = TaggingTask(cfg)
+        task.setup(xpos)
+    kept = [s for s in full.select(train_rows)["xpos"] if None not in s]
+    assert len(xpos["train"]) == len(kept) and f"dropped {len(train_rows) - len(kept)} of {len(train_rows)}" in caplog.text
+    assert task.labels == cfg.task.labels
+    assert "ncms000" in task.labels and "NOUN" not in task.labels
+
+
+def test_a_tag_column_without_any_tag_is_refused():
+    raw = DatasetDict(train=Dataset.from_dict({"tokens": [["a", "b"]], "xpos": [[None, None]]}))
+    with pytest.raises(ValueError, match=r"column 'xpos' of split 'train' holds no tags.*data.columns.tags=<column>"):
+        TaggingTask(tagging_cfg(tags="xpos")).setup(raw)
+
+
+@pytest.mark.parametrize(
+    "tokens, tags, problem",
+    [
+        (None, ["O"], "column 'tokens' is null"),
+        ([], [], "column 'tokens' has no words"),
+        (["a", None], ["O", "O"], "column 'tokens': word 1 is null"),
+        (["a", " "], ["O", "O"], "column 'tokens': word 1 is empty"),
+        (["a", "b"], None, "column 'tags' is null"),
+        (["a", "b"], ["O", None], "column 'tags': tag 1 (of word 'b') is null"),
+        (["a", "b"], ["O", ""], "column 'tags': tag 1 (of word 'b') is empty"),
+    ],
+)
+def test_null_or_empty_words_and_tags_are_refused(tokens, tags, problem):
+    good = (["x", "y"], ["O", "B-X"])
+    data = {"tokens": [good[0], tokens, good[0]], "tags": [good[1], tags, good[1]]}
+    raw = DatasetDict(train=Dataset.from_dict(data))
+    with pytest.raises(ValueError) as err:
+        TaggingTask(tagging_cfg()).setup(raw)
+    assert f"split 'train': row 1: {problem}" in str(err.value)
+    cfg = tagging_cfg()
+    cfg.data.drop_invalid = True
+    TaggingTask(cfg).setup(raw)
+    assert raw["train"]["tokens"] == [good[0], good[0]]
+
+
+def test_tag_ids_ordered_numerically_and_named_by_task_labels():
+    ids = DatasetDict(train=Dataset.from_dict({"tokens": [["a"] * 12], "tags": [[10, 2, 0, 11, 1, 3, 4, 5, 6, 7, 8, 9]]}))
+    task = TaggingTask(tagging_cfg())
+    task.setup(ids)
+    assert task.labels == [str(i) for i in range(12)]
+    assert task._tag_ids([10, 2, 11]) == [10, 2, 11]
+    cfg = tagging_cfg(tags="ner_tags")
+    cfg.task.labels = ["O", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-PER", "I-PER"]  # another order
+    task = TaggingTask(cfg)
+    task.setup(ner_raw([(WORDS, TAGS)]))
+    assert task.labels == cfg.task.labels
+    # ClassLabel ids 1 (B-ORG) and 3 (B-LOC) of the dataset map by name into the recipe's order
+    assert task._tag_ids([0, 1, 3]) == [0, 3, 1]
+    mixed = DatasetDict(train=Dataset.from_dict({"tokens": [["a", "b"]], "tags": [["O", "o"]]}))
+    with pytest.raises(ValueError, match=r"differ only by case or surrounding spaces: 'O' .* vs 'o'"):
+        TaggingTask(tagging_cfg()).setup(mixed)
