@@ -450,7 +450,7 @@ def validate(cfg: Config) -> None:
         check_section(cfg)
 
 
-TRANSFER_FORMATS = ("jsonl", "json", "csv", "tsv", "parquet", "conll", "squad", "text")
+TRANSFER_FORMATS = ("jsonl", "json", "csv", "tsv", "parquet", "conll", "conllu", "squad", "text")
 # input roles a transfer source can map, per task family (labels never: transfer rows have none)
 TRANSFER_ROLES = {
     "classification": ("text", "text_pair"),
