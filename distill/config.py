@@ -35,6 +35,10 @@ class TaskConfig:
     n_best: int = 20
     max_answer_length: int = 30
     normalization: str = "squad"  # squad | mlqa (Spanish article/punctuation rules)
+    # SQuAD v2: questions with no answer are trained towards CLS and answered "" when the null
+    # score beats the best span by more than the threshold; false = such rows are refused.
+    version_2_with_negative: bool = False
+    null_score_diff_threshold: float = 0.0
 
 
 @dataclass
@@ -134,6 +138,11 @@ class TeacherConfig:
     lr: Optional[float] = None
     batch_size: Optional[int] = None
     epochs: Optional[int] = None
+    # QA distillation with a teacher that tokenizes differently: the teacher's own windows
+    # (tokens, overlap); None = data.max_length / data.doc_stride. Raise them when the teacher's
+    # tokenizer needs more tokens for the same text, so its windows cover the student's.
+    max_length: Optional[int] = None
+    doc_stride: Optional[int] = None
 
 
 @dataclass
@@ -415,6 +424,9 @@ def validate(cfg: Config) -> None:
         "teacher.lr": cfg.teacher.lr is None or cfg.teacher.lr > 0,
         "teacher.batch_size": cfg.teacher.batch_size is None or cfg.teacher.batch_size > 0,
         "teacher.epochs": cfg.teacher.epochs is None or cfg.teacher.epochs > 0,
+        "teacher.max_length": cfg.teacher.max_length is None or cfg.teacher.max_length > 8,
+        "teacher.doc_stride": cfg.teacher.doc_stride is None
+        or 0 < cfg.teacher.doc_stride < (cfg.teacher.max_length or cfg.data.max_length),
         "student.num_layers": cfg.student.num_layers is None or cfg.student.num_layers >= 1,
         "distill.layer_map": all(j >= 1 for j in d.layer_map),  # teacher layers count from 1
         "distill.relation_heads": d.relation_heads >= 0,

@@ -1,4 +1,5 @@
-"""Task metrics: SQuAD exact match / F1 (official normalization, or MLQA's Spanish rules),
+"""Task metrics: SQuAD exact match / F1 (official normalization, or MLQA's Spanish rules; SQuAD
+v2 with unanswerable questions and its best-threshold search),
 seqeval entity scores and token accuracy for tagging.
 
 All scores are fractions in [0, 1] (like classification accuracy); tables that follow the
@@ -7,6 +8,7 @@ papers' percentages multiply by 100 when they print.
 
 from __future__ import annotations
 
+import math
 import re
 import string
 import unicodedata
@@ -92,6 +94,81 @@ def squad_metrics(
         "f1": f1_total / scored if scored else 0.0,
         "examples": float(scored),
     }
+
+
+def _best_threshold(
+    raw_scores: Sequence[float], diffs: Sequence[float], has_answer: Sequence[bool], answered: Sequence[bool]
+) -> tuple[float, float]:
+    """(best mean score, its threshold) over every threshold t of the rule "no answer when
+    diff > t" (SQuAD v2's `find_best_thresh`, with equal diffs moved together).
+
+    Starting from "every question unanswered" (each no-answer question scores 1), answering the
+    questions in increasing diff order adds an answerable question's raw score and costs an
+    unanswerable one its point when a span was predicted (`answered`). Questions with an
+    infinite diff (no valid span) are never answered. When answering nothing is best the
+    threshold lies below every finite diff (the smallest minus 1).
+    """
+    n = len(raw_scores)
+    current = best = float(sum(not h for h in has_answer))
+    finite = sorted((d, i) for i, d in enumerate(diffs) if math.isfinite(d))
+    threshold = (finite[0][0] - 1.0) if finite else 0.0
+    k = 0
+    while k < len(finite):
+        d = finite[k][0]
+        while k < len(finite) and finite[k][0] == d:
+            i = finite[k][1]
+            current += raw_scores[i] if has_answer[i] else -float(answered[i])
+            k += 1
+        if current > best:
+            best, threshold = current, d
+    return (best / n if n else 0.0), threshold
+
+
+def squad_v2_metrics(
+    span_texts: Sequence[str],
+    null_score_diffs: Sequence[float],
+    references: Sequence[Sequence[str]],
+    threshold: float = 0.0,
+    normalization: str = "squad",
+) -> dict[str, float]:
+    """SQuAD v2 scores, with unanswerable questions (no reference answer).
+
+    Each question has its best non-null span (`span_texts`, "" when none is valid) and
+    `null_score_diffs` = null score - best span score; it is answered "" (no answer) when
+    diff > `threshold`. An answerable question scores its best EM / F1 against the references
+    (0 for ""); an unanswerable one scores 1 when the answer normalizes to "" and 0 otherwise.
+    Returns exact_match / f1 over all questions, the same over `has_answer_*` and `no_answer_*`
+    questions with their counts, and `best_exact_match` / `best_f1` with the threshold that
+    reaches each (the official script's best-threshold search).
+    """
+    if not len(span_texts) == len(null_score_diffs) == len(references):
+        raise ValueError(
+            f"{len(span_texts)} spans, {len(null_score_diffs)} null score differences and "
+            f"{len(references)} references; one each per question expected"
+        )
+    has = [bool(refs) for refs in references]
+    raw = {"exact_match": [], "f1": []}  # scores of the non-null span
+    final = {"exact_match": [], "f1": []}  # scores after the threshold
+    answered = [bool(normalize_answer(t, normalization)) for t in span_texts]
+    for text, diff, refs, answerable in zip(span_texts, null_score_diffs, references, has):
+        for key, fn in (("exact_match", exact_match), ("f1", token_f1)):
+            if answerable:
+                score = max(fn(text, r, normalization) for r in refs)
+                raw[key].append(score)
+                final[key].append(0.0 if diff > threshold else score)
+            else:
+                empty = not normalize_answer(text, normalization)
+                raw[key].append(float(empty))
+                final[key].append(1.0 if diff > threshold or empty else 0.0)
+    n = len(references)
+    n_has = sum(has)
+    out: dict[str, float] = {"examples": float(n), "has_answer_examples": float(n_has), "no_answer_examples": float(n - n_has)}
+    for key in ("exact_match", "f1"):
+        out[key] = sum(final[key]) / n if n else 0.0
+        out[f"has_answer_{key}"] = sum(v for v, h in zip(final[key], has) if h) / n_has if n_has else 0.0
+        out[f"no_answer_{key}"] = sum(v for v, h in zip(final[key], has) if not h) / (n - n_has) if n > n_has else 0.0
+        out[f"best_{key}"], out[f"best_{key}_threshold"] = _best_threshold(raw[key], null_score_diffs, has, answered)
+    return out
 
 
 def answer_start_mismatch(context: str, texts: Sequence[str], starts: Sequence[int]) -> bool:

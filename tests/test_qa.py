@@ -16,6 +16,7 @@ from tests.conftest import tiny_bert_config
 from distill.config import Config
 from distill.formats import read_squad
 from distill.losses import SoftLabelLoss, soft_label_loss
+from distill.metrics import squad_v2_metrics
 from distill.tasks.qa import QATask, answer_tokens, best_spans, locate_answer
 
 DATA = Path(__file__).parent / "data"
@@ -261,13 +262,120 @@ def test_kd_class_mask_is_context_plus_cls_and_masked_logits_change_nothing(wind
     )
 
 
-def test_bind_refuses_a_teacher_with_another_tokenizer(tok, tiny_bert_dir, tiny_roberta_dir):
+def test_bind_keeps_one_set_of_features_for_a_teacher_with_the_same_tokenizer(tok, tiny_bert_dir, tiny_roberta_dir):
     raw = DatasetDict(train=read_squad(DATA / "squad_flat.jsonl"))
     task = make_task(raw, max_length=64, stride=16)
-    with pytest.raises(ValueError, match="QA distillation needs teacher and student with the same tokenizer"):
-        task.bind(tok, AutoTokenizer.from_pretrained(tiny_roberta_dir))
     task.bind(tok, AutoTokenizer.from_pretrained(tiny_bert_dir))  # same tokenizer, loaded again
-    assert task.teacher_tokenizer is None
+    assert task.teacher_tokenizer is None and task.kd_target_keys == ("start_logits", "end_logits")
+    # another tokenizer is no longer refused: it is aligned through the context's characters
+    # (tests/test_qa_across_tokenizers.py)
+    task.bind(tok, AutoTokenizer.from_pretrained(tiny_roberta_dir))
+    assert task.teacher_tokenizer is not None and "kd_mask" in task.kd_target_keys
+
+
+def test_answers_missing_from_their_context_are_dropped_when_train_comes_from_split_sources(tok):
+    """MLQA's recipe sets data.splits.train=null and takes training rows from
+    data.split_sources.train; the split's role is still "train", so an answer that is not in
+    its context is left out instead of being trained towards CLS."""
+    context = " ".join(WORDS)
+    rows = qa_rows(context, [span_of(3, 4), ("no está", 0)])
+    raw = DatasetDict(train=Dataset.from_list(rows))
+    task = make_task(raw, max_length=64, stride=16)
+    task.cfg.data.splits.train = None
+    task.bind(tok)
+    feats = task.preprocess(raw["train"], "train")
+    assert feats["example_id"] == [0]
+    assert feats[0]["start_positions"] != feats[0]["cls_index"]
+    valid = task.preprocess(raw["train"], "validation")  # evaluation keeps every example
+    assert sorted(set(valid["example_id"])) == [0, 1]
+
+
+def unanswerable_rows() -> list[dict]:
+    context = "El Museo del Prado abrió en 1819 en Madrid."
+    return [
+        {"id": "a", "context": context, "question": "¿Dónde?", "answers": {"text": ["Madrid"], "answer_start": [36]}},
+        {"id": "b", "context": context, "question": "¿Quién lo pintó?", "answers": {"text": [], "answer_start": []}},
+        {"id": "c", "context": context, "question": "¿Cuánto cuesta?", "answers": {"text": [], "answer_start": []}},
+    ]
+
+
+def test_unanswerable_questions_are_refused_unless_squad_v2_is_asked_for(tok):
+    raw = DatasetDict(train=Dataset.from_list(unanswerable_rows()))
+    with pytest.raises(ValueError, match=r"split 'train': 2 of 3 questions have no answer .* first at row 1 "
+                       r"\(id 'b'\)\. Set task.version_2_with_negative=true"):
+        make_task(raw, 64, 16)
+    task = make_task(raw, 64, 16, version_2_with_negative=True)
+    task.bind(tok)
+    feats = task.preprocess(raw["train"], "train")
+    # unanswerable questions train towards CLS in every window
+    assert feats["example_id"] == [0, 1, 2]
+    assert [(f["start_positions"], f["end_positions"]) for f in feats][1:] == [(0, 0), (0, 0)]
+    assert feats[0]["start_positions"] > 0
+
+
+def test_an_evaluation_split_without_answerable_questions_is_an_error():
+    rows = unanswerable_rows()
+    raw = DatasetDict(train=Dataset.from_list(rows), validation=Dataset.from_list(rows[1:]))
+    with pytest.raises(ValueError, match=r"split 'validation' has no answerable question \(2 rows"):
+        make_task(raw, 64, 16, version_2_with_negative=True)
+    for bad, what in (("", "context"), (None, "context")):
+        broken = [dict(rows[0], context=bad)]
+        with pytest.raises(ValueError, match=rf"split 'train': 1 rows have a null or empty {what} .* row 0 \(id 'a'\)"):
+            make_task(DatasetDict(train=Dataset.from_list(broken)), 64, 16)
+
+
+def test_squad_v2_predictions_and_metrics_through_the_task(tok):
+    rows = unanswerable_rows()
+    raw = DatasetDict(validation=Dataset.from_list(rows))
+    task = make_task(raw, 64, 16, version_2_with_negative=True, null_score_diff_threshold=0.5)
+    task.bind(tok)
+    feats = task.preprocess(raw["validation"], "validation")
+    assert len(feats) == 3
+    start = np.zeros((3, max(feats["length"])), dtype=np.float32)
+    end = start.copy()
+    # a: span "Madrid" scores 6 against a null of 2 -> answered; b: null 8 vs span 2 -> "";
+    # c: span 6 vs null 5.8: diff -0.2 is not over the threshold 0.5 -> answered, wrongly
+    for row, (span, null) in enumerate(((3.0, 1.0), (1.0, 4.0), (3.0, 2.9))):
+        words = context_words(feats[row], rows[row]["context"])
+        madrid = feats[row]["context_mask"].index(1) + words.index("Madrid")
+        start[row, madrid] = end[row, madrid] = span
+        start[row, 0] = end[row, 0] = null
+    outputs = {"start_logits": start, "end_logits": end, "feature_id": np.arange(3)}
+    preds = task.predictions(outputs, feats, raw["validation"])
+    assert [p["prediction"] for p in preds] == ["Madrid", "", "Madrid"]
+    assert [p["null_score_diff"] for p in preds] == pytest.approx([-4.0, 6.0, -0.2], abs=1e-5)
+    metrics = task.compute_metrics(outputs, feats, raw["validation"])
+    assert set(metrics) == set(task.metric_names)
+    assert metrics["exact_match"] == pytest.approx(2 / 3) and metrics["f1"] == pytest.approx(2 / 3)
+    assert metrics["has_answer_exact_match"] == 1.0 and metrics["no_answer_exact_match"] == 0.5
+    assert (metrics["has_answer_examples"], metrics["no_answer_examples"]) == (1.0, 2.0)
+    # a threshold between -4 and -0.2 would answer a and leave c unanswered: all three right
+    assert metrics["best_exact_match"] == 1.0 and metrics["best_exact_match_threshold"] == pytest.approx(-4.0)
+
+
+def test_squad_v2_metrics_by_hand():
+    # q0 answerable, answered right (diff -5); q1 unanswerable, null wins (diff 2 > 0);
+    # q2 unanswerable, null wins (1.5); q3 answerable, null wins (1) although its span
+    # "en 1819" has F1 2/3 against "1819"
+    m = squad_v2_metrics(
+        ["Madrid", "Goya", "Prado", "en 1819"], [-5.0, 2.0, 1.5, 1.0], [["Madrid"], [], [], ["1819"]]
+    )
+    assert m["exact_match"] == m["f1"] == 0.75
+    assert m["has_answer_exact_match"] == 0.5 and m["no_answer_exact_match"] == 1.0
+    # best thresholds: every question unanswered scores 2; answering in diff order adds +1
+    # (q0, diff -5), +0 EM / +2/3 F1 (q3, 1), -1 (q2, 1.5), -1 (q1, 2). EM peaks at 3 first
+    # reached at -5; F1 peaks at 3 + 2/3 at 1.
+    assert m["best_exact_match"] == 0.75 and m["best_exact_match_threshold"] == -5.0
+    assert m["best_f1"] == pytest.approx((3 + 2 / 3) / 4) and m["best_f1_threshold"] == 1.0
+    # answering nothing is best: the threshold lies below every difference
+    m = squad_v2_metrics(["Goya", "Prado"], [0.5, 3.0], [[], []])
+    assert m["best_exact_match"] == 1.0 and m["best_exact_match_threshold"] == -0.5
+    assert m["exact_match"] == 1.0  # both diffs above the default threshold 0
+    # no valid span at all (diff +inf): always unanswered, whatever the threshold
+    m = squad_v2_metrics(["", "x"], [float("inf"), -1.0], [["Madrid"], []], threshold=10.0)
+    assert m["exact_match"] == 0.0 and m["best_exact_match"] == 0.5
+    with pytest.raises(ValueError, match="one each per question"):
+        squad_v2_metrics(["a"], [0.0, 1.0], [["a"]])
 
 
 def test_setup_errors():
@@ -304,7 +412,7 @@ def test_forward_kd_and_metrics_with_tiny_models(tok):
 
     evals = {k: v.detach().numpy() for k, v in task.eval_outputs(out, batch).items()}
     metrics = task.compute_metrics(evals, feats, raw["validation"])
-    assert set(metrics) == {"exact_match", "f1", "examples", "answer_start_mismatches"}
+    assert set(metrics) == {"exact_match", "f1", "examples", "answer_start_mismatches"} == set(task.metric_names)
     assert 0.0 <= metrics["f1"] <= 1.0 and metrics["answer_start_mismatches"] == 0.0
     preds = task.predictions(evals, feats, raw["validation"])
     assert [p["id"] for p in preds] == ["prado-1", "prado-2", "alhambra-1"]

@@ -395,6 +395,16 @@ class QATask(Task):
     kd_target_keys = ("start_logits", "end_logits")
     kd_target_lengths = {"start_logits": "length", "end_logits": "length", "kd_mask": "length"}
 
+    @property
+    def metric_names(self) -> tuple[str, ...]:  # type: ignore[override]
+        """What `compute_metrics` returns (checked against task.metric before training)."""
+        names = ("exact_match", "f1", "examples", "answer_start_mismatches")
+        if self.cfg.task.version_2_with_negative:
+            for part in ("has_answer", "no_answer"):
+                names += (f"{part}_exact_match", f"{part}_f1", f"{part}_examples")
+            names += ("best_exact_match", "best_exact_match_threshold", "best_f1", "best_f1_threshold")
+        return names
+
     def __init__(self, cfg: Any):
         super().__init__(cfg)
         self.teacher_max_length: Optional[int] = None
@@ -469,8 +479,8 @@ class QATask(Task):
     ) -> None:
         """Align a teacher through character offsets, even when the tokenizers agree (`bind`
         calls it when they differ; with equal tokenizers the mapped targets equal the teacher's
-        own softmax, which the tests check). The teacher's windows take `data.max_length` and
-        `data.doc_stride` unless given here."""
+        own softmax, which the tests check). The teacher's windows take the given sizes, else
+        `teacher.max_length` / `teacher.doc_stride`, else `data.max_length` / `data.doc_stride`."""
         for role, tok in (("student", tokenizer), ("teacher", teacher_tokenizer)):
             if not getattr(tok, "is_fast", False):
                 raise DataError(
@@ -487,7 +497,8 @@ class QATask(Task):
                 "compares distributions: use distill.kd_loss=kl or ce."
             )
         self.tokenizer, self.teacher_tokenizer = tokenizer, teacher_tokenizer
-        self.teacher_max_length, self.teacher_doc_stride = teacher_max_length, teacher_doc_stride
+        self.teacher_max_length = teacher_max_length or self.cfg.teacher.max_length
+        self.teacher_doc_stride = teacher_doc_stride or self.cfg.teacher.doc_stride
         self.kd_target_keys = (*type(self).kd_target_keys, "kd_mask")
 
     @property
@@ -519,6 +530,7 @@ class QATask(Task):
         # training drops answers that are not in their context; evaluation keeps every example.
         is_train = split == "train"
         relocated = dropped = 0
+        coverage = [0, 0]  # student context tokens inside their teacher window, all of them
 
         def encode(rows: dict, idx: list[int]) -> dict:
             nonlocal relocated, dropped
@@ -572,6 +584,8 @@ class QATask(Task):
                         out[TEACHER_PREFIX + "start_map"].append(start_map)
                         out[TEACHER_PREFIX + "end_map"].append(end_map)
                         out[TEACHER_PREFIX + "covered"].append(covered)
+                        coverage[0] += sum(c for c, m in zip(covered, w.context_mask) if m)
+                        coverage[1] += sum(w.context_mask)
             for prefix, t in (("", tok), (TEACHER_PREFIX, ttok)):
                 if t is not None and "token_type_ids" not in t.model_input_names:
                     del out[prefix + "token_type_ids"]
@@ -603,6 +617,15 @@ class QATask(Task):
                 "found elsewhere in the context; %d answers not in the context were left out of "
                 "training",
                 split, relocated, dropped,
+            )
+        if coverage[1]:
+            share = coverage[0] / coverage[1]
+            (logger.warning if share < 0.9 else logger.info)(
+                "%s: %.1f%% of the student's context tokens lie inside the teacher window that "
+                "gives their window its targets; the others get no KD target. A teacher whose "
+                "tokenizer needs more tokens for the same text sees less of the context per "
+                "window: raise teacher.max_length so its windows cover the student's",
+                split, 100 * share,
             )
         return features
 
