@@ -66,6 +66,15 @@ def world(tmp_path_factory, tiny_bert_dir, tiny_roberta_dir) -> World:
     write_jsonl(root / "test.jsonl", rows(8, 2))
     (root / "empty.jsonl").write_text("")
     write_jsonl(root / "unseen.jsonl", rows(7, 3) + [{"text": "muy raro", "label": "mixto"}])
+    # data read as meant or refused (docs/launching.md, "Data the run refuses")
+    write_jsonl(root / "null-label.jsonl", rows(3, 4) + [{"text": "sin etiqueta", "label": None}] + rows(3, 5))
+    write_jsonl(root / "empty-text.jsonl", rows(2, 6) + [{"text": " ", "label": "pos"}])
+    write_jsonl(root / "mixed-types.jsonl", rows(5, 7) + [{"text": "uno", "label": 1}])
+    write_jsonl(root / "case-variant.jsonl", rows(5, 8) + [{"text": "genial", "label": "Pos"}])
+    (root / "latin1.jsonl").write_bytes(
+        json.dumps(rows(1, 9)[0]).encode() + b"\n" + '{"text": "ni\u00f1o", "label": "pos"}\n'.encode("latin-1")
+    )
+    (root / "ud.conllu").write_text("# sent_id = 1\n1\tHola\thola\tINTJ\ti\t_\t0\troot\t_\t_\n\n")
     (root / "not-a-model").mkdir()
     (root / "not-a-model" / "config.json").write_text("{}")
     (root / "a-file").write_text("output_dir must be a folder, this is a file")
@@ -167,6 +176,42 @@ CASES = {
     "overwrite-with-bad-data-deletes-nothing": Case(
         "teacher", ["overwrite=true", "train.lr=5e-4", "data.files.train={root}/missing.jsonl"],
         ["data file not found: {root}/missing.jsonl"],
+    ),
+    "null-label": Case(
+        "student", ["data.files.test={root}/null-label.jsonl"],
+        ["split 'test' ({root}/null-label.jsonl): row 3: column 'label' is null", "data.drop_invalid=true"],
+    ),
+    "empty-text": Case(
+        "student", ["data.files.validation={root}/empty-text.jsonl"],
+        ["split 'validation' ({root}/empty-text.jsonl): row 2: column 'text' is empty"],
+    ),
+    "label-types-mixed": Case(
+        "student", ["data.files.test={root}/mixed-types.jsonl"],
+        ["column 'label' mixes label kinds: integer ids 1 (split 'test' ({root}/mixed-types.jsonl), row 5)"],
+    ),
+    "labels-differ-only-by-case": Case(
+        "student", ["data.files.test={root}/case-variant.jsonl"],
+        ["differ only by case or surrounding spaces: 'Pos' (split 'test' ({root}/case-variant.jsonl), row 5) vs 'pos'"],
+    ),
+    "label-not-in-task-labels": Case(
+        "student", ["task.labels=[neg,pos]"], ["has labels that are not in task.labels ['neg', 'pos']: 'neu'"],
+    ),
+    "file-not-utf8": Case(
+        "student", ["data.files.validation={root}/latin1.jsonl"],
+        ["{root}/latin1.jsonl:2: not valid UTF-8 (byte 0xf1", "iconv"],
+    ),
+    "conllu-declared-as-conll": Case(
+        "student", ["data.files.train={root}/ud.conllu", "data.format=conll"],
+        ["{root}/ud.conllu:2: this is CoNLL-U", "Set data.format=conllu"],
+    ),
+    "column-role-typo": Case(
+        "student", ["data.columns.lable=label"],
+        ["data.columns.lable: 'lable' is not a column role of classification", "Did you mean 'data.columns.label'?"],
+    ),
+    "unknown-tracker": Case("run", ["tracking.report_to=[wandbb]"], ["unknown tracker 'wandbb'", "Did you mean 'wandb'?"]),
+    "negative-seed": Case("run", ["seed=-3"], ["seed=-3 is out of range"]),
+    "validation-from-train-not-a-fraction-or-count": Case(
+        "run", ["data.validation_from_train=1.5"], ["data.validation_from_train=1.5: use a fraction"],
     ),
 }
 
