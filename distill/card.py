@@ -4,9 +4,11 @@ Everything comes from the files a run leaves behind (DESIGN: downstream tools re
 `metrics.json`, `config.yaml` and `summary.json`), never from a training process:
     <run>/<stage>/metrics.json   the model's validation/test scores and run info
     <run>/<stage>/config.yaml    the resolved recipe
-    <run>/teacher/metrics.json   the fine-tuned teacher's scores (when this run trained it)
+    <teacher>/metrics.json       the fine-tuned teacher's scores: `teacher.dir` when the recipe
+                                 sets it (a grid's students share one teacher), else <run>/teacher
     <run>/baseline/metrics.json  the student fine-tuned alone (when run.baseline=true)
     <run>/summary.json           parameters and CPU latency measured at the end of `distill run`
+and, for an export with ONNX files, the parity gate's report (`distill.onnx_export`).
 The YAML header is built with huggingface_hub's `ModelCardData`/`EvalResult`, so the Hub reads
 the model-index (task, dataset, split, metric values for validation and test).
 """
@@ -14,17 +16,27 @@ the model-index (task, dataset, split, metric values for validation and test).
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from distill import models
 from distill.config import Config, ConfigError, load_config, stage_train
 
+if TYPE_CHECKING:
+    from distill.onnx_export import ParityReport
+
+log = logging.getLogger("distill.card")
+
 CARD_CONFIG_NAME = "distill_config.yaml"  # the resolved recipe, shipped beside the weights
+# How `distill run`'s closing table (distill.study.summary) times each stage, for summary.json
+# rows that do not record it themselves.
+SUMMARY_LATENCY_WARMUP = 3
+SUMMARY_LATENCY_RUNS = 15
 METRIC_NAMES = {
     "accuracy": "Accuracy",
     "f1": "F1",
@@ -106,10 +118,18 @@ def load_evidence(stage_dir: str | Path) -> RunEvidence:
     except ConfigError as err:
         raise ExportError(f"{stage_dir / 'config.yaml'} cannot be read as a recipe: {err}") from None
     run_dir = stage_dir.parent
+    folders = {"teacher": teacher_folder(cfg, stage_dir), "baseline": run_dir / "baseline"}
     sibling = {}
-    for name in ("teacher", "baseline"):
-        path = run_dir / name / "metrics.json"
-        sibling[name] = _read_json(path) if path.exists() and name != stage_dir.name else None
+    for name, folder in folders.items():
+        path = folder / "metrics.json"
+        itself = name == stage_dir.name or folder.resolve() == stage_dir.resolve()
+        sibling[name] = _read_json(path) if path.exists() and not itself else None
+    if sibling["teacher"] is None and cfg.teacher.dir and stage_dir.name != "teacher" and cfg.teacher.model:
+        log.warning(
+            "no teacher metrics at %s (teacher.dir): the card has no teacher row. Export from the "
+            "folder `distill run` ran in, or where teacher.dir points to the teacher stage",
+            folders["teacher"] / "metrics.json",
+        )
     summary_path = run_dir / "summary.json"
     summary = _read_json(summary_path) if summary_path.exists() else []
     return RunEvidence(
@@ -121,6 +141,15 @@ def load_evidence(stage_dir: str | Path) -> RunEvidence:
         baseline=sibling["baseline"],
         summary=summary if isinstance(summary, list) else [],
     )
+
+
+def teacher_folder(cfg: Config, stage_dir: Path) -> Path:
+    """The teacher stage's folder, by the stage-folder rule: `teacher.dir` when the recipe sets
+    it, else `teacher/` beside this stage (= `<output_dir>/teacher`, and still right when the
+    whole run folder was moved)."""
+    from distill.stage import stage_dir as folder_of
+
+    return folder_of(cfg, "teacher") if cfg.teacher.dir else stage_dir.parent / "teacher"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,11 +403,14 @@ def speed_note(ev: RunEvidence) -> str:
             "Speed was not measured in this run (no teacher row in summary.json); "
             "`distill bench` measures it."
         )
+    runs = own.get("runs") or SUMMARY_LATENCY_RUNS
+    warmup = own.get("warmup", SUMMARY_LATENCY_WARMUP)
+    threads = f", {own['threads']} thread{'s' if own['threads'] != 1 else ''}" if own.get("threads") else ""
     return (
-        f"Speed is the teacher's latency over this model's, measured one after the other on the "
-        f"training machine's CPU at the end of `distill run`: batch 1, sequence length "
-        f"{ev.cfg.data.max_length}, random token ids, median of 10 forwards after warm-up "
-        f"(teacher {teacher['latency_ms']:.1f} ms, this model {own['latency_ms']:.1f} ms). "
+        f"Speed is the teacher's latency over this model's, both timed round-robin on the "
+        f"training machine's CPU{threads} at the end of `distill run`: batch 1, sequence length "
+        f"{ev.cfg.data.max_length}, random token ids, median of {runs} forwards after {warmup} "
+        f"warm-up (teacher {teacher['latency_ms']:.1f} ms, this model {own['latency_ms']:.1f} ms). "
         "Ratios on other hardware and lengths differ; `distill bench` measures them."
     )
 
@@ -407,29 +439,148 @@ print(context[offsets[i][0] : offsets[j][1]])"""
 def usage_snippet(repo_id: str, pipeline_tag: str, language: list[str]) -> list[str]:
     """A runnable example. Question answering spells out the span search: the
     `question-answering` pipeline is gone from transformers 5 (4.x releases still have it)."""
-    spanish = "es" in language
+    texts = example_texts(language)
     if pipeline_tag == "question-answering":
-        q, c = (
-            ("¿Dónde está el Museo del Prado?", "El Museo del Prado se encuentra en Madrid.")
-            if spanish
-            else ("Where is the Prado Museum?", "The Prado Museum is in Madrid.")
-        )
-        code = QA_SNIPPET.format(repo_id=repo_id, question=q, context=c)
+        code = QA_SNIPPET.format(repo_id=repo_id, question=texts["question"], context=texts["context"])
     elif pipeline_tag == "token-classification":
-        text = "Ana vive en Madrid y trabaja en la Universidad de Chile." if spanish else "Ana lives in Madrid."
+        text = texts["token-classification"]
         code = (
             "from transformers import pipeline\n\n"
             f'tagger = pipeline("token-classification", model="{repo_id}", aggregation_strategy="simple")\n'
             f'print(tagger("{text}"))'
         )
     else:
-        text = "El servicio fue excelente y volvería sin dudarlo." if spanish else "Great service, I would come back."
+        text = texts["text-classification"]
         code = (
             "from transformers import pipeline\n\n"
             f'classifier = pipeline("text-classification", model="{repo_id}")\n'
             f'print(classifier("{text}"))'
         )
     return ["```python", code, "```"]
+
+
+ONNX_HEAD = """import numpy as np
+import onnxruntime as ort
+from huggingface_hub import hf_hub_download
+from transformers import AutoConfig, AutoTokenizer
+
+name = "{repo_id}"
+tokenizer = AutoTokenizer.from_pretrained(name)
+session = ort.InferenceSession(hf_hub_download(name, "{file}"), providers=["CPUExecutionProvider"])
+wanted = {{i.name for i in session.get_inputs()}}
+"""
+ONNX_BODIES = {
+    "text-classification": """inputs = tokenizer(["{text}"], return_tensors="np")
+logits = session.run(["logits"], {{k: v for k, v in inputs.items() if k in wanted}})[0]  # [batch, labels]
+id2label = AutoConfig.from_pretrained(name).id2label
+print([id2label[int(i)] for i in logits.argmax(-1)])""",
+    "token-classification": """inputs = tokenizer("{text}", return_tensors="np")
+logits = session.run(["logits"], {{k: v for k, v in inputs.items() if k in wanted}})[0][0]  # [seq, labels]
+id2label = AutoConfig.from_pretrained(name).id2label
+tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
+print([(t, id2label[int(i)]) for t, i in zip(tokens, logits.argmax(-1)) if t not in tokenizer.all_special_tokens])""",
+    "question-answering": """question, context = "{question}", "{context}"
+inputs = tokenizer(question, context, truncation="only_second", return_offsets_mapping=True, return_tensors="np")
+offsets = inputs.pop("offset_mapping")[0]  # [seq, 2] character spans
+feeds = {{k: v for k, v in inputs.items() if k in wanted}}
+start, end = (x[0] for x in session.run(["start_logits", "end_logits"], feeds))  # [seq] each
+in_context = np.array([s == 1 for s in inputs.sequence_ids(0)])  # [seq]
+span = np.where(in_context, start, -1e9)[:, None] + np.where(in_context, end, -1e9)[None, :]  # [seq, seq]
+allowed = np.triu(np.ones(span.shape, dtype=bool)) & np.tril(np.ones(span.shape, dtype=bool), 30)  # end >= start, <= 30 tokens
+i, j = np.unravel_index(np.where(allowed, span, -1e9).argmax(), span.shape)
+print(context[offsets[i][0] : offsets[j][1]])""",
+}
+
+
+def example_texts(language: list[str]) -> dict[str, str]:
+    """The sentences the usage snippets run on, in the model's language when it is Spanish."""
+    if "es" in language:
+        return {
+            "text-classification": "El servicio fue excelente y volvería sin dudarlo.",
+            "token-classification": "Ana vive en Madrid y trabaja en la Universidad de Chile.",
+            "question": "¿Dónde está el Museo del Prado?",
+            "context": "El Museo del Prado se encuentra en Madrid.",
+        }
+    return {
+        "text-classification": "Great service, I would come back.",
+        "token-classification": "Ana lives in Madrid.",
+        "question": "Where is the Prado Museum?",
+        "context": "The Prado Museum is in Madrid.",
+    }
+
+
+def onnx_snippet(repo_id: str, pipeline_tag: str, file: str, language: list[str]) -> list[str]:
+    """About ten lines that run `file` with ONNX Runtime and print what the model predicts."""
+    texts = example_texts(language)
+    body = ONNX_BODIES.get(pipeline_tag, ONNX_BODIES["text-classification"])
+    code = ONNX_HEAD.format(repo_id=repo_id, file=file) + body.format(text=texts.get(pipeline_tag, ""), **texts)
+    return ["```python", code, "```"]
+
+
+def _ms(value: Optional[float]) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}"
+
+
+def onnx_section(report: "ParityReport", repo_id: str, pipeline_tag: str, language: list[str]) -> list[str]:
+    """The ONNX files: their scores beside PyTorch's on the same split, what the parity gate
+    checked, the measured latency of each file, and how to run one with ONNX Runtime."""
+    metric, split, lat = report.metric, report.split, report.latency
+    ref_ms = report.files["pytorch"].latency_ms
+    rows = []
+    for name, r in report.files.items():
+        speed = f"{ref_ms / r.latency_ms:.2f}×" if ref_ms and r.latency_ms else "–"
+        diff = "–" if r.max_abs_diff is None else f"{r.max_abs_diff:.1e}"
+        score = r.metrics.get(metric)
+        rows.append(
+            f"| `{r.file}` | {RUNTIMES.get(name, name)} | {_fmt(score)} | {diff} | {r.size_mb:.1f} MB | "
+            f"{_ms(r.latency_ms)} | {speed} |"
+        )
+    has_int8 = "int8" in report.files
+    files = "`model.onnx` (fp32)" + (
+        " and `model.int8.onnx` (weights quantised to int8 by ONNX Runtime's dynamic quantisation, "
+        "activations quantised on the fly)" if has_int8 else ""
+    )
+    checks = f"`model.onnx` reproduces the PyTorch model's outputs to within {report.atol:g} (largest absolute difference)"
+    if has_int8:
+        checks += (
+            f" and `model.int8.onnx` loses at most {report.margin:g} points of {metric_words(metric)} "
+            f"against PyTorch on the same split"
+        )
+    if report.failures:
+        verdict = (
+            "**These files failed that check and were published anyway:** "
+            + "; ".join(report.failures) + ". Prefer `model.safetensors`."
+        )
+    else:
+        verdict = "Both checks passed." if has_int8 else "The check passed."
+    threads = f"{lat.threads} thread{'s' if lat.threads != 1 else ''}"
+    usage_file = "model.int8.onnx" if has_int8 and not report.failures else "model.onnx"
+    return [
+        "## ONNX Runtime and int8",
+        "",
+        f"The repository also holds {files}, with dynamic batch and sequence axes. Each was run "
+        f"beside the PyTorch model on the `{split}` split ({report.examples} examples, the split "
+        "the model was selected on):",
+        "",
+        f"| file | runtime | {metric} ({split}) | max \\|Δ output\\| vs PyTorch | size | latency (ms) | speed vs PyTorch |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        f"The export checked that {checks}. {verdict}",
+        f"Latency: batch {lat.batch}, sequence length {lat.seq}, random token ids, CPU "
+        f"({lat.device_name or 'not recorded'}), {threads}, median of {lat.runs} runs after "
+        f"{lat.warmup} warm-up, the files timed round-robin on the export machine.",
+        "",
+        f"With ONNX Runtime (`pip install onnxruntime transformers`; PyTorch is not needed), `{usage_file}`:",
+        "",
+        *onnx_snippet(repo_id, pipeline_tag, usage_file, language),
+        "",
+    ]
+
+
+RUNTIMES = {"pytorch": "PyTorch fp32", "onnx": "ONNX Runtime fp32", "int8": "ONNX Runtime int8"}
 
 
 def hyperparameters(ev: RunEvidence) -> list[str]:
@@ -465,7 +616,7 @@ def reproduce_note(cfg: Config) -> str:
     )
 
 
-def card_body(ev: RunEvidence, repo_id: str, pipeline_tag: str) -> str:
+def card_body(ev: RunEvidence, repo_id: str, pipeline_tag: str, onnx: Optional["ParityReport"] = None) -> str:
     cfg = ev.cfg
     task_words = FAMILY_WORDS.get(cfg.task.family, (cfg.task.family,))[0]
     dataset = hub_dataset_id(cfg)
@@ -488,7 +639,8 @@ def card_body(ev: RunEvidence, repo_id: str, pipeline_tag: str) -> str:
         + (f" It scores {metric_words(metric)} {own_test:.4f} on the `{test}` split." if own_test is not None else "")
         + versus_teacher(ev),
         "The repository holds the model alone (no teacher, no training-only layers, no optimizer "
-        "state) as safetensors: it loads with plain `transformers`.",
+        "state) as safetensors: it loads with plain `transformers`."
+        + (" ONNX files for ONNX Runtime sit beside it (see below)." if onnx is not None else ""),
         "",
         "## Results",
         "",
@@ -509,6 +661,8 @@ def card_body(ev: RunEvidence, repo_id: str, pipeline_tag: str) -> str:
     lines += ["- **Loss:** a weighted sum of", *[f"  {line}" for line in describe_losses(ev)]]
     lines += ["", "Training hyperparameters:", "", *hyperparameters(ev), ""]
     lines += ["## Usage", "", *usage_snippet(repo_id, pipeline_tag, list(cfg.hub.language)), ""]
+    if onnx is not None:
+        lines += onnx_section(onnx, repo_id, pipeline_tag, list(cfg.hub.language))
     local = [s for s in (cfg.data.source, *cfg.data.files.values()) if s and not hub_dataset_id(cfg)]
     lines += [
         "## Reproduce",
@@ -545,7 +699,10 @@ def card_repo_id(card_text: str) -> Optional[str]:
     return match.group(1) if match else None
 
 
-def build_card(ev: RunEvidence, repo_id: str, pipeline_tag: str) -> ModelCard:
-    """The README.md of an export: metadata from `card_data`, body from `card_body`."""
+def build_card(ev: RunEvidence, repo_id: str, pipeline_tag: str, onnx: Optional["ParityReport"] = None) -> ModelCard:
+    """The README.md of an export: metadata from `card_data`, body from `card_body` (with the
+    ONNX section when the export holds ONNX files)."""
     data = card_data(ev, repo_id, pipeline_tag)
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{card_body(ev, repo_id, pipeline_tag)}")
+    if onnx is not None:
+        data.tags = [*(data.tags or []), "onnx"]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{card_body(ev, repo_id, pipeline_tag, onnx)}")

@@ -1,10 +1,15 @@
-"""`distill export RUN_DIR/student [--out DIR] [--repo-id ORG/NAME]`: a Hub-ready folder.
+"""`distill export RUN_DIR/student [--out DIR] [--repo-id ORG/NAME] [--onnx] [--int8]`: a Hub-ready folder.
 
 The folder holds exactly the student: weights re-saved through the task's plain `AutoModelFor*`
 class (so no tensor the class does not own can ride along: hidden-state projections, teacher
 weights, optimizer state), as safetensors, checked key by key against the trained weights; its
 tokenizer; `config.json` with `id2label`/`label2id`; the resolved recipe as
 `distill_config.yaml`; the scores as `distill_results.json`; and a `README.md` model card.
+
+With `--onnx` (or the recipe's `hub.export.onnx`) it also holds `model.onnx`, and with `--int8`
+(`hub.export.int8`) `model.int8.onnx`, both checked by the parity gate of
+`distill.onnx_export` on the validation split before anything is written; the gate's numbers go
+to `onnx_parity.json` and the card.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import shutil
 import sys
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from safetensors import safe_open
@@ -32,6 +37,9 @@ from distill.card import (
     repo_name,
 )
 from distill.tasks import get_task
+
+if TYPE_CHECKING:
+    from distill.onnx_export import ParityReport
 
 log = logging.getLogger("distill.export")
 
@@ -110,7 +118,15 @@ def check_labels(model_config: Any, family: str) -> None:
     )
 
 
-def results_json(ev: RunEvidence) -> dict[str, Any]:
+class ParityError(ExportError):
+    """ONNX files that failed the parity gate; `report` holds what was measured."""
+
+    def __init__(self, message: str, report: "ParityReport"):
+        super().__init__(message)
+        self.report = report
+
+
+def results_json(ev: RunEvidence, onnx: Optional["ParityReport"] = None) -> dict[str, Any]:
     """The scores behind the card, machine-readable, without local paths."""
     out: dict[str, Any] = {"task": ev.cfg.task.name, "metric": ev.metric, "stage": ev.stage}
     for name, metrics in (("teacher", ev.teacher), (ev.stage, ev.metrics), ("baseline", ev.baseline)):
@@ -125,19 +141,118 @@ def results_json(ev: RunEvidence) -> dict[str, Any]:
             "speedup_vs_teacher": row.get("speedup") if any(r.get("stage") == "teacher" for r in ev.summary) else None,
         }
     out["loss_weights"] = ev.info.get("loss_weights")
+    if onnx is not None:
+        out["onnx"] = {
+            "split": onnx.split,
+            "metric": onnx.metric,
+            "passed": not onnx.failures,
+            "files": {
+                r.file: {"runtime": name, onnx.metric: r.metrics.get(onnx.metric), "max_abs_diff": r.max_abs_diff,
+                         "cpu_latency_ms": r.latency_ms}
+                for name, r in onnx.files.items()
+            },
+        }
     return out
 
 
+def write_onnx(
+    folder: Path,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    ev: RunEvidence,
+    *,
+    int8: bool,
+    force: bool,
+    atol: float,
+    margin: float,
+    threads: int,
+) -> "ParityReport":
+    """Write model.onnx (and model.int8.onnx) into `folder`, run the parity gate on the
+    validation split, time each file, and save onnx_parity.json. A failed gate raises
+    ParityError unless `force`, which keeps the files and marks the report (and card) forced."""
+    from distill import onnx_export as ox
+
+    if margin < 0 or atol < 0:
+        raise ExportError(f"the int8 margin ({margin}) and the fp32 tolerance ({atol}) must be >= 0")
+    try:
+        names = ox.input_names(tokenizer)
+        files = {"onnx": folder / ox.ONNX_NAME}
+        _, exporter = ox.export_onnx(model, names, files["onnx"])
+        if int8:
+            files["int8"] = folder / ox.INT8_NAME
+            ox.quantize_int8(files["onnx"], files["int8"])
+    except ImportError as err:
+        raise ExportError(
+            f"ONNX export needs the onnx, onnxruntime and onnxscript packages ({err}): "
+            "pip install 'distill[bench]'"
+        ) from None
+    except ox.OnnxExportError as err:
+        raise ExportError(str(err)) from None
+    recorded = ev.metrics.get("validation", {}).get(ev.metric)
+    batch_size = ev.cfg.train.eval_batch_size or 2 * ev.cfg.train.batch_size
+    try:
+        report = ox.check_parity(
+            model, files, ev.cfg, tokenizer, names=names, atol=atol, margin=margin,
+            recorded=recorded if isinstance(recorded, (int, float)) else None, batch_size=batch_size, threads=threads,
+        )
+    except (ValueError, OSError) as err:  # DataError is a ValueError; a missing file an OSError
+        source = ev.cfg.data.files.get("validation") or ev.cfg.data.source or "the recipe's data"
+        raise ExportError(
+            f"the parity gate runs the exported model on the validation split the student was "
+            f"evaluated on ({source}), and it could not: {err}. Run the export where the "
+            "recipe's data can be read (paths are relative to the folder `distill run` ran in)"
+        ) from None
+    report.exporter = exporter
+    for note in report.notes:
+        log.warning(note)
+    if report.failures:
+        problems = "; ".join(report.failures)
+        if not force:
+            raise ParityError(
+                f"the ONNX export failed the parity gate: {problems}. Nothing was written. "
+                "Re-run with --force to write the files anyway (the card then says they failed), "
+                "or --int8-margin POINTS to accept a larger int8 loss",
+                report,
+            )
+        report.forced = True
+        log.warning("writing ONNX files that failed the parity gate (--force): %s", problems)
+    positions = getattr(model.config, "max_position_embeddings", None) or ev.cfg.data.max_length
+    settings = ox.LatencySettings(seq=min(ev.cfg.data.max_length, positions), threads=threads)
+    for name, timing in ox.measure_files(model, files, names, settings).items():
+        report.files[name].latency_ms, report.files[name].latency_iqr_ms = timing.median_ms, timing.iqr_ms
+    report.latency = settings
+    report.save(folder / ox.PARITY_NAME)
+    return report
+
+
 def export_student(
-    stage_dir: str | Path, out: Optional[str | Path] = None, repo_id: Optional[str] = None
+    stage_dir: str | Path,
+    out: Optional[str | Path] = None,
+    repo_id: Optional[str] = None,
+    *,
+    onnx: Optional[bool] = None,
+    int8: Optional[bool] = None,
+    force: bool = False,
+    atol: Optional[float] = None,
+    margin: Optional[float] = None,
+    threads: Optional[int] = None,
 ) -> Path:
     """Write the Hub-ready folder for a finished stage and return its path.
 
     `repo_id` names the model in the card (usage snippet, model-index); without it the recipe's
-    `hub.repo_id` template is used with `hub.org`, or `ORG` when no org is set.
+    `hub.repo_id` template is used with `hub.org`, or `ORG` when no org is set. `onnx`/`int8`
+    None take the recipe's hub.export.onnx/int8 (int8 implies onnx); `margin` None its
+    hub.export.int8_margin (points); `atol` None the fp32 tolerance FP32_ATOL; `threads` the
+    CPU threads the card's latencies are measured with (default 1). `force` writes ONNX files
+    that fail the parity gate, with a warning on the card.
     """
+    from distill import onnx_export as ox
+
     stage_dir = stage_folder(stage_dir)
     ev = load_evidence(stage_dir)
+    hub_export = ev.cfg.hub.export
+    int8 = hub_export.int8 if int8 is None else int8
+    onnx = bool(int8 or (hub_export.onnx if onnx is None else onnx))
     task = get_task(ev.cfg)
     model_dir = stage_dir / "model"
     out = Path(out) if out else default_out(stage_dir)
@@ -173,11 +288,20 @@ def export_student(
     tmp.mkdir(parents=True)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
-        AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer.save_pretrained(tmp)
         check_student_only(tmp, model, model_dir)
+        report = None
+        if onnx:
+            report = write_onnx(
+                tmp, model, tokenizer, ev, int8=int8, force=force,
+                atol=ox.FP32_ATOL if atol is None else atol,
+                margin=hub_export.int8_margin if margin is None else margin,
+                threads=threads or ox.LATENCY_THREADS,
+            )
         shutil.copyfile(stage_dir / "config.yaml", tmp / CARD_CONFIG_NAME)
-        (tmp / RESULTS_NAME).write_text(json.dumps(results_json(ev), indent=2) + "\n", encoding="utf-8")
-        build_card(ev, repo_id, task.pipeline_tag).save(tmp / "README.md")
+        (tmp / RESULTS_NAME).write_text(json.dumps(results_json(ev, report), indent=2) + "\n", encoding="utf-8")
+        build_card(ev, repo_id, task.pipeline_tag, onnx=report).save(tmp / "README.md")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -209,6 +333,51 @@ def format_files(folder: Path) -> str:
     return "\n".join(f"  {human_size(size):>9}  {name}" for name, size in list_files(folder))
 
 
+def add_onnx_arguments(p: argparse.ArgumentParser) -> None:
+    """--onnx/--int8 and the gate's settings, shared by `distill export` and `distill push`."""
+    from distill.onnx_export import FP32_ATOL, LATENCY_THREADS
+
+    p.add_argument(
+        "--onnx", action=argparse.BooleanOptionalAction, default=None,
+        help="also write model.onnx (fp32, dynamic batch and sequence axes), checked against PyTorch "
+        "on the validation split (default: the recipe's hub.export.onnx)",
+    )
+    p.add_argument(
+        "--int8", action=argparse.BooleanOptionalAction, default=None,
+        help="also write model.int8.onnx (ONNX Runtime dynamic quantisation; implies --onnx) "
+        "(default: the recipe's hub.export.int8)",
+    )
+    p.add_argument(
+        "--int8-margin", type=float, default=None, metavar="POINTS",
+        help="points of the task metric the int8 model may lose on validation "
+        "(default: the recipe's hub.export.int8_margin, 0.5)",
+    )
+    p.add_argument(
+        "--atol", type=float, default=None,
+        help=f"largest absolute output difference allowed between model.onnx and PyTorch (default {FP32_ATOL:g})",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None,
+        help=f"CPU threads for the latencies on the card (default {LATENCY_THREADS})",
+    )
+
+
+def parity_summary(data: dict[str, Any]) -> str:
+    """The gate's result in a few lines, from onnx_parity.json."""
+    metric, lat = data["metric"], data["latency"]
+    lines = [
+        f"parity on the {data['split']} split ({data['examples']} examples); latency at batch "
+        f"{lat['batch']}, seq {lat['seq']}, {lat['threads']} thread(s):"
+    ]
+    for r in data["files"].values():
+        diff = "" if r["max_abs_diff"] is None else f", max |diff| {r['max_abs_diff']:.2g}"
+        latency = "" if r["latency_ms"] is None else f", {r['latency_ms']:.1f} ms"
+        lines.append(f"  {r['file']:<18} {metric} {r['metrics'][metric]:.4f}{diff}{latency}")
+    for failure in data["failures"]:
+        lines.append(f"  FAILED (written with --force): {failure}")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(
         prog="distill export",
@@ -223,13 +392,25 @@ def main(argv: Optional[list[str]] = None) -> int:
         default=None,
         help="the Hub id the card names (default: the recipe's hub.repo_id template; ORG when hub.org is unset)",
     )
+    add_onnx_arguments(p)
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write ONNX files that fail the parity gate (warns, and the card says so)",
+    )
     args = p.parse_args(argv)
     try:
-        out = export_student(args.stage_dir, args.out, args.repo_id)
+        out = export_student(
+            args.stage_dir, args.out, args.repo_id, onnx=args.onnx, int8=args.int8, force=args.force,
+            atol=args.atol, margin=args.int8_margin, threads=args.threads,
+        )
     except ExportError as err:
         print(f"distill export: {err}", file=sys.stderr)
         return 2
     print(f"exported {out}:\n{format_files(out)}")
+    parity = out / "onnx_parity.json"
+    if parity.exists():
+        print(parity_summary(json.loads(parity.read_text(encoding="utf-8"))))
     if not args.repo_id and PLACEHOLDER_ORG + "/" in (out / "README.md").read_text(encoding="utf-8"):
         print(
             f"note: the card names the model {PLACEHOLDER_ORG}/...; pass --repo-id, or set hub.org, "

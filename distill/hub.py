@@ -5,6 +5,9 @@
 (HTTP 5xx, 429, 408, dropped connections, timeouts) are retried with exponential backoff; auth
 and other client errors are not. The export is finished before any upload starts, so a failed
 push leaves it complete and untouched, and the error says what to re-run.
+
+ONNX files (`--onnx`, `--int8`, or the recipe's `hub.export.onnx` / `hub.export.int8`) are
+written and parity-gated by the export; a stage whose files fail the gate is not pushed.
 """
 
 from __future__ import annotations
@@ -22,7 +25,15 @@ from huggingface_hub.utils import validate_repo_id
 
 from distill.card import CARD_CONFIG_NAME, ExportError, card_repo_id, repo_name
 from distill.config import Config, ConfigError, load_config
-from distill.export import PLACEHOLDER_ORG, export_student, format_files, is_export, list_files, stage_folder
+from distill.export import (
+    PLACEHOLDER_ORG,
+    add_onnx_arguments,
+    export_student,
+    format_files,
+    is_export,
+    list_files,
+    stage_folder,
+)
 
 log = logging.getLogger("distill.hub")
 
@@ -166,13 +177,24 @@ def default_commit_message(folder: Path) -> str:
     return f"Upload {name}"
 
 
-def prepare_folder(path: Path, repo_id: str, out: Optional[Path]) -> tuple[Path, Optional[Config]]:
-    """A stage folder is exported for `repo_id` first; an export folder is used as it is."""
+def prepare_folder(
+    path: Path, repo_id: str, out: Optional[Path], onnx_options: Optional[dict[str, Any]] = None
+) -> tuple[Path, Optional[Config]]:
+    """A stage folder is exported for `repo_id` first (with `onnx_options`: export_student's
+    onnx, int8, atol, margin, threads); an export folder is used as it is."""
     path = stage_folder(path)
+    options = {k: v for k, v in (onnx_options or {}).items() if v is not None}
     if (path / "metrics.json").exists():
-        folder = export_student(path, out, repo_id)
+        folder = export_student(path, out, repo_id, **options)
         return folder, load_config(folder / CARD_CONFIG_NAME)
     if is_export(path):
+        wanted = ["model.onnx"] * bool(options.get("onnx") or options.get("int8")) + ["model.int8.onnx"] * bool(options.get("int8"))
+        lacking = [name for name in wanted if not (path / name).exists()]
+        if lacking:
+            raise PushError(
+                f"{path} is an export without {', '.join(lacking)}: push the stage folder with the "
+                "same flags (it re-exports), or run `distill export STAGE_DIR --onnx --int8` first"
+            )
         written_for = card_repo_id((path / "README.md").read_text(encoding="utf-8"))
         if written_for and written_for != repo_id:
             raise PushError(
@@ -197,14 +219,16 @@ def push(
     dry_run: bool = False,
     out: Optional[str | Path] = None,
     sleep: Optional[Callable[[float], None]] = None,
+    onnx_options: Optional[dict[str, Any]] = None,
 ) -> Optional[str]:
     """Export (when given a stage folder) and upload to `repo_id`; returns the commit URL.
 
     `private=None` takes the recipe's hub.private. With `dry_run`, nothing leaves the machine:
-    the files are listed and the card printed.
+    the files are listed and the card printed. `onnx_options` (onnx, int8, atol, margin,
+    threads; None = the recipe's hub.export) go to the export of a stage folder.
     """
     check_repo_id(repo_id)
-    folder, cfg = prepare_folder(Path(path), repo_id, Path(out) if out else None)
+    folder, cfg = prepare_folder(Path(path), repo_id, Path(out) if out else None, onnx_options)
     if private is None:
         private = bool(cfg and cfg.hub.private)
     revision = revision or None
@@ -282,7 +306,11 @@ def push_from_run(cfg: Config, sleep: Optional[Callable[[float], None]] = None) 
         return None
     stage_dir = Path(cfg.output_dir) / "student"
     repo_id = repo_name(cfg, run_org(cfg, sleep))
-    return push(stage_dir, repo_id, private=cfg.hub.private, sleep=sleep)
+    # this run's hub.export, not the one saved with the stage (hub settings may change between
+    # a finished training and its push without re-training)
+    export = cfg.hub.export
+    options = {"onnx": export.onnx, "int8": export.int8, "margin": export.int8_margin}
+    return push(stage_dir, repo_id, private=cfg.hub.private, sleep=sleep, onnx_options=options)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -303,6 +331,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--commit-message", default=None, help="commit message (default names the model and its test score)")
     p.add_argument("--dry-run", action="store_true", help="export locally, list the files and print the card; upload nothing")
     p.add_argument("--out", default=None, help="where a stage folder is exported (default: STAGE_DIR/export)")
+    add_onnx_arguments(p)
     args = p.parse_args(argv)
     try:
         repo_id = args.repo_id
@@ -323,6 +352,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             commit_message=args.commit_message,
             dry_run=args.dry_run,
             out=args.out,
+            onnx_options={"onnx": args.onnx, "int8": args.int8, "atol": args.atol, "margin": args.int8_margin,
+                          "threads": args.threads},
         )
     except (PushError, ExportError, ConfigError) as err:
         print(f"distill push: {err}", file=sys.stderr)

@@ -1,7 +1,8 @@
 """Inference back-ends for an exported sequence-classification student, measured side by side.
 
 For a saved model folder: PyTorch eager, torch.compile, ONNX Runtime fp32 (exported with
-torch.onnx) and ONNX Runtime int8 (onnxruntime's dynamic quantization). Each back-end gets the
+torch.onnx) and ONNX Runtime int8 (onnxruntime's dynamic quantization); the conversion is
+`distill.onnx_export`'s, the same that `distill export --onnx --int8` ships. Each back-end gets the
 same random inputs for latency and the same evaluation texts for accuracy and for agreement
 with eager (fraction of equal predictions, largest logit difference). A back-end that cannot be
 built on the installed versions is reported as unavailable with the reason, never a crash.
@@ -9,15 +10,12 @@ built on the installed versions is reported as unavailable with the reason, neve
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -31,9 +29,9 @@ from distill.bench.latency import (
     summarize,
     time_calls,
 )
+from distill.onnx_export import INPUT_NAMES, OnnxExportError, OnnxModel, export_onnx, quantize_int8
 
 BACKENDS = ("eager", "compile", "onnx", "onnx-int8")
-INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 
 # model inputs, each [batch, seq] -> logits [batch, labels]
 Runner = Callable[[dict[str, np.ndarray]], np.ndarray]
@@ -151,17 +149,6 @@ def encode(tokenizer: Any, rows: list[EvalRow], names: Sequence[str], max_length
 
 
 # --- back-ends ---------------------------------------------------------------------------------
-class LogitsOnly(nn.Module):
-    """Positional (input_ids, attention_mask[, token_type_ids]) -> logits, for export."""
-
-    def __init__(self, model: nn.Module, names: Sequence[str]):
-        super().__init__()
-        self.model, self.names = model, tuple(names)
-
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        return self.model(**dict(zip(self.names, args))).logits  # [batch, labels]
-
-
 def torch_runner(model: nn.Module) -> Runner:
     def run(inputs: dict[str, np.ndarray]) -> np.ndarray:
         with torch.inference_mode():
@@ -176,65 +163,9 @@ def _first_line(err: Exception) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence exporter/quantizer chatter (tracer warnings, advice to pre-process)."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        root.setLevel(level)
-
-
-def export_onnx(model: nn.Module, names: Sequence[str], path: Path) -> str:
-    """Export `model` to ONNX with dynamic batch and sequence axes; returns the exporter used.
-
-    The torch.export-based exporter is tried first; it needs `onnxscript`, so on installs
-    without it the TorchScript exporter is used. Both failing raises BackendUnavailable.
-    """
-    wrapper = LogitsOnly(model.eval(), names)
-    example = tuple(torch.ones(2, 8, dtype=torch.long) for _ in names)  # [2, 8] each
-    axes = {n: {0: "batch", 1: "seq"} for n in names} | {"logits": {0: "batch"}}
-    reasons = []
-    for dynamo in (True, False):
-        try:
-            with _quiet():
-                torch.onnx.export(
-                    wrapper, example, str(path), input_names=list(names), output_names=["logits"],
-                    dynamic_axes=axes, dynamo=dynamo, external_data=False,
-                )
-            return "torch.export" if dynamo else "torchscript"
-        except Exception as err:  # noqa: BLE001 - any exporter failure means "try the other"
-            reasons.append(f"{'torch.export' if dynamo else 'torchscript'} exporter: {_first_line(err)}")
-    raise BackendUnavailable("ONNX export failed (" + "; ".join(reasons) + ")")
-
-
 def onnx_runner(path: Path, threads: int) -> Runner:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads  # same thread budget as the PyTorch back-ends
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    wanted = [i.name for i in session.get_inputs()]
-
-    def run(inputs: dict[str, np.ndarray]) -> np.ndarray:
-        return session.run(["logits"], {k: inputs[k] for k in wanted})[0]
-
-    return run
-
-
-def quantize_int8(src: Path, dst: Path) -> None:
-    """Dynamic int8 quantization of the weights of an ONNX model (activations stay float)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    with _quiet():
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    session = OnnxModel(path, threads)  # same thread budget as the PyTorch back-ends
+    return lambda inputs: session.run(inputs)["logits"]
 
 
 # --- the comparison ----------------------------------------------------------------------------
@@ -332,7 +263,10 @@ def _build(name: str, model: nn.Module, names: list[str], work: Path, threads: i
         return torch_runner(torch.compile(model, dynamic=True))
     fp32 = work / "model.onnx"
     if not fp32.exists():
-        exporter = export_onnx(model, names, fp32)
+        try:
+            _, exporter = export_onnx(model, names, fp32)
+        except OnnxExportError as err:
+            raise BackendUnavailable(str(err)) from None
         result.notes.append(f"exported with the {exporter} exporter")
     if name == "onnx":
         result.size_mb = fp32.stat().st_size / 2**20
