@@ -219,6 +219,16 @@ class TrackingConfig:
 
 
 @dataclass
+class HubExportConfig:
+    """Files `distill export` / `distill push` (and `distill run` with hub.push) write beside the
+    safetensors, each checked by the parity gate on the validation split (docs/benchmarks.md)."""
+
+    onnx: bool = False  # model.onnx: fp32, dynamic batch and sequence axes
+    int8: bool = False  # model.int8.onnx: ONNX Runtime dynamic quantisation (implies onnx)
+    int8_margin: float = 0.5  # points of the task metric int8 may lose before the export fails
+
+
+@dataclass
 class HubConfig:
     push: bool = False
     # `{student}`, `{task}` and `{org}` are filled in; the default reproduces the study's naming.
@@ -227,6 +237,7 @@ class HubConfig:
     private: bool = False
     license: str = "apache-2.0"
     language: list[str] = field(default_factory=lambda: ["es"])
+    export: HubExportConfig = field(default_factory=HubExportConfig)
 
 
 @dataclass
@@ -433,6 +444,7 @@ def validate(cfg: Config) -> None:
         "distill.relation_layer": d.relation_layer >= 0,
         "distill.intermediate_epochs": d.intermediate_epochs >= 0,
         "train.num_workers": t.num_workers >= 0,
+        "hub.export.int8_margin": cfg.hub.export.int8_margin >= 0,
     }
     for key, ok in checks.items():
         if not ok:
