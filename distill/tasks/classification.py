@@ -15,7 +15,7 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
-from distill.data import invalid_rows, label_problem, origin, refuse_or_drop, text_problem
+from distill.data import column_list, invalid_rows, label_problem, origin, refuse_or_drop, text_problem
 from distill.labels import LabelSpace, label_space
 from distill.tasks.base import TEACHER_PREFIX, LogitPair, Task, column, require_columns
 
@@ -30,7 +30,7 @@ def label_space_of(raw: DatasetDict, label_col: str, declared: list[str] = ()) -
     first = raw["train"] if "train" in raw else next(iter(raw.values()))
     feature = first.features[label_col]
     names = list(feature.names) if isinstance(feature, ClassLabel) else None
-    values = {split: enumerate(ds[label_col]) for split, ds in raw.items()}
+    values = {split: enumerate(column_list(ds, label_col)) for split, ds in raw.items()}
     return label_space(
         values, column=label_col, declared=declared, feature_names=names, where=lambda s: origin(raw, s)
     )

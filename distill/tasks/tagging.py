@@ -36,7 +36,7 @@ from datasets import ClassLabel, Dataset, DatasetDict
 from transformers import AutoModelForTokenClassification
 
 from distill.metrics import seqeval_metrics, token_accuracy
-from distill.data import is_null, label_problem, origin, refuse_or_drop
+from distill.data import column_list, is_null, label_problem, origin, refuse_or_drop
 from distill.errors import DataError
 from distill.labels import LabelSpace, label_space
 from distill.tasks.base import TEACHER_PREFIX, LogitPair, Task, column, require_columns
@@ -56,7 +56,7 @@ def tag_space(raw: DatasetDict, tags_col: str, declared: list[str] = ()) -> Labe
     inner = getattr(first.features[tags_col], "feature", None)  # item type of a List / LargeList
     names = list(inner.names) if isinstance(inner, ClassLabel) else None
     values = {
-        split: ((row, tag) for row, tags in enumerate(ds[tags_col]) for tag in tags)
+        split: ((row, tag) for row, tags in enumerate(column_list(ds, tags_col)) for tag in tags)
         for split, ds in raw.items()
     }
     return label_space(
@@ -197,7 +197,7 @@ class TaggingTask(Task):
         self.tags_col = column(self.cfg, "tags", "tags")
         require_columns(raw, {"tokens": self.tokens_col, "tags": self.tags_col})
         train = raw["train"] if "train" in raw else next(iter(raw.values()))
-        if not any(not is_null(t) for tags in train[self.tags_col] if tags for t in tags):
+        if not any(not is_null(t) for tags in column_list(train, self.tags_col) if tags for t in tags):
             raise DataError(
                 f"column '{self.tags_col}' of {origin(raw, 'train')} holds no tags: every value "
                 "is null (CoNLL-U writes '_' where a treebank has no tag). Pick another column "
@@ -207,9 +207,10 @@ class TaggingTask(Task):
         for split, ds in raw.items():
             inner = getattr(ds.features[self.tags_col], "feature", None)
             classes = inner.num_classes if isinstance(inner, ClassLabel) else None
+            rows = zip(column_list(ds, self.tokens_col), column_list(ds, self.tags_col))
             bad[split] = [
                 (row, problem)
-                for row, (words, tags) in enumerate(zip(ds[self.tokens_col], ds[self.tags_col]))
+                for row, (words, tags) in enumerate(rows)
                 if (problem := sentence_problem(words, tags, classes, self.tokens_col, self.tags_col))
             ]
         refuse_or_drop(raw, bad, self.cfg.data.drop_invalid)
