@@ -15,10 +15,10 @@ Each copy of a row replaces every replaceable word, with probability `augment.p`
   words and rows go through the model together in batches.
 
 Both methods skip special tokens, continuation pieces (##xx), tokens that are not letters
-(punctuation, digits), single letters, `augment.keep_words` and the word itself (compared
-casefolded and without accents). A candidate from an uncased vocabulary takes the original
-word's casing (Madrid -> Barcelona). Replaceable words are runs of letters of 2+ characters:
-digits, punctuation and hyphenated words stay.
+(punctuation, digits), words under 3 letters, `augment.keep_words` and the word itself
+(compared casefolded and without accents). A candidate from an uncased vocabulary takes the
+original word's casing (Madrid -> Barcelona). Replaceable words are runs of 3+ letters: digits,
+punctuation, hyphenated words and short function words (de, el, la, en, of, to) stay.
 
 What each family keeps aligned:
 - classification: the text and the text pair are both augmented;
@@ -65,13 +65,13 @@ log = logging.getLogger("distill")
 
 AUGMENT_VERSION = 1
 SOURCE_INDEX = "source_index"  # the input row an augmented row was made from
-MIN_WORD_CHARS = 2
+MIN_WORD_CHARS = 3  # shorter words are mostly function words (de, el, of, to): replacing them breaks grammar
 SCORE_DECIMALS = {"embedding": 9, "mlm": 5}  # rounding before ranking: batch-size independence
 PAD_MULTIPLE = 16  # masked rows are padded to a multiple of this, whatever their batch
 
 
 def is_replaceable(word: str) -> bool:
-    """A word augmentation may replace: 2+ characters, all letters (or combining marks)."""
+    """A word augmentation may replace: 3+ characters, all letters (or combining marks)."""
     return len(word) >= MIN_WORD_CHARS and all(unicodedata.category(c)[0] in "LM" for c in word)
 
 
@@ -220,7 +220,7 @@ def build_copy(
 
 class WordVocabulary:
     """The tokens of a tokenizer that are whole words by themselves: not special, letters
-    only (2+), and exactly what the tokenizer gives for that word after a space (which rules
+    only (3+), and exactly what the tokenizer gives for that word after a space (which rules
     out continuation pieces such as ##ro, and byte or sentencepiece fragments)."""
 
     def __init__(self, tokenizer: Any):

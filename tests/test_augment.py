@@ -92,7 +92,7 @@ def classification_rows(pair: bool = False) -> Dataset:
 
 def test_word_helpers():
     assert aug.is_replaceable("canción") and aug.is_replaceable("cancio\u0301n")
-    assert not any(aug.is_replaceable(w) for w in ("a", "3,5", "12", "franco-alemán", "¿", "##ro", ""))
+    assert not any(aug.is_replaceable(w) for w in ("a", "de", "3,5", "12", "franco-alemán", "¿", "##ro", ""))
     assert aug.fold("Canción") == aug.fold("cancion")
     assert aug.match_case("barcelona", "Madrid") == "Barcelona"
     assert aug.match_case("barcelona", "MADRID") == "BARCELONA"
@@ -133,7 +133,7 @@ def test_word_vocabulary_on_minilm(minilm_dir):
     vocab = aug.WordVocabulary(tok)
     words = set(vocab.words)
     assert {"madrid", "casa", "house", "excellent"} <= words
-    assert not any(w.startswith("##") or not w.isalpha() or len(w) < 2 for w in words)
+    assert not any(w.startswith("##") or not w.isalpha() or len(w) < 3 for w in words)
     assert not set(tok.all_special_ids) & set(vocab.ids.tolist())
     pos = vocab.positions(["Madrid", "perro", "3", "casa"])
     assert pos[0] is not None and vocab.words[pos[0]] == "madrid"
@@ -305,15 +305,30 @@ def test_qa_answers_stay_at_the_recomputed_start(method, tiny_mlm_dir, tiny_enco
     assert context_changed and question_changed
 
 
-def test_augmented_rows_join_the_student_rows_without_gold(tiny_encoder_dir, tmp_path):
-    train = classification_rows()
+def test_augmented_rows_join_the_student_rows_without_gold(tiny_encoder_dir, tmp_path, monkeypatch):
+    # fixed candidates: "azul" -> "rojo", "corre" -> "duerme", nothing for any other word
+    fixed = {"azul": ["rojo"], "corre": ["duerme"]}
+    monkeypatch.setattr(aug, "top_candidates", lambda scores, vocab, k, word, own: fixed.get(word, []))
+    (tmp_path / "u.txt").write_text("Luis corre hoy.\n", encoding="utf-8")
+    train = classification_rows()  # holds "La niña mira el mar azul."
     test = Dataset.from_dict({"text": ["La niña mira el mar rojo."], "label": ["a"]})
     raw = DatasetDict(train=train, test=test)
-    out, counts = build_student_train_rows(
-        raw, "classification", {}, augment=settings(copies=3, cache_dir=str(tmp_path)), augment_model=str(tiny_encoder_dir), seed=0
-    )
-    assert counts["labelled"] == 7 and counts["augmented"] == len(out) - 7 > 0
-    assert out[HAS_GOLD] == [True] * 7 + [False] * counts["augmented"]
+    common = dict(augment_model=str(tiny_encoder_dir), seed=0, cache_dir=tmp_path / "cache")
+    out, counts = build_student_train_rows(raw, "classification", {}, augment=settings(copies=3, p=1.0), **common)
+    # "Luis corre muy rápido por la ciudad." -> "Luis duerme ..." once (the copies are identical);
+    # "La niña mira el mar rojo." is the test row: dropped
+    assert counts == {"labelled": 7, "transfer": 0, "augmented": 1, "leaked_dropped": 1,
+                      "duplicates_dropped": 0, "empty_dropped": 0}
+    assert out["text"][7:] == ["Luis duerme muy rápido por la ciudad."]
+    assert out[HAS_GOLD] == [True] * 7 + [False]
     assert "source_index" not in out.column_names
-    texts = {aug.fold(t) for t in out["text"][7:]}
-    assert aug.fold("La niña mira el mar rojo.") not in texts  # a leak would have been dropped
+
+    from distill.config import TransferSource
+
+    out, counts = build_student_train_rows(
+        raw, "classification", {}, [TransferSource(files=[str(tmp_path / "u.txt")])],
+        augment=settings(copies=3, p=1.0, include_transfer=True), **common,
+    )
+    assert counts["transfer"] == 1 and counts["augmented"] == 2
+    assert out["text"][7:] == ["Luis corre hoy.", "Luis duerme muy rápido por la ciudad.", "Luis duerme hoy."]
+    assert out[HAS_GOLD] == [True] * 7 + [False] * 3
