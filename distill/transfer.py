@@ -20,7 +20,8 @@ question and the context; tagging the words joined. Rows are compared by a 64-bi
 key (numpy arrays, so 8M rows cost 64 MB, not a Python set of strings).
 
 `build_student_train_rows` is the one call the data pipeline makes; `mark_gold` then carries
-`has_gold` from raw rows to features and puts the ignore index in their gold targets.
+`has_gold` from raw rows to features and puts the ignore index in their gold targets, and
+`GoldCollate` puts it in every batch. `check_transfer` is the preflight check of the entries.
 """
 
 from __future__ import annotations
@@ -562,3 +563,36 @@ def mark_gold(features: Dataset, rows: Dataset) -> Dataset:
         return batch
 
     return features.map(mark, batched=True, desc="marking rows without gold labels")
+
+
+class GoldCollate:
+    """A task's collate whose batches also carry `has_gold` ([batch] bool) when the features do
+    (a class, not a closure, so DataLoader workers can pickle it)."""
+
+    def __init__(self, collate: Any):
+        self.collate = collate
+
+    def __call__(self, features: list[dict]) -> dict:
+        batch = self.collate(features)
+        if features and HAS_GOLD in features[0] and HAS_GOLD not in batch:
+            import torch
+
+            batch[HAS_GOLD] = torch.tensor([bool(f[HAS_GOLD]) for f in features], dtype=torch.bool)
+        return batch
+
+
+def check_transfer(
+    raw: DatasetDict, family: str, columns: Mapping[str, str], transfer: Sequence[Any], train_split: str = "train", rows: int = 100
+) -> None:
+    """Preflight: every `data.transfer` entry can be read and its columns map to the task's
+    (first `rows` rows converted), so a bad entry fails before the teacher trains."""
+    if not transfer:
+        return
+    cols = task_columns(family, columns)
+    train = raw[train_split]
+    keep = _train_columns(family, cols, train)
+    template = Features({c: train.features[c] for c in keep})
+    placeholder = gold_placeholder(family, train, cols[GOLD_ROLE[family]])
+    for i, src in enumerate(transfer):
+        ds = read_transfer_source(src, i)
+        map_transfer_rows(ds.select(range(min(rows, len(ds)))), family, cols, dict(src.columns), template, placeholder, i)

@@ -4,6 +4,7 @@ training rows with `has_gold`, and features whose gold loss skips transfer rows.
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,9 @@ from distill.transfer import (
     HAS_GOLD,
     IGNORE_INDEX,
     IGNORE_POSITION,
+    GoldCollate,
     build_student_train_rows,
+    check_transfer,
     filter_rows,
     mark_gold,
     normalize,
@@ -189,6 +192,17 @@ def test_column_mapping_errors_name_the_entry_and_role(tmp_path):
         build_student_train_rows(pair_raw(), "classification", PAIR_COLUMNS, [TransferSource(files=[str(tmp_path / "missing.txt")])])
 
 
+def test_check_transfer_fails_on_the_first_bad_entry(tmp_path):
+    good = write_jsonl(tmp_path / "good.jsonl", [{"premise": "a", "hypothesis": "b"}] * 300)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"premise": "a"}])
+    check_transfer(pair_raw(), "classification", PAIR_COLUMNS, [TransferSource(files=[str(good)])])
+    with pytest.raises(DataError, match=r"data\.transfer\[1\]: no column 'hypothesis' for text_pair"):
+        check_transfer(pair_raw(), "classification", PAIR_COLUMNS, [TransferSource(files=[str(good)]), TransferSource(files=[str(bad)])])
+    (tmp_path / "empty.txt").write_text("\n\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"data\.transfer\[0\] holds no rows"):
+        check_transfer(pair_raw(), "classification", PAIR_COLUMNS, [TransferSource(files=[str(tmp_path / "empty.txt")])])
+
+
 def test_offline_hub_source_names_the_entry(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     src = TransferSource(source="nobody/no-such-dataset-here", name="es", split="train")
@@ -290,6 +304,9 @@ def test_tagging_and_qa_features_of_transfer_rows(tmp_path, tiny_bert_dir):
     assert any(label != IGNORE_INDEX for label in features["labels"][0])
     assert set(features["labels"][1]) == {IGNORE_INDEX}
     assert features["num_words"][1] == 5  # Ana vive en Bogotá .
+    collate = pickle.loads(pickle.dumps(GoldCollate(task.collate)))  # DataLoader workers pickle it
+    batch = collate([features[0], features[1]])
+    assert batch[HAS_GOLD].tolist() == [True, False] and batch["labels"].shape[0] == 2
 
     features_qa = Features({"id": Value("string"), "question": Value("string"), "context": Value("string"),
                             "answers": {"text": List(Value("string")), "answer_start": List(Value("int32"))}})
@@ -310,7 +327,8 @@ def test_tagging_and_qa_features_of_transfer_rows(tmp_path, tiny_bert_dir):
 
     torch.manual_seed(0)
     model = AutoModelForQuestionAnswering.from_config(tiny_bert_config()).eval()
-    batch = qa.collate([feats[i] for i in range(len(feats))])
+    batch = GoldCollate(qa.collate)([feats[i] for i in range(len(feats))])
+    assert batch[HAS_GOLD].tolist() == [True, False]
     out = model(**qa.model_inputs(batch))
     # by hand: only the labelled row's start and end cross-entropies count
     s, e = torch.log_softmax(out.start_logits, -1), torch.log_softmax(out.end_logits, -1)  # [rows, seq]
