@@ -244,6 +244,8 @@ def test_backends_side_by_side(tiny_bert_dir, tmp_path):
     assert all(r.available for r in results), [r.reason for r in results]
     assert by["eager"].agreement == 1.0 and by["eager"].max_logit_diff == 0.0
     assert by["onnx"].agreement == 1.0 and by["onnx"].max_logit_diff < 1e-4
+    # the conversion `distill export --onnx` ships (distill.onnx_export), padded batches included
+    assert by["onnx"].notes == ["exported with the torch.export exporter"]
     assert by["onnx"].accuracy == by["eager"].accuracy
     assert 0.0 <= by["onnx-int8"].agreement <= 1.0 and by["onnx-int8"].max_logit_diff > 0  # int8 rounds
     assert by["onnx-int8"].size_mb < by["onnx"].size_mb

@@ -201,7 +201,10 @@ def test_tagging_export_with_hub_dataset_metadata(tmp_path, capsys):
     assert words and {w["entity"] for w in words} <= {"O", "B-LOC", "I-LOC", "B-PER", "I-PER"}
     card = ModelCard.load(out / "README.md")
     printed = run_usage_snippet(card.text, "org/tiny-ner", out, capsys)
-    assert printed.startswith("[")  # the aggregated entities (random model: any, or none)
+    # the snippet prints what the aggregating pipeline finds in its sentence, nothing else
+    expected = tagger("Ana vive en Madrid y trabaja en la Universidad de Chile.", aggregation_strategy="simple")
+    assert printed.strip() == str(expected)
+    assert all(e["entity_group"] in {"LOC", "PER"} for e in expected)
     data = card.data
     assert data.pipeline_tag == "token-classification" and data.datasets == ["conll2002"]
     assert "knowledge-distillation" not in data.tags  # plain fine-tuning: no teacher, no such claim
@@ -249,3 +252,48 @@ def test_evidence_without_siblings(tmp_path):
     assert ev.teacher is None and ev.baseline is None and ev.summary == [] and not ev.distilled
     text = (export_student(stage, repo_id="o/n") / "README.md").read_text()
     assert "Speed was not measured" in text and "teacher (fine-tuned)" not in text
+
+
+def test_card_finds_the_teacher_through_teacher_dir(tmp_path):
+    """Recipes and the grid put the teacher stage at teacher.dir (shared by every student), not
+    at <output_dir>/teacher: the card's teacher row and comparison come from there."""
+    shared = tmp_path / "shared" / "teacher"
+    stage = make_stage(tmp_path, "classification", ["teacher.model=dccuchile/bert-base-spanish-wwm-cased", f"teacher.dir={shared}"])
+    metrics = json.loads((stage / "metrics.json").read_text())
+    metrics["info"]["teacher"] = "dccuchile/bert-base-spanish-wwm-cased"
+    (stage / "metrics.json").write_text(json.dumps(metrics))
+    teacher = {split: {"accuracy": 0.8765, "loss": 0.4} for split in ("validation", "test")}
+    shared.mkdir(parents=True)
+    (shared / "metrics.json").write_text(json.dumps({**teacher, "info": {"stage": "teacher", "parameters": 110_000_000}}))
+    # a stale <output_dir>/teacher from an earlier layout must not be read instead
+    (stage.parent / "teacher").mkdir()
+    (stage.parent / "teacher" / "metrics.json").write_text(json.dumps({"validation": {"accuracy": 0.1111}, "test": {"accuracy": 0.1111}}))
+    ev = load_evidence(stage)
+    assert ev.teacher["test"]["accuracy"] == 0.8765
+    text = (export_student(stage, repo_id="org/tiny") / "README.md").read_text()
+    assert "| teacher (fine-tuned) | 110.00M | 0.8765 | 0.8765 |" in text
+    assert "66% of its teacher's accuracy (0.8765)" in text and "0.1111" not in text
+
+
+def test_card_states_how_the_summary_timed_the_models(tmp_path, monkeypatch):
+    """The speed sentence names the warm-up and run counts `distill run`'s summary really used."""
+    from distill.bench import latency
+    from distill.study.summary import summary_rows
+
+    stage = make_stage(tmp_path, "classification", ["teacher.model=dccuchile/bert-base-spanish-wwm-cased"])
+    shutil.copytree(stage / "model", stage.parent / "teacher" / "model")
+    used = {}
+
+    def fake_interleaved(cases, *, warmup, runs, **kw):
+        used.update(warmup=warmup, runs=runs)
+        return [latency.summarize([ms / 1000] * runs, batch=1, seq=seq, warmup=warmup, threads=1, device="cpu", device_name="cpu")
+                for ms, (_, _, seq) in zip((9.0, 3.0), cases)]
+
+    monkeypatch.setattr(latency, "measure_interleaved", fake_interleaved)
+    cfg = load_config(stage / "config.yaml")
+    metrics = json.loads((stage / "metrics.json").read_text())
+    rows = summary_rows(cfg, {"teacher": metrics, "student": metrics})
+    (stage.parent / "summary.json").write_text(json.dumps(rows))
+    text = (export_student(stage, repo_id="org/tiny") / "README.md").read_text()
+    assert f"median of {used['runs']} forwards after {used['warmup']} warm-up" in text
+    assert "teacher 9.0 ms, this model 3.0 ms" in text

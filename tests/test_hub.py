@@ -211,3 +211,34 @@ def test_push_from_run_names_the_repo_like_the_study(tmp_path, monkeypatch, caps
     results = json.loads(fake.uploaded["distill_results.json"])
     assert results["student"]["test"]["accuracy"] == 0.58
     assert_no_token(fake, capsys, caplog)
+
+
+def test_push_from_run_ships_the_onnx_files_the_recipe_asks_for(tmp_path, monkeypatch, capsys, caplog):
+    from tests.test_onnx_export import TAGGING, random_stage
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    stage = random_stage(tmp_path, "tagging", TAGGING)
+    cfg = load_config(stage / "config.yaml", ["hub.org=someorg"])
+    # hub settings of this run, not of the finished stage's config.yaml; a random model's int8
+    # score moves by noise, hence the wide margin
+    cfg.hub.export.int8, cfg.hub.export.int8_margin = True, 100.0
+    fake = FakeHub(monkeypatch)
+    hub.push_from_run(cfg)
+    assert {"model.onnx", "model.int8.onnx", "onnx_parity.json", "model.safetensors"} <= set(fake.uploaded)
+    card = fake.uploaded["README.md"].decode()
+    assert "## ONNX Runtime and int8" in card and "| `model.int8.onnx` | ONNX Runtime int8 |" in card
+    assert json.loads(fake.uploaded["distill_results.json"])["onnx"]["passed"] is True
+    assert_no_token(fake, capsys, caplog)
+
+
+def test_push_flags_and_an_export_without_the_asked_files(tmp_path, monkeypatch, capsys):
+    from tests.test_onnx_export import TAGGING, random_stage
+
+    stage = random_stage(tmp_path, "tagging", TAGGING)
+    assert hub.main([str(stage), "--repo-id", "org/tiny-ner", "--dry-run"]) == 0
+    assert "model.onnx" not in capsys.readouterr().out  # the recipe asks for none
+    with pytest.raises(hub.PushError, match="export without model.onnx"):
+        hub.push(stage / "export", "org/tiny-ner", dry_run=True, onnx_options={"onnx": True})
+    assert hub.main([str(stage), "--repo-id", "org/tiny-ner", "--dry-run", "--onnx"]) == 0
+    listed = capsys.readouterr().out
+    assert "model.onnx" in listed and "model.int8.onnx" not in listed and "## ONNX Runtime and int8" in listed
