@@ -33,6 +33,7 @@ follow what it broadcasts, so a trial can itself run on several devices.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import difflib
 import inspect
@@ -50,7 +51,7 @@ import typing
 import warnings
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 from distill.config import Config, ConfigError, SearchConfig, load_config
 
@@ -77,6 +78,7 @@ NOT_SEARCHABLE = ("output_dir", "overwrite", "checkpoint", "teacher.dir", "searc
 TEACHER_PREFIXES = ("teacher.", "data.", "task.")
 TEACHER_EXACT = ("seed",)
 STATES = ("complete", "pruned", "fail", "running", "waiting")
+MAX_RETRIES = 3  # a trial whose worker dies this often is left failed
 
 
 class SearchError(ConfigError):
@@ -185,9 +187,7 @@ class Param:
     def labels(self) -> Optional[tuple[str, ...]]:
         """Optuna's categorical values must be scalars: list choices are suggested by their text."""
         if any(isinstance(c, (list, tuple)) for c in self.choices):
-            from distill.study.grid import override_value
-
-            return tuple(override_value(c) for c in self.choices)
+            return tuple(value_text(c) for c in self.choices)
         return None
 
     def suggest(self, trial: Any) -> Any:
@@ -464,6 +464,18 @@ def default_runner(cfg: Config, stage: str, on_evaluate: Optional[Callable] = No
     return run_stage(cfg, stage)
 
 
+def value_text(value: Any) -> str:
+    """A value as `key=value` text that the config parser reads back as the same value (as
+    `distill grid` writes its overrides)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(value_text(v) for v in value) + "]"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
 def _redact(url: str) -> str:
     return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
 
@@ -473,6 +485,22 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _file_lock(db: Optional[Path]) -> Iterator[None]:
+    """An exclusive lock beside a SQLite file (POSIX flock); nothing for other storages."""
+    if db is None:
+        yield
+        return
+    import fcntl
+
+    with open(db.with_name(db.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -522,9 +550,8 @@ class Search:
         """The shared teacher folder; one per value of the searched teacher keys."""
         if not self.teacher_params:
             return self.root / "teacher"
-        from distill.study.grid import setting_name
-
-        return self.root / "teacher" / setting_name({p.key: params[p.key] for p in self.teacher_params})
+        name = "-".join(f"{p.key.split('.')[-1]}{value_text(params[p.key])}" for p in self.teacher_params)
+        return self.root / "teacher" / re.sub(r"[^A-Za-z0-9._=-]+", "-", name).strip("-")
 
     def shared_overrides(self, params: Mapping[str, Any]) -> list[str]:
         """Folders every trial shares: the teacher and the caches of teacher outputs (and of
@@ -541,9 +568,7 @@ class Search:
 
     def config_for(self, params: Mapping[str, Any], folder: str) -> Config:
         """The trial's config: recipe <- command line <- the trial's values <- its folders."""
-        from distill.study.grid import override_value
-
-        values = [f"{k}={override_value(v)}" for k, v in params.items()]
+        values = [f"{k}={value_text(v)}" for k, v in params.items()]
         try:
             cfg = load_config(self.recipe, [*self.overrides, *values, *self.shared_overrides(params),
                                             f"output_dir={self.root / folder}"])
@@ -580,19 +605,44 @@ class Search:
             import optuna
 
             kwargs: dict[str, Any] = {}
-            if self.storage_url.startswith("sqlite"):
-                Path(self.storage_url.split(":///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
+            if self._sqlite_path():
+                self._sqlite_path().parent.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
                 # several workers on one file: wait for the lock instead of failing at once
                 kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}
             else:
                 kwargs["engine_kwargs"] = {"pool_pre_ping": True}
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                retry = optuna.storages.RetryFailedTrialCallback(max_retry=3, inherit_intermediate_values=True)
-                self._storage = optuna.storages.RDBStorage(
-                    self.storage_url, heartbeat_interval=self.cfg.heartbeat, grace_period=2 * self.cfg.heartbeat,
-                    failed_trial_callback=retry, **kwargs)
+            # a trial whose worker went silent is queued again (at most MAX_RETRIES times)
+            names = inspect.signature(optuna.storages.RDBStorage).parameters
+            hook = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in names else "failed_trial_callback"
+            kwargs[hook] = lambda study, trial: requeue(study, trial, MAX_RETRIES)
+
+            def connect() -> Any:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    return optuna.storages.RDBStorage(
+                        self.storage_url, heartbeat_interval=self.cfg.heartbeat,
+                        grace_period=2 * self.cfg.heartbeat, **kwargs)
+
+            # Workers starting together would each create the tables of a new database, and all
+            # but one fail on the schema's version stamp: on a SQLite file they take turns under
+            # a file lock; on a server, a worker that loses the race retries once the tables exist.
+            from sqlalchemy.exc import SQLAlchemyError
+
+            for attempt in range(5):
+                try:
+                    with _file_lock(self._sqlite_path()):
+                        self._storage = connect()
+                    break
+                except SQLAlchemyError:
+                    if attempt == 4:
+                        raise
+                    time.sleep(1.0 + attempt)
         return self._storage
+
+    def _sqlite_path(self) -> Optional[Path]:
+        if self.storage_url.startswith("sqlite:///") and ":memory:" not in self.storage_url:
+            return Path(self.storage_url[len("sqlite:///"):])
+        return None
 
     def identity(self) -> dict[str, Any]:
         """What makes two runs the same study: the recipe and command line, less the searched
@@ -620,12 +670,14 @@ class Search:
                 return optuna.load_study(study_name=self.study_name, storage=self.storage())
             except KeyError:
                 raise SearchError(f"no study '{self.study_name}' in {_redact(self.storage_url)} yet") from None
-        seed = (self.cfg.seed if self.cfg.seed is not None else self.base.seed) + self.worker
-        study = optuna.create_study(
-            storage=self.storage(), study_name=self.study_name, load_if_exists=True,
-            sampler=make_sampler(self.cfg.sampler, self.cfg.sampler_options, seed),
-            pruner=make_pruner(self.pruner, self.cfg.pruner_options), directions=self.directions,
-        )
+        pruner = make_pruner(self.pruner, self.cfg.pruner_options)
+        sampler = make_sampler(self.cfg.sampler, self.cfg.sampler_options, 0)  # checks the options early
+        study = optuna.create_study(storage=self.storage(), study_name=self.study_name, load_if_exists=True,
+                                    sampler=sampler, pruner=pruner, directions=self.directions)
+        # Workers, and a resumed run, must not replay one random sequence (the same first points
+        # again): the seed moves with the worker index and the trials the study already holds.
+        seed = (self.cfg.seed if self.cfg.seed is not None else self.base.seed) + 7919 * self.worker
+        study.sampler = make_sampler(self.cfg.sampler, self.cfg.sampler_options, seed + len(study.get_trials(deepcopy=False)))
         stored = [d.name.lower() for d in study.directions]
         if stored != self.directions:
             raise SearchError(
@@ -793,13 +845,8 @@ class Search:
             pass
 
     def retry(self, study: Any, number: int) -> None:
-        """Queue a failed trial again with its values and folder (its checkpoint resumes)."""
-        import optuna
-
-        frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.RetryFailedTrialCallback(inherit_intermediate_values=True)(study, frozen)
+        """Queue a stopped trial again with its values and folder (its checkpoint resumes)."""
+        requeue(study, next(t for t in study.get_trials(deepcopy=False) if t.number == number))
 
     def fail_dead_trials(self, study: Any) -> None:
         """Trials left running by a process that is gone: on this machine, a missing process
@@ -1083,6 +1130,22 @@ class Search:
             else:
                 save("pareto.png", lambda: vis.plot_pareto_front(study, target_names=self.objectives))
         return done
+
+
+def requeue(study: Any, trial: Any, max_retries: Optional[int] = None) -> None:
+    """Add a waiting copy of a failed trial: the same values, folder and reported evaluations, so
+    the next worker to ask for a trial continues it in its folder (from its checkpoint)."""
+    import optuna
+
+    retries = int(trial.user_attrs.get("retries", 0))
+    if max_retries is not None and retries >= max_retries:
+        return
+    attrs = {k: v for k, v in trial.user_attrs.items() if k not in ("error", "host", "pid", "worker")}
+    attrs.setdefault("folder", f"trial-{trial.number}")
+    attrs["retries"] = retries + 1
+    study.add_trial(optuna.trial.create_trial(
+        state=optuna.trial.TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+        user_attrs=attrs, intermediate_values=trial.intermediate_values))
 
 
 def _importance_evaluator() -> tuple[Any, str]:
