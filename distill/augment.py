@@ -106,7 +106,9 @@ class TextField:
     eligible: list[int] = field(default_factory=list)
 
 
-def _eligible(text: str, spans: list[tuple[int, int]], keep: set[str], frozen: Sequence[tuple[int, int]] = ()) -> list[int]:
+def _eligible(
+    text: str, spans: list[tuple[int, int]], keep: set[str], frozen: Sequence[tuple[int, int]] = ()
+) -> list[int]:
     out = []
     for i, (s, e) in enumerate(spans):
         word = text[s:e]
@@ -415,7 +417,9 @@ def load_candidates(settings: Any, model_name: str) -> tuple[Any, str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def plan_copies(fields: list[TextField], copies: int, p: float, rng: random.Random) -> list[dict[tuple[int, int], float]]:
+def plan_copies(
+    fields: list[TextField], copies: int, p: float, rng: random.Random
+) -> list[dict[tuple[int, int], float]]:
     """For each copy, the words to replace -> a uniform draw that picks the candidate. Two draws
     per eligible word and copy, whatever the candidates turn out to be: the stream of row i
     depends on its text and the seed only."""
@@ -441,6 +445,7 @@ def _augment_batch(
     keep: set[str],
     candidates: Any,
 ) -> dict[str, list]:
+    """The augmented copies of one batch of rows (rows `offset`, `offset + 1`, ...), as columns."""
     names = list(batch)
     rows = [{n: batch[n][j] for n in names} for j in range(len(batch[names[0]]))]
     fields = [row_fields(family, cols, row, keep) for row in rows]
@@ -471,16 +476,12 @@ def _augment_batch(
                 if options_here:
                     s, e = fields[j][fi].spans[wi]
                     original = fields[j][fi].text[s:e]
-                    replacements[(fi, wi)] = match_case(options_here[int(draw * len(options_here))], original)
+                    pick = options_here[int(draw * len(options_here))]
+                    replacements[(fi, wi)] = match_case(pick, original)
             if not replacements:
                 continue
             new = build_copy(family, cols, row, fields[j], replacements)
-            signature = tuple(
-                " ".join(new[cols["tokens"]]) if family == "tagging" else new[cols[n]]
-                for n in (("tokens",) if family == "tagging" else
-                          ("question", "context") if family == "qa" else
-                          ("text", "text_pair") if "text_pair" in cols else ("text",))
-            )
+            signature = tuple(f.text for f in row_fields(family, cols, new, set()))
             if signature in made:  # no change, or the same as an earlier copy of this row
                 continue
             made.add(signature)
@@ -500,7 +501,10 @@ def _rows_digest(rows: Dataset, batch_size: int = 10_000) -> str:
     return h.hexdigest()
 
 
-def cache_key(settings: Any, family: str, cols: Mapping[str, str], model_fingerprint: str, rows_digest: str, seed: int) -> str:
+def cache_key(
+    settings: Any, family: str, cols: Mapping[str, str], model_fingerprint: str, rows_digest: str, seed: int
+) -> str:
+    """The name of a set of augmented rows: everything that changes them, nothing that does not."""
     parts = {
         "version": AUGMENT_VERSION,
         "method": settings.method,
@@ -558,7 +562,8 @@ def augment_rows(
             total=len(rows), unit="row", desc=f"augmenting ({settings.method}, {settings.copies} copies)",
             disable=are_progress_bars_disabled(),
         ) as bar:
-            for offset, batch in zip(range(0, len(rows), settings.batch_size), rows.iter(batch_size=settings.batch_size)):
+            offsets = range(0, len(rows), settings.batch_size)
+            for offset, batch in zip(offsets, rows.iter(batch_size=settings.batch_size)):
                 out = _augment_batch(batch, offset, family, cols, settings, seed, keep, candidates)
                 if out[SOURCE_INDEX]:
                     writer.write_batch(out)

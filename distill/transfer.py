@@ -582,7 +582,12 @@ class GoldCollate:
 
 
 def check_transfer(
-    raw: DatasetDict, family: str, columns: Mapping[str, str], transfer: Sequence[Any], train_split: str = "train", rows: int = 100
+    raw: DatasetDict,
+    family: str,
+    columns: Mapping[str, str],
+    transfer: Sequence[Any],
+    train_split: str = "train",
+    rows: int = 100,
 ) -> None:
     """Preflight: every `data.transfer` entry can be read and its columns map to the task's
     (first `rows` rows converted), so a bad entry fails before the teacher trains."""
@@ -595,4 +600,5 @@ def check_transfer(
     placeholder = gold_placeholder(family, train, cols[GOLD_ROLE[family]])
     for i, src in enumerate(transfer):
         ds = read_transfer_source(src, i)
-        map_transfer_rows(ds.select(range(min(rows, len(ds)))), family, cols, dict(src.columns), template, placeholder, i)
+        head = ds.select(range(min(rows, len(ds))))
+        map_transfer_rows(head, family, cols, dict(src.columns), template, placeholder, i)

@@ -3,7 +3,6 @@ determinism across batch sizes, and the on-disk cache."""
 
 from __future__ import annotations
 
-import logging
 import random
 from pathlib import Path
 
