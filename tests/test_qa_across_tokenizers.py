@@ -332,14 +332,16 @@ def test_shorter_teacher_windows_leave_positions_without_target_and_move_mass_to
         return got
 
     # [0,14) <- [0,20), which holds neither word: all at CLS. [10,24) <- [12,32): word 26 is
-    # outside the student window, so its 0.3 joins CLS. [20,34) <- [12,32): both words inside.
-    # [30,40) <- [24,40): 0.3 / (0.3 + 0.1) on word 26, outside the student window -> CLS.
+    # outside the student window, so its 0.3 joins CLS ("not among the covered words"; words
+    # 10-11 have no target). [20,34) <- [12,32): both words inside. [30,40) <- [24,40): 0.3 /
+    # (0.3 + 0.1) on word 26, outside the student window, joins CLS.
     assert [target(r) for r in range(len(feats))] == [
         {"CLS": 1.0},
         {"CLS": 0.4, LONG[21]: 0.6},
         {"CLS": 0.1, LONG[21]: 0.6, LONG[26]: 0.3},
         {"CLS": 1.0},
     ]
+    assert batch["teacher_covered"][:, 0].all()  # CLS always has a target
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,7 +40,8 @@ student's positions (`move_probabilities`): a teacher token's start mass goes to
 token where an answer starting at that token's first (non-space) character would start for the
 student, its end mass where an answer ending at its last character would end, and mass that
 falls outside the student window goes to the student's CLS ("not in this window"). The result
-is renormalised over the student positions that have a target. So the teacher cache stores
+is renormalised over the student positions that have a target: CLS and the context tokens
+inside the teacher window. So the teacher cache stores
 targets already in the student's positions (its key includes the student tokenizer); the loop
 and the loss do not change. See docs/qa-across-tokenizers.md for the rules and what they cost.
 """
@@ -301,6 +302,12 @@ def map_positions(context: str, student: Window, teacher: Window) -> tuple[list[
     if t_bounds is not None:
         for i, (lo, hi) in zip(s_pos, s_spans):
             covered[i] = int(t_bounds[0] <= lo and hi <= t_bounds[1])
+    # CLS always keeps a target. When the teacher window holds the whole student window, its
+    # null ("not wholly in my window") plus its mass outside the student window is exactly "not
+    # in this student window". When it holds only part, uncovered positions leave both
+    # softmaxes, and the same mass means "not among the covered positions": still true, and
+    # it leaves the student free where the teacher could not see (an answer straddling the
+    # teacher window's edge is the one case it misleads; the coverage is logged).
     covered[s_cls] = 1
     return start_map, end_map, covered
 
