@@ -409,3 +409,25 @@ def test_slow_tokenizers_and_mse_are_refused_across_tokenizers(tokenizers):
     with pytest.raises(ValueError, match=r"kd_loss=mse .* use distill.kd_loss=kl or ce"):
         task.bind(tokenizers["wordpiece"], tokenizers["bpe"])
     task.bind(tokenizers["wordpiece"], AutoTokenizer.from_pretrained(minilm_path()))  # same: mse is fine
+
+
+@pytest.mark.parametrize("recipe", ["mlqa", "sqac", "tar_xquad"])
+def test_the_qa_recipes_roberta_bne_variant_is_a_valid_recipe(recipe, tmp_path):
+    """The commented RoBERTa-BNE teacher section of each QA recipe, uncommented in place of
+    the recipe's own, loads as a valid config with a teacher that tokenizes unlike ALBETO."""
+    import yaml
+    from pathlib import Path
+
+    from distill.config import load_config
+
+    text = (Path(__file__).parent.parent / "recipes" / f"{recipe}.yaml").read_text()
+    marker = "# or replace the teacher section and output_dir above with:\n"
+    assert marker in text
+    variant = yaml.safe_load("".join(line[2:] + "\n" for line in text.split(marker)[1].splitlines()))
+    merged = dict(yaml.safe_load(text), **variant)
+    (tmp_path / "variant.yaml").write_text(yaml.safe_dump(merged))
+    cfg = load_config(tmp_path / "variant.yaml")
+    assert cfg.teacher.model == "PlanTL-GOB-ES/roberta-base-bne" and cfg.student.model.startswith("albeto")
+    assert cfg.output_dir.endswith("-from-roberta-bne") and "roberta-bne" in cfg.teacher.dir
+    assert cfg.distill.kd_loss in ("kl", "ce") and cfg.distill.hidden_weight == 0
+    assert cfg.teacher.max_length <= 512
