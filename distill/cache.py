@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader
 from distill import models
 from distill.sampling import sorted_batches
 from distill.tasks.base import Task
-from distill.errors import CacheError, StageError
+from distill.errors import CacheError
 
 log = logging.getLogger("distill")
 

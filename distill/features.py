@@ -58,6 +58,7 @@ def make_loader(
     group_by_length: bool = True,
     num_workers: int = 0,
     pin_memory: bool = False,
+    collate: Optional[Any] = None,
 ) -> DataLoader:
     """Length-grouped batches whose order is a function of (seed, epoch) only.
 
@@ -72,7 +73,7 @@ def make_loader(
     return DataLoader(
         features,
         batch_sampler=sampler,
-        collate_fn=task.collate,
+        collate_fn=collate or task.collate,
         generator=generator,
         num_workers=num_workers,
         pin_memory=pin_memory,

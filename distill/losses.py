@@ -321,7 +321,7 @@ class Trainee(nn.Module):
         needs = self.objective.needs("student")
         hidden_needed = bool(needs.get("hidden"))
         if self.capture is not None and needs.get("qkv"):
-            with self.capture(self.model, needs["qkv"]) as captured:
+            with self.capture(self.model, qkv=needs["qkv"]) as captured:
                 out = self.model(**inputs, output_hidden_states=hidden_needed)
             qkv = captured.qkv
         else:

@@ -52,6 +52,7 @@ class Stage:
     objective: Objective
     teacher: Optional[Teacher] = None
     teacher_source: Optional[str] = None
+    rows: dict[str, int] = field(default_factory=dict)  # labelled / transfer / augmented training rows
     train_loader: Optional[DataLoader] = None
     eval_loaders: dict[str, DataLoader] = field(default_factory=dict)
     capture: Any = None
@@ -156,13 +157,31 @@ def cache_settings(cfg: Config) -> dict[str, Any]:
     }
 
 
-def capture_factory(objective: Objective) -> Any:
-    """The attention-projection capture, when a term reads Q/K/V (imported only then)."""
-    if not (objective.needs("student").get("qkv") or objective.needs("teacher").get("qkv")):
-        return None
-    from distill.capture import QKVCapture
+def add_transfer_rows(cfg: Config, raw: DatasetDict, accelerator: Accelerator) -> dict[str, int]:
+    """Replace raw["train"] by the student's rows: labelled ∪ transfer sets ∪ augmented copies
+    (leak-filtered against validation and test); returns how many of each it holds."""
+    from distill.transfer import build_student_train_rows
 
-    return QKVCapture
+    with accelerator.main_process_first():  # the main process builds (and caches) the augmented rows
+        train, counts = build_student_train_rows(
+            raw, cfg.task.family, cfg.data.columns, cfg.data.transfer, cfg.augment,
+            augment_model=cfg.teacher.model,  # the pretrained id: retuning the teacher keeps the cache
+            cache_dir=Path(cfg.augment.cache_dir or Path(cfg.output_dir) / "augment_cache"),
+            seed=cfg.seed,
+        )
+    raw["train"] = train
+    if accelerator.is_main_process:
+        print("[distill] student training rows: " + ", ".join(f"{k} {v}" for k, v in counts.items()), flush=True)
+    return counts
+
+
+def capture_factory(objective: Objective) -> Any:
+    """The student's attention-projection capture, when a term reads Q/K/V (imported only then)."""
+    if not objective.needs("student").get("qkv"):
+        return None
+    from distill.capture import Capture
+
+    return Capture
 
 
 def setup_stage(cfg: Config, stage: str, accelerator: Accelerator) -> Stage:
@@ -185,7 +204,16 @@ def setup_stage(cfg: Config, stage: str, accelerator: Accelerator) -> Stage:
     objective = build_objective(task, cfg.distill, model.config, teacher_model.config if teacher_model is not None else None)
     check_lengths(cfg.data.max_length, model.config, *([teacher_model.config] if teacher_model is not None else []))
     bind_tokenizers(task, tokenizer, teacher_tok, [n for n in objective.terms if n in POSITION_TERMS])
+    rows = {"labelled": len(raw["train"])}
+    if teacher_model is not None and (cfg.data.transfer or cfg.augment.copies):
+        rows = add_transfer_rows(cfg, raw, accelerator)  # raw["train"] becomes labelled ∪ transfer ∪ augmented
     features = prepare_data(task, raw, accelerator)
+    collate = None
+    if len(rows) > 1:
+        from distill.transfer import GoldCollate, mark_gold
+
+        features["train"] = mark_gold(features["train"], raw["train"])  # no gold loss on transfer rows
+        collate = GoldCollate(task.collate)
     capture = capture_factory(objective)
     teacher = None
     if teacher_model is not None:
@@ -201,7 +229,6 @@ def setup_stage(cfg: Config, stage: str, accelerator: Accelerator) -> Stage:
             cache_hidden_states=cfg.distill.cache_hidden_states,
             # inference needs no activations for backward: batches 4x the training batch
             batch_size=max(4 * cfg.train.batch_size, cfg.train.eval_batch_size or 0),
-            capture=capture,
         )
         if not keep:  # outputs are cached: the teacher need not stay resident while the student trains
             del teacher_model
@@ -213,8 +240,8 @@ def setup_stage(cfg: Config, stage: str, accelerator: Accelerator) -> Stage:
     eval_bs = tcfg.eval_batch_size or 2 * tcfg.batch_size
     return Stage(
         name=stage, out=out, train=tcfg, task=task, raw=raw, features=features, model=model, tokenizer=tokenizer,
-        objective=objective, teacher=teacher, teacher_source=source, capture=capture,
-        train_loader=make_loader(task, features["train"], tcfg.batch_size, shuffle=True, **loader_args),
+        objective=objective, teacher=teacher, teacher_source=source, capture=capture, rows=rows,
+        train_loader=make_loader(task, features["train"], tcfg.batch_size, shuffle=True, collate=collate, **loader_args),
         eval_loaders={
             s: make_loader(task, features[s], eval_bs, **loader_args) for s in ("validation", "test") if s in features
         },
@@ -236,7 +263,11 @@ def preflight(cfg: Config, stages: Sequence[str]) -> None:
     checks when it starts; this only moves the failures earlier.
     """
     task = get_task(cfg)
-    load_data(cfg, task)
+    raw = load_data(cfg, task)
+    if "student" in stages and cfg.data.transfer:
+        from distill.transfer import check_transfer
+
+        check_transfer(raw, cfg.task.family, cfg.data.columns, cfg.data.transfer)
     for stage in stages:
         if stage not in STAGES:
             raise StageError(f"unknown stage '{stage}' ({', '.join(STAGES)})")

@@ -46,8 +46,12 @@ def stage_view(cfg: Config, stage: str) -> dict[str, Any]:
     else:
         view = {k: v for k, v in full.items() if k not in NOT_IDENTITY}
         view["distill"] = {k: v for k, v in view["distill"].items() if k not in NOT_IDENTITY_DISTILL}
-        if stage == "baseline":
-            view.pop("distill")
+        if "augment" in view:
+            view["augment"] = {k: v for k, v in view["augment"].items() if k not in ("batch_size", "cache_dir")}
+    if stage != "student":  # transfer sets and augmented rows are the student's alone
+        view.pop("distill", None)
+        view.pop("augment", None)
+        view["data"] = {k: v for k, v in view["data"].items() if k != "transfer"}
     view["train"] = {k: v for k, v in view["train"].items() if k not in NOT_IDENTITY_TRAIN}
     return view
 

@@ -36,7 +36,7 @@ class OnlineTeacher:
     The teacher is never passed to `accelerator.prepare`: no DDP/FSDP wrapper, no gradient sync,
     no optimizer state, and it stays out of checkpoints. Each process holds a full copy.
     `hidden_layers` are the hidden-state indices kept (0 = embeddings); `qkv_layers` the layers
-    whose attention projections are captured (with `capture`, see distill/capture.py).
+    whose attention projections are captured with hooks (distill/capture.py), so SDPA stays on.
     """
 
     def __init__(
@@ -46,31 +46,36 @@ class OnlineTeacher:
         accelerator: Accelerator,
         hidden_layers: Sequence[int] = (),
         qkv_layers: Sequence[int] = (),
-        capture: Any = None,
         targets: bool = True,
     ):
         self.model, self.task, self.accelerator = model, task, accelerator
         self.hidden_layers, self.qkv_layers = sorted(hidden_layers), sorted(qkv_layers)
-        self.capture, self.targets = capture, targets
+        self.targets = targets
+        if self.qkv_layers:
+            from distill.capture import forward_capturing
+
+            self.capture_fn = forward_capturing
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> Signals:
         inputs = self.task.model_inputs(batch, teacher=True)
-        hidden = bool(self.hidden_layers)
-        qkv = None
         with self.accelerator.autocast():
-            if self.qkv_layers:
-                # without targets nothing past the deepest captured layer is needed
-                stop = None if (self.targets or hidden) else max(self.qkv_layers)
-                with self.capture(self.model, set(self.qkv_layers), stop_after=stop) as captured:
-                    out = self.model(**inputs, output_hidden_states=hidden)
-                qkv = captured.qkv
-            else:
-                out = self.model(**inputs, output_hidden_states=hidden)
+            if not self.qkv_layers:
+                out = self.model(**inputs, output_hidden_states=bool(self.hidden_layers))
+                hidden = out.hidden_states if self.hidden_layers else None
+                return self._signals(out, batch, inputs, hidden, None)
+            # hooks capture only the layers the terms read; without logit targets the forward
+            # stops after the deepest of them (the rest of the teacher never runs)
+            stop = None if self.targets else max(self.qkv_layers + self.hidden_layers)
+            out, captured = self.capture_fn(self.model, inputs, qkv=self.qkv_layers, hidden=self.hidden_layers, stop_after=stop)
+        hidden = captured.hidden_states() if self.hidden_layers else None
+        return self._signals(out, batch, inputs, hidden, captured.qkv)
+
+    def _signals(self, out: Any, batch: dict, inputs: dict, hidden: Any, qkv: Any) -> Signals:
         return Signals(
             outputs=out,
             targets=self.task.kd_targets(out, batch, teacher=True) if self.targets else None,
-            hidden=out.hidden_states if hidden else None,
+            hidden=hidden,
             qkv=qkv,
             attention_mask=inputs.get("attention_mask"),
         )
@@ -153,7 +158,6 @@ def make_teacher(
     qkv_layers: Sequence[int] = (),
     cache_hidden_states: bool = False,
     batch_size: int = 128,
-    capture: Any = None,
 ) -> tuple[Teacher, bool]:
     """(the stage's teacher, whether it still needs the model in memory).
 
@@ -164,12 +168,12 @@ def make_teacher(
     hidden = bool(hidden_layers)
     num_hidden = model.config.num_hidden_layers + 1
     if not use_cache(mode, hidden, cache_hidden_states):
-        return OnlineTeacher(model, task, accelerator, hidden_layers, qkv_layers, capture), True
+        return OnlineTeacher(model, task, accelerator, hidden_layers, qkv_layers), True
     stored = cache_mod.get_or_build(
         cache_root, task, model, train_features, accelerator, cache_settings, sorted(hidden_layers), batch_size
     )
     cached = CachedTeacher(stored, accelerator.device, num_hidden if hidden else 0)
     if not qkv_layers:
         return cached, False
-    online = OnlineTeacher(model, task, accelerator, qkv_layers=qkv_layers, capture=capture, targets=False)
+    online = OnlineTeacher(model, task, accelerator, qkv_layers=qkv_layers, targets=False)
     return MergedTeacher(cached, online), True

@@ -172,6 +172,29 @@ def check_launch(accelerator: Accelerator) -> None:
         )
 
 
+def restore(accelerator: Accelerator, status: str, stage: str, ckpt_root, best_dir, jlog: JsonlLog) -> LoopState:
+    """The loop state to start from: the latest checkpoint's when resuming, else a fresh one."""
+    state = LoopState()
+    latest = latest_checkpoint(ckpt_root) if status == "resume" else None
+    if latest is not None:
+        state = resume_from(accelerator, latest, best_dir)
+        if accelerator.is_main_process:
+            print(f"[distill] resuming {stage} from {latest} (epoch {state.epoch}, batch "
+                  f"{state.batches_done}, step {state.global_step})", flush=True)
+    elif accelerator.is_main_process:
+        shutil.rmtree(best_dir, ignore_errors=True)  # left by a run that never checkpointed
+    if status == "resume":
+        jlog.rewind(state.global_step)  # the steps after the checkpoint are logged again
+    return state
+
+
+def start_trackers(accelerator: Accelerator, cfg: Config, stage: str) -> None:
+    """The trackers named in tracking.report_to, sent the resolved config."""
+    if accelerator.log_with:
+        name = cfg.tracking.run_name or f"{cfg.task.name}-{stage}-{models.short_name(cfg.student.model or 'layers')}"
+        accelerator.init_trackers(cfg.tracking.project, config=to_dict(cfg), init_kwargs={"wandb": {"name": name}})
+
+
 def run_stage(cfg: Config, stage: str, on_evaluate: Optional[EvalCallback] = None) -> dict[str, dict[str, Any]]:
     """Run one stage to completion (or resume it) and return its metrics.json content."""
     if stage not in STAGES:
@@ -205,20 +228,8 @@ def run_stage(cfg: Config, stage: str, on_evaluate: Optional[EvalCallback] = Non
     sampler = train_loader.batch_sampler  # accelerate shards it and keeps our sampler inside
 
     ckpt_root, best_dir, jlog = out / "checkpoints", out / "best", JsonlLog(out / "log.jsonl", main)
-    state = LoopState()
-    latest = latest_checkpoint(ckpt_root) if status == "resume" else None
-    if latest is not None:
-        state = resume_from(accelerator, latest, best_dir)
-        if main:
-            print(f"[distill] resuming {stage} from {latest} (epoch {state.epoch}, batch "
-                  f"{state.batches_done}, step {state.global_step})", flush=True)
-    elif main:
-        shutil.rmtree(best_dir, ignore_errors=True)  # left by a run that never checkpointed
-    if status == "resume":
-        jlog.rewind(state.global_step)  # the steps after the checkpoint are logged again
-    if accelerator.log_with:  # the trackers named in tracking.report_to (created here)
-        name = cfg.tracking.run_name or f"{cfg.task.name}-{stage}-{models.short_name(cfg.student.model or 'layers')}"
-        accelerator.init_trackers(cfg.tracking.project, config=to_dict(cfg), init_kwargs={"wandb": {"name": name}})
+    state = restore(accelerator, status, stage, ckpt_root, best_dir, jlog)
+    start_trackers(accelerator, cfg, stage)
     select = tcfg.select_metric or task.metric
     phase1 = cfg.distill.intermediate_epochs if s.objective.two_phase else 0
 
@@ -331,6 +342,7 @@ def finish(accelerator: Accelerator, cfg: Config, s: Stage, trainee: Any, eval_l
         "parameters": models.count_parameters(accelerator.unwrap_model(trainee).model),
         "teacher": s.teacher_source,
         "loss_weights": s.objective.weights,
+        "train_rows": s.rows,
         "processes": accelerator.num_processes,
     }
     accelerator.log({f"{k}/{m}": v for k, ms in results.items() if k != "info" for m, v in ms.items()}, step=state.global_step)

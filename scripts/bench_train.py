@@ -7,7 +7,7 @@ for every mode:
   plain     the student fine-tuned alone (gold labels): the floor distillation cannot beat
   trainer   KD with the teacher online, as a `transformers.Trainer` subclass overriding
             `compute_loss` does it (written below the way users write it)
-  online    our loop's step with the teacher online (`train.OnlineTeacher`)
+  online    our loop's step with the teacher online (`teachers.OnlineTeacher`)
   cached    our loop's step reading the teacher cache (`distill.cache`)
   build     the cache build on its own, next to one plain teacher inference pass
 
@@ -200,24 +200,35 @@ def peak_rss_mb() -> float:
 # ---------------------------------------------------------------------------------------------
 
 
+def cached_teacher(cfg, task, teacher, features, accelerator):
+    """The cached teacher a stage builds (`distill.teachers.make_teacher`), built or found."""
+    from distill.setup import cache_settings
+    from distill.teachers import make_teacher
+
+    fn, _ = make_teacher(
+        teacher, task, accelerator, features, mode="cached", cache_root=Path(cfg.distill.cache_dir),
+        cache_settings=cache_settings(cfg), batch_size=max(4 * cfg.train.batch_size, cfg.train.eval_batch_size or 0),
+    )
+    return fn
+
+
 class OurLoop:
-    """The training loop's step as `distill.train.run_stage` runs it: teacher targets (online or
-    cached) -> student forward -> weighted loss terms -> backward -> clip -> step."""
+    """The training loop's own step (`distill.train.train_step`) with the objective the stage
+    builds (`distill.setup.build_objective`): teacher signals (online or cached) -> student
+    forward -> weighted loss terms -> backward -> clip -> step. Nothing here re-implements it."""
 
     def __init__(self, cfg, task, student, features, args, teacher_fn=None):
         from accelerate import Accelerator
         from transformers import get_linear_schedule_with_warmup
 
-        from distill.losses import SoftLabelLoss
-        from distill.train import Trainee
+        from distill.losses import Trainee
+        from distill.setup import build_objective
 
         self.accelerator = Accelerator(cpu=True)
         self.task, self.teacher_fn = task, teacher_fn
-        d = cfg.distill
-        self.weights = {"ce": 1.0} if teacher_fn is None else {"ce": d.ce_weight, "kd": d.kd_weight}
-        self.weights = {k: w for k, w in self.weights.items() if w > 0}
-        self.kd_loss = SoftLabelLoss(d.kd_loss, d.temperature) if "kd" in self.weights else None
-        trainee = Trainee(student)
+        # a teacher config only decides that there is a teacher (the KD terms read no layers)
+        objective = build_objective(task, cfg.distill, student.config, student.config if teacher_fn else None)
+        trainee = Trainee(student, objective)
         optimizer = torch.optim.AdamW(trainee.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         train_loader = loader(task, features, args)
         scheduler = get_linear_schedule_with_warmup(optimizer, 0, 10 * len(train_loader) * (args.repeats + 2))
@@ -232,27 +243,13 @@ class OurLoop:
         return list(self.loader)
 
     def step(self, batch: dict) -> None:
-        acc, task = self.accelerator, self.task
-        with acc.accumulate(self.trainee):
-            teacher_targets = None
-            if self.teacher_fn is not None:
-                teacher_targets, _ = self.teacher_fn(batch)
-            outputs, _ = self.trainee(task.model_inputs(batch))
-            terms = {}
-            if "ce" in self.weights:
-                terms["ce"] = outputs.loss
-            if self.kd_loss is not None:
-                pairs = task.kd_pairs(task.kd_targets(outputs, batch, teacher=False), teacher_targets, batch)
-                terms["kd"] = self.kd_loss(pairs)
-            loss = sum(self.weights[k] * v for k, v in terms.items())
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"non-finite loss {terms}")
-            acc.backward(loss)
-            if acc.sync_gradients:
-                acc.clip_grad_norm_(self.trainee.parameters(), 1.0)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad()
+        from distill.train import train_step
+
+        result = train_step(
+            self.accelerator, self.trainee, batch, self.task, self.teacher_fn, self.optimizer, self.scheduler, 1.0
+        )
+        if result.bad is not None:
+            raise RuntimeError(f"non-finite loss {result.terms}")
 
     def epoch(self) -> tuple[float, float]:
         """(wall, CPU) seconds for one pass over epoch 0's batches, loading included."""
@@ -341,7 +338,6 @@ def worker_build(workdir: Path, args: argparse.Namespace) -> dict:
     """One plain teacher inference pass over the training batches, and the cache build."""
     from accelerate import Accelerator
 
-    from distill import cache
 
     features = open_features(workdir)
     accelerator = Accelerator(cpu=True)
@@ -359,7 +355,7 @@ def worker_build(workdir: Path, args: argparse.Namespace) -> dict:
 
     def build(r: int) -> None:  # into a fresh folder each time
         cfg = make_cfg(workdir, args, workdir / f"cache-{r}")
-        fn = cache.teacher_outputs(cfg, task, teacher, features, accelerator, hidden=False)
+        fn = cached_teacher(cfg, task, teacher, features, accelerator)
         results["cache_path"] = str(fn.cache.path)
         results["cache_bytes"] = fn.cache.metadata["bytes"]
         results["cache_batch_size"] = fn.cache.metadata["batch_size"]
@@ -373,7 +369,7 @@ def worker_build(workdir: Path, args: argparse.Namespace) -> dict:
             results[f"{name}_cpu_s"].append(time.process_time() - cpu)
     cfg = make_cfg(workdir, args, Path(results["cache_path"]).parent)
     start = time.perf_counter()
-    again = cache.teacher_outputs(cfg, task, teacher, features, accelerator, hidden=False)
+    again = cached_teacher(cfg, task, teacher, features, accelerator)
     results["reuse_s"] = time.perf_counter() - start  # key (teacher + data hashes) and open
     assert str(again.cache.path) == results["cache_path"]
     return results
@@ -386,16 +382,16 @@ def worker_students(workdir: Path, args: argparse.Namespace) -> dict:
     from accelerate import Accelerator
 
     from distill import cache
-    from distill.train import OnlineTeacher
+    from distill.teachers import CachedTeacher, OnlineTeacher
 
     features = open_features(workdir)
     cfg = make_cfg(workdir, args, workdir / "cache")
     task = make_task(cfg)
     stored = cache.TeacherCache(args.cache_path)
-    online = OnlineTeacher(teacher_model(), task, Accelerator(cpu=True), hidden=False)
+    online = OnlineTeacher(teacher_model(), task, Accelerator(cpu=True))
     loops = {
         "plain": OurLoop(cfg, task, student_model(), features, args),
-        "cached": OurLoop(cfg, task, student_model(), features, args, cache.CachedTeacher(stored, torch.device("cpu"))),
+        "cached": OurLoop(cfg, task, student_model(), features, args, CachedTeacher(stored, torch.device("cpu"))),
         "online": OurLoop(cfg, task, student_model(), features, args, online),
     }
     batches = loops["plain"].batches()
@@ -426,11 +422,11 @@ def worker_students(workdir: Path, args: argparse.Namespace) -> dict:
 
 def worker_memory(workdir: Path, args: argparse.Namespace) -> dict:
     """Peak RSS of one training epoch, plain or cached. The cached mode goes through the real
-    lookup (`cache.teacher_outputs` with the teacher loaded, which finds the cache), then
+    lookup (`teachers.make_teacher` with the teacher loaded, which finds the cache), then
     releases the teacher before training, as a run that no longer needs it should."""
     from accelerate import Accelerator
 
-    from distill import cache
+
 
     features = open_features(workdir)
     cfg = make_cfg(workdir, args, Path(args.cache_path).parent)
@@ -438,7 +434,7 @@ def worker_memory(workdir: Path, args: argparse.Namespace) -> dict:
     teacher_fn = None
     if args.mode == "cached":
         teacher = teacher_model()
-        teacher_fn = cache.teacher_outputs(cfg, task, teacher, features, Accelerator(cpu=True), hidden=False)
+        teacher_fn = cached_teacher(cfg, task, teacher, features, Accelerator(cpu=True))
         assert str(teacher_fn.cache.path) == args.cache_path, "the cache was not found"
         del teacher
     loop = OurLoop(cfg, task, student_model(), features, args, teacher_fn)
