@@ -54,7 +54,9 @@ def third_party_imports(folder: Path) -> set[str]:
                 found |= {alias.name.split(".")[0] for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 found.add(node.module.split(".")[0])
-    return {m for m in found if m not in sys.stdlib_module_names and m not in ("distill", "tests")}
+    # the project's own modules: the package, the tests, and scripts/ that tests put on sys.path
+    local = {"distill", "tests"} | {p.stem for p in (ROOT / "scripts").glob("*.py")} | {p.stem for p in (ROOT / "tests").glob("*.py")}
+    return {m for m in found if m not in sys.stdlib_module_names and m not in local}
 
 
 def test_the_test_extra_declares_every_package_the_tests_and_the_package_import():
