@@ -59,7 +59,7 @@ from datasets import Dataset, Features, Value
 from datasets.arrow_writer import ArrowWriter
 
 from distill.errors import DataError, ModelLoadError
-from distill.transfer import task_columns, word_spans
+from distill.rows import task_columns, word_spans
 
 log = logging.getLogger("distill")
 

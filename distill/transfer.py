@@ -34,10 +34,10 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
-import regex
 from datasets import Dataset, DatasetDict, Features, List, Value, concatenate_datasets, load_dataset
 
 from distill.errors import DataError
+from distill.rows import GOLD_ROLE, split_words, task_columns
 
 log = logging.getLogger("distill")
 
@@ -46,56 +46,7 @@ IGNORE_INDEX = -100  # classification / tagging labels of rows without gold (the
 # QA start/end positions of rows without gold: beyond any sequence, so the QA head's loss (which
 # clamps positions to the sequence length and ignores that index) skips them.
 IGNORE_POSITION = 1 << 30
-GOLD_ROLE = {"classification": "label", "tagging": "tags", "qa": "answers"}
 EVAL_SPLITS = ("validation", "test")
-
-# The word-split rule for raw text (tagging transfer sets, and the words augmentation replaces):
-#   1. numbers with inner separators stay one word:       3,5   1.000.000   12:30
-#   2. runs of letters, marks and digits, joined by inner hyphens or apostrophes, are one word:
-#      canción   franco-alemán   l'ordinador   COVID-19
-#   3. any other non-space character is a word of its own: ¿ ? ¡ ! , . ; " ( ) € %
-# Whitespace only separates. "¿Dónde está?" -> ["¿", "Dónde", "está", "?"].
-WORD_PATTERN = regex.compile(
-    r"\p{N}+(?:[.,:]\p{N}+)+"
-    r"|[\p{L}\p{M}\p{N}]+(?:[-'’][\p{L}\p{M}\p{N}]+)*"
-    r"|\S"
-)
-
-
-def word_spans(text: str) -> list[tuple[int, int]]:
-    """Character spans [start, end) of the words of `text` (see WORD_PATTERN for the rule)."""
-    return [m.span() for m in WORD_PATTERN.finditer(text)]
-
-
-def split_words(text: str) -> list[str]:
-    """Raw text -> words by the documented rule: `split_words("¿Dónde está?")` =
-    ["¿", "Dónde", "está", "?"]."""
-    return [text[s:e] for s, e in word_spans(text)]
-
-
-# ---------------------------------------------------------------------------------------------
-# Columns
-# ---------------------------------------------------------------------------------------------
-
-
-def task_columns(family: str, columns: Mapping[str, str]) -> dict[str, str]:
-    """Role -> raw column of the task (its `data.columns` with the families' defaults)."""
-    if family == "classification":
-        out = {"text": columns.get("text", "text"), "label": columns.get("label", "label")}
-        if columns.get("text_pair"):
-            out["text_pair"] = columns["text_pair"]
-        return out
-    if family == "tagging":
-        return {"tokens": columns.get("tokens", "tokens"), "tags": columns.get("tags", "tags")}
-    if family == "qa":
-        return {
-            "id": columns.get("id", "id"),
-            "question": columns.get("question", "question"),
-            "context": columns.get("context", "context"),
-            "answers": columns.get("answers", "answers"),
-        }
-    raise DataError(f"task.family={family!r} is not one of: classification, tagging, qa")
-
 
 def _train_columns(family: str, cols: dict[str, str], train: Dataset) -> list[str]:
     """The raw columns the task reads (QA's id only when the split has one)."""

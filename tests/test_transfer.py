@@ -25,8 +25,8 @@ from distill.transfer import (
     filter_rows,
     mark_gold,
     normalize,
-    split_words,
 )
+from distill.rows import split_words
 from tests.conftest import tiny_bert_config
 
 
