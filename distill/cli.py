@@ -18,7 +18,8 @@ from distill.config import ConfigError, load_config
 
 # Commands implemented in their own modules, each exposing `main(argv) -> int`.
 EXTERNAL = {
-    "export": ("distill.export", "write a Hub-ready folder for a trained student (model + card)"),
+    "export": ("distill.export", "write a Hub-ready folder for a trained student (model + card; "
+               "--onnx/--int8 add parity-checked ONNX files)"),
     "push": ("distill.hub", "upload an exported student to the Hugging Face Hub"),
     "bench": ("distill.bench.cli", "measure parameters, MACs and latency of models (offline shapes too)"),
     "report": ("distill.study.report", "collect a tree of runs into the study's result tables"),
