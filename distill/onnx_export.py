@@ -471,7 +471,8 @@ def judge(report: ParityReport) -> None:
             report.failures.append(
                 f"{int8.file} scores {report.metric} {report.score('int8'):.4f} on the {report.split} split "
                 f"against PyTorch's {report.score('pytorch'):.4f}: {drop:.2f} points worse, more than "
-                f"the {report.margin:g}-point margin"
+                f"the {report.margin:g}-point margin (on {report.examples} examples one example moves "
+                f"a per-example score such as accuracy by {100 / max(report.examples, 1):.2g} points)"
             )
     ref = report.score("pytorch")
     if report.recorded is not None and abs(ref - report.recorded) > 1e-3:
