@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -51,6 +52,7 @@ class FakeStage:
             score = fake_score(cfg)
             for epoch in range(1, self.epochs + 1):
                 time.sleep(self.sleep)
+                (out / "checkpoints" / f"step-{epoch * 5}").mkdir(parents=True, exist_ok=True)
                 self.evaluations[name] = epoch
                 if on_evaluate is not None:
                     value = score * epoch / self.epochs
@@ -59,6 +61,7 @@ class FakeStage:
             results = {"validation": {"accuracy": score, "loss": 1 - score},
                        "test": {"accuracy": score - 0.01}, "info": {"parameters": layers * 1_000_000}}
         out.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # as a finished stage does
         (out / "metrics.json").write_text(json.dumps(results))
         return results
 

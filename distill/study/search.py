@@ -44,6 +44,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import socket
 import sys
 import time
@@ -67,7 +68,7 @@ DEFAULT_METRIC = {"classification": "accuracy", "tagging": "f1", "qa": "f1"}  # 
 LOWER_IS_BETTER = ("loss",)  # as distill.tasks.base.Task.lower_is_better
 SAMPLERS = {
     "tpe": "TPESampler", "random": "RandomSampler", "nsgaii": "NSGAIISampler", "nsgaiii": "NSGAIIISampler",
-    "gp": "GPSampler", "cmaes": "CmaEsSampler", "qmc": "QMCSampler",
+    "gp": "GPSampler", "cmaes": "CmaEsSampler", "qmc": "QMCSampler", "bruteforce": "BruteForceSampler",
 }
 SINGLE_OBJECTIVE_SAMPLERS = ("cmaes",)
 PRUNERS = ("hyperband", "median", "none")
@@ -87,7 +88,11 @@ class SearchError(ConfigError):
 
 class TrialFailed(Exception):
     """A trial whose values cannot train (an invalid combination, a non-finite loss): recorded
-    as failed, and the search goes on."""
+    as failed, and the search goes on. `reason` is the underlying message."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason or message
 
 
 class _Stopped(Exception):
@@ -246,7 +251,7 @@ def _parse_range(key: str, spec: Mapping[str, Any], hint: Any) -> Param:
         if abs(span - round(span)) > 1e-9:
             raise SearchError(f"{where}: high - low = {high - low:g} is not a multiple of step {step:g}")
     if hint is bool or hint is str or typing.get_origin(hint) in (list, dict):
-        kind = getattr(hint, "__name__", str(hint))
+        kind = {bool: "true/false", str: "text"}.get(hint, "list" if typing.get_origin(hint) is list else "mapping")
         raise SearchError(f"{where}: '{key}' is a {kind} key; search it with a list of choices, not a range")
     if hint is int:
         if not all(float(x).is_integer() for x in (low, high, step or 1)):
@@ -544,6 +549,8 @@ class Search:
         self.has_teacher = bool(self.base.teacher.model) and not self.base.teacher.finetuned
         self.teacher_params = [p for p in self.params if p.key.startswith(TEACHER_PREFIXES) or p.key in TEACHER_EXACT]
         self._storage: Any = None
+        make_sampler(s.sampler, s.sampler_options, 0)  # options that do not fit fail here, before any work
+        make_pruner(self.pruner, s.pruner_options)
 
     # --- configs -------------------------------------------------------------------------------
     def teacher_dir(self, params: Mapping[str, Any]) -> Path:
@@ -573,7 +580,7 @@ class Search:
             cfg = load_config(self.recipe, [*self.overrides, *values, *self.shared_overrides(params),
                                             f"output_dir={self.root / folder}"])
         except ConfigError as err:
-            raise TrialFailed(f"the trial's values {dict(params)} make an invalid recipe: {err}") from None
+            raise TrialFailed(f"the trial's values {dict(params)} make an invalid recipe: {err}", str(err)) from None
         cfg.search = SearchConfig()  # not part of the trial's result, nor of its saved config
         return cfg
 
@@ -720,7 +727,7 @@ class Search:
                     self.config_for({p.key: value}, "trial-preflight")
                 except TrialFailed as err:
                     raise SearchError(f"search.space.{p.key}: the value {value!r} is not valid here: "
-                                      f"{str(err).split(': ', 1)[-1]}") from None
+                                      f"{err.reason}") from None
                 if p.kind == "choice" and p.key.startswith(("student.", "teacher.", "data.", "task.")):
                     probes.append({p.key: value})
         stages = ["teacher", "student"] if self.has_teacher else ["student"]
@@ -830,6 +837,10 @@ class Search:
             raise
         except optuna.TrialPruned as err:
             self.echo(f"[distill search] trial {trial.number} pruned: {err}")
+            # a pruned trial never resumes: free its checkpoints (config.yaml and log.jsonl stay)
+            stage = self.root / trial.user_attrs.get("folder", f"trial-{trial.number}") / "student"
+            for name in ("checkpoints", "best"):
+                shutil.rmtree(stage / name, ignore_errors=True)
             raise
         except BaseException as err:  # noqa: BLE001 - a signal or crash: recorded for a retry
             raise _Stopped(trial.number, err) from err
@@ -1306,7 +1317,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None, runner: Optional[Callable[..., dict]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # overrides may follow the options
     try:
         import optuna  # noqa: F401
     except ImportError:
