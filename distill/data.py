@@ -126,6 +126,14 @@ def read_file(path: str | Path, fmt: Optional[str] = None, column_names: list[st
             bad = _first_bad_json_line(path)
             if bad:
                 raise DataError(bad) from None
+        if fmt == "json":
+            try:
+                json.loads(formats.read_text(path))
+            except json.JSONDecodeError as bad:
+                raise DataError(
+                    f"{path}:{bad.lineno}: not valid JSON ({bad.msg} at column {bad.colno}); one "
+                    "object per line needs the .jsonl extension or data.format=jsonl"
+                ) from None
         cause = err.__cause__ or err.__context__ or err
         raise DataError(f"could not read {path} as {fmt}: {cause}") from None
 

@@ -146,6 +146,13 @@ def test_jsonl_syntax_error_names_the_line(tmp_path):
         load_raw(cfg_for(tmp_path, train=path))
 
 
+def test_json_syntax_error_names_the_line(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text('[\n  {"text": "a", "label": "x"},\n  {"text": "b" "label": "y"}\n]\n')
+    with pytest.raises(DataError, match=r"t.json:3: not valid JSON"):
+        load_raw(cfg_for(tmp_path, train=path))
+
+
 def test_splits_remember_their_files(tmp_path):
     train, val = jsonl(tmp_path / "train.jsonl", ROWS), jsonl(tmp_path / "val.jsonl", ROWS[:4])
     cfg = cfg_for(tmp_path, train=train, validation=val)
