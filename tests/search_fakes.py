@@ -73,3 +73,18 @@ def run_worker(recipe: str, root: str, worker: int) -> None:
     S.Search.plot = lambda self, study: {}  # type: ignore[method-assign]
     S.Search.importances = lambda self, study: {}  # type: ignore[method-assign]
     sys.exit(S.main([recipe, "--root", root, "--worker", str(worker)], runner=FakeStage(sleep=0.05)))
+
+
+def run_team(recipe: str, root: str) -> None:
+    """One process of a worker started by torchrun (2 processes): prints what it trained, as
+    a JSON line tagged with its rank."""
+    import os
+
+    S.Search.preflight = lambda self: None  # type: ignore[method-assign]
+    S.Search.plot = lambda self, study: {}  # type: ignore[method-assign]
+    S.Search.importances = lambda self, study: {}  # type: ignore[method-assign]
+    runner = FakeStage(epochs=4)
+    code = S.main([recipe, "--root", root], runner=runner)
+    students = [name for stage, name in runner.calls if stage == "student"]
+    print("RESULT " + json.dumps({"rank": int(os.environ["RANK"]), "code": code, "students": students,
+                                  "evaluations": runner.evaluations}), flush=True)

@@ -387,6 +387,37 @@ def test_two_workers_share_one_sqlite_file(tmp_path: Path):
     assert all((root / f / "student" / "metrics.json").exists() for f in folders)
 
 
+@pytest.mark.slow
+def test_the_processes_of_one_worker_run_the_same_trials(tmp_path: Path):
+    """Under torchrun / accelerate launch the main process talks to the study; the other one
+    trains the same trial and stops where the main one's pruner says."""
+    recipe = fake_recipe(tmp_path, textwrap.dedent("""\
+        trials: 4
+        space: {train.lr: [1e-3, 1e-1]}
+        pruner: median
+        pruner_options: {n_startup_trials: 1}
+        """))
+    root = tmp_path / "search"
+    search = S.Search(recipe, [], root)
+    for lr in (1e-3, 1e-1, 1e-3, 1e-1):
+        search.study().enqueue_trial({"train.lr": lr})
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    code = "import sys; from tests.search_fakes import run_team; run_team(sys.argv[1], sys.argv[2])"
+    script = tmp_path / "team.py"
+    script.write_text(code)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(recipe), str(root)], capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = sorted((json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines()
+                      if line.startswith("RESULT ")), key=lambda r: r["rank"])
+    assert [r["rank"] for r in results] == [0, 1] and [r["code"] for r in results] == [0, 0]
+    assert results[0]["students"] == results[1]["students"] == ["trial-0", "trial-1", "trial-2", "trial-3"]
+    expected = {"trial-0": 4, "trial-1": 1, "trial-2": 4, "trial-3": 1}  # bad trials pruned at epoch 1, on both
+    assert results[0]["evaluations"] == results[1]["evaluations"] == expected
+    assert [t.state for t in study_of(root).trials] == [TrialState.COMPLETE, TrialState.PRUNED] * 2
+
+
 def test_workers_write_launch_scripts(tmp_path: Path):
     recipe = fake_recipe(tmp_path, SPACE + "trials: 30\n")
     root = tmp_path / "search"

@@ -418,8 +418,10 @@ class Team:
     def __init__(self) -> None:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from accelerate import PartialState
+            from accelerate.utils import parse_flag_from_env
 
-            state = PartialState()
+            # as Accelerator() reads it: processes started on CPU (torchrun, accelerate launch --cpu)
+            state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
             self.size, self.main = state.num_processes, state.is_main_process
         else:
             self.size, self.main = 1, True
