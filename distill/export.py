@@ -172,8 +172,27 @@ def write_onnx(
     ParityError unless `force`, which keeps the files and marks the report (and card) forced."""
     from distill import onnx_export as ox
 
-    if margin < 0 or atol < 0:
-        raise ExportError(f"the int8 margin ({margin}) and the fp32 tolerance ({atol}) must be >= 0")
+    if margin < 0 or atol < 0 or threads < 1:
+        raise ExportError(
+            f"--int8-margin ({margin}) and --atol ({atol}) must be >= 0 and --threads ({threads}) >= 1"
+        )
+    source = ev.cfg.data.files.get("validation") or ev.cfg.data.source or "the recipe's data"
+    try:
+        ox.require_packages()
+        # the data first: a gate that cannot run should stop the export before any conversion
+        split = ox.validation_split(ev.cfg, tokenizer)
+    except ImportError as err:
+        raise ExportError(str(err)) from None
+    except (ValueError, OSError) as err:  # DataError is a ValueError; a missing file an OSError
+        raise ExportError(
+            f"the parity gate runs the exported model on the validation split the student was "
+            f"evaluated on ({source}), and it could not read it: {err}. Run the export where the "
+            "recipe's data can be read (paths are relative to the folder `distill run` ran in)"
+        ) from None
+    try:
+        ox.check_labels(model, split[0])
+    except ValueError as err:
+        raise ExportError(f"{stage_label(ev)}: {err}") from None
     try:
         names = ox.input_names(tokenizer)
         files = {"onnx": folder / ox.ONNX_NAME}
@@ -181,11 +200,6 @@ def write_onnx(
         if int8:
             files["int8"] = folder / ox.INT8_NAME
             ox.quantize_int8(files["onnx"], files["int8"])
-    except ImportError as err:
-        raise ExportError(
-            f"ONNX export needs the onnx, onnxruntime and onnxscript packages ({err}): "
-            "pip install 'distill[bench]'"
-        ) from None
     except ox.OnnxExportError as err:
         raise ExportError(str(err)) from None
     recorded = ev.metrics.get("validation", {}).get(ev.metric)
@@ -193,15 +207,12 @@ def write_onnx(
     try:
         report = ox.check_parity(
             model, files, ev.cfg, tokenizer, names=names, atol=atol, margin=margin,
-            recorded=recorded if isinstance(recorded, (int, float)) else None, batch_size=batch_size, threads=threads,
+            recorded=recorded if isinstance(recorded, (int, float)) else None, batch_size=batch_size,
+            threads=None,  # scoring the split may use every core; only the latencies are pinned
+            split=split,
         )
-    except (ValueError, OSError) as err:  # DataError is a ValueError; a missing file an OSError
-        source = ev.cfg.data.files.get("validation") or ev.cfg.data.source or "the recipe's data"
-        raise ExportError(
-            f"the parity gate runs the exported model on the validation split the student was "
-            f"evaluated on ({source}), and it could not: {err}. Run the export where the "
-            "recipe's data can be read (paths are relative to the folder `distill run` ran in)"
-        ) from None
+    except ValueError as err:  # labels or metrics that do not fit the data
+        raise ExportError(f"the parity gate could not score the {source} validation split: {err}") from None
     report.exporter = exporter
     for note in report.notes:
         log.warning(note)
@@ -223,6 +234,10 @@ def write_onnx(
     report.latency = settings
     report.save(folder / ox.PARITY_NAME)
     return report
+
+
+def stage_label(ev: RunEvidence) -> str:
+    return f"{ev.stage_dir / 'model'} against the validation split of {ev.cfg.data.files.get('validation') or ev.cfg.data.source}"
 
 
 def export_student(
@@ -297,7 +312,7 @@ def export_student(
                 tmp, model, tokenizer, ev, int8=int8, force=force,
                 atol=ox.FP32_ATOL if atol is None else atol,
                 margin=hub_export.int8_margin if margin is None else margin,
-                threads=threads or ox.LATENCY_THREADS,
+                threads=ox.LATENCY_THREADS if threads is None else threads,
             )
         shutil.copyfile(stage_dir / "config.yaml", tmp / CARD_CONFIG_NAME)
         (tmp / RESULTS_NAME).write_text(json.dumps(results_json(ev, report), indent=2) + "\n", encoding="utf-8")

@@ -189,6 +189,19 @@ def export_onnx(model: nn.Module, names: Sequence[str], path: str | Path) -> tup
     raise OnnxExportError("ONNX export failed (" + "; ".join(reasons) + ")")
 
 
+def require_packages() -> None:
+    """Fail at once, naming what to install, when the packages an ONNX export needs are missing
+    (a run with hub.push and hub.export.onnx calls this before training)."""
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(
+            f"ONNX exports need {', '.join(missing)}: pip install 'distill[bench]' "
+            "(or onnx onnxruntime onnxscript)"
+        )
+
+
 def quantize_int8(src: str | Path, dst: str | Path) -> None:
     """Dynamic int8 quantisation of an ONNX model: weights stored int8, activations quantised
     on the fly per call (no calibration data needed)."""
@@ -214,6 +227,9 @@ class OnnxModel:
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
+        # outputs whose axis 1 follows the input length (token logits, start/end logits): the
+        # exporters name it ("seq"), while a label axis has a fixed size
+        self.per_token = {o.name for o in self.session.get_outputs() if len(o.shape) > 1 and isinstance(o.shape[1], str)}
 
     def run(self, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
         """Numpy (or torch) int arrays [batch, seq] -> each output as a numpy array."""
@@ -350,6 +366,16 @@ def validation_split(cfg: Any, tokenizer: Any) -> tuple[Any, Any, Any]:
     return task, features, raw["validation"]
 
 
+def check_labels(model: nn.Module, task: Any) -> None:
+    """The model's label ids must mean what they mean in the data, or every score is wrong."""
+    labels = list((getattr(model.config, "id2label", None) or {}).values())
+    if task.labels and labels != list(task.labels):
+        raise ValueError(
+            f"the model's labels {labels} are not the data's {list(task.labels)} (same order): the "
+            "recipe's data is not what this model was trained on"
+        )
+
+
 def _concat(chunks: list[np.ndarray]) -> np.ndarray:
     """Per-batch arrays whose axis 1 (sequence or words) differs, padded with -100 and joined."""
     if chunks[0].ndim == 1:
@@ -363,13 +389,12 @@ def _concat(chunks: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(padded)
 
 
-def _max_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
-    """Largest |a - b|, over the real (unpadded) positions when the output has a sequence axis;
-    inf when either holds a non-finite value there."""
+def _max_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, per_token: bool) -> float:
+    """Largest |a - b|, over the real (unpadded) positions when the output is per token; inf
+    when either holds a non-finite value there."""
     diff = (a.float() - b.float()).abs()  # [batch, labels] | [batch, seq(, labels)]
-    if diff.dim() >= 2 and diff.shape[1] == mask.shape[1]:
-        keep = mask.bool()  # [batch, seq]
-        diff = diff[keep] if diff.dim() == 2 else diff[keep].reshape(-1)
+    if per_token:
+        diff = diff[mask.bool()]  # [real tokens(, labels)]
     if diff.numel() == 0:
         return 0.0
     return float("inf") if not torch.isfinite(diff).all() else float(diff.max())
@@ -387,6 +412,7 @@ def check_parity(
     recorded: Optional[float] = None,
     batch_size: int = 32,
     threads: Optional[int] = None,
+    split: Optional[tuple[Any, Any, Any]] = None,
 ) -> ParityReport:
     """Run the PyTorch model and each ONNX file ({"onnx": path, "int8": path}) on the recipe's
     validation split; score each with the task's metrics; record what fails the gate.
@@ -395,16 +421,12 @@ def check_parity(
     farther than `atol` from PyTorch's; an int8 metric more than `margin` points worse than
     PyTorch's. `recorded` (metrics.json's validation score) only adds a note when the
     recomputed PyTorch score differs from it, e.g. because the data changed since training.
+    `split`: what `validation_split(cfg, tokenizer)` returned, when the caller already has it.
     """
     from distill.features import make_loader
 
-    task, features, raw = validation_split(cfg, tokenizer)
-    labels = list((getattr(model.config, "id2label", None) or {}).values())
-    if task.labels and labels != list(task.labels):
-        raise ValueError(
-            f"the model's labels {labels} are not the data's {list(task.labels)} (same order): the "
-            "recipe's data is not what this model was trained on"
-        )
+    task, features, raw = split or validation_split(cfg, tokenizer)
+    check_labels(model, task)
     sessions = {name: OnnxModel(path, threads) for name, path in files.items()}
     collected: dict[str, dict[str, list[np.ndarray]]] = {name: {} for name in ("pytorch", *sessions)}
     diffs = {name: 0.0 for name in sessions}
@@ -417,7 +439,9 @@ def check_parity(
             for name, session in sessions.items():
                 outputs[name] = session(**inputs)
                 for key in session.outputs:
-                    diffs[name] = max(diffs[name], _max_diff(getattr(outputs[name], key), outputs["pytorch"][key], batch["attention_mask"]))
+                    diff = _max_diff(getattr(outputs[name], key), outputs["pytorch"][key], batch["attention_mask"],
+                                     key in session.per_token)
+                    diffs[name] = max(diffs[name], diff)
             for name, out in outputs.items():
                 for key, value in task.eval_outputs(out, batch).items():
                     collected[name].setdefault(key, []).append(value.cpu().numpy())

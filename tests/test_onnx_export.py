@@ -333,3 +333,16 @@ def test_margin_is_in_points_and_only_a_loss_fails():
     assert report_with(0.8, 0.8, margin=0.0).failures == []
     assert "differs from the PyTorch model by up to inf" in report_with(0.8, 0.8, diff=float("inf")).failures[0]
     assert report_with(0.8, 0.8, diff=float("nan")).failures  # NaN never passes
+
+
+def test_missing_onnx_packages_are_named_before_anything_is_written(tmp_path, monkeypatch):
+    import importlib.util
+
+    stage = random_stage(tmp_path, "tagging", TAGGING)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real_find_spec(name, *a))
+    with pytest.raises(ExportError, match=r"ONNX exports need onnxscript: pip install 'distill\[bench\]'"):
+        export_student(stage, tmp_path / "export", onnx=True)
+    assert not (tmp_path / "export").exists()
+    with pytest.raises(ExportError, match="--threads \\(0\\) >= 1"):
+        export_student(stage, tmp_path / "export", onnx=True, threads=0)
