@@ -48,6 +48,7 @@ from distill import models
 from distill.sampling import sorted_batches
 from distill.tasks.base import Task
 from distill.errors import CacheError
+from distill.features import data_fingerprint
 
 log = logging.getLogger("distill")
 
@@ -78,38 +79,6 @@ def length_columns(task: Task) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 # The key: everything that changes the teacher's outputs
 # ---------------------------------------------------------------------------------------------
-
-
-class _HashSink:
-    """A write-only file object that hashes what is written (Arrow IPC streams into it)."""
-
-    def __init__(self) -> None:
-        self.digest = hashlib.sha256()
-        self.closed = False
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data)
-        self.digest.update(view)
-        return view.nbytes
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self.closed = True
-
-
-def data_fingerprint(features: Dataset) -> str:
-    """A hash of the features' content (every column, in row order).
-
-    `Dataset._fingerprint` is not used: datasets falls back to a random one whenever the
-    preprocessing function cannot be hashed, which would make every run miss the cache.
-    """
-    table = features.with_format("arrow")[:]  # zero-copy view (takes rows if indices are mapped)
-    sink = _HashSink()
-    with pa.ipc.new_stream(pa.PythonFile(sink, mode="w"), table.schema) as writer:
-        writer.write_table(table)
-    return sink.digest.hexdigest()[:16]
 
 
 def cache_key(
@@ -554,7 +523,13 @@ def get_or_build(
     else:
         if accelerator.is_main_process:
             print(f"[distill] teacher cache: building {path} ({len(train_features)} features)", flush=True)
-        build_cache(task, teacher, train_features, accelerator, path, parts, hidden_layers, batch_size)
+        try:
+            build_cache(task, teacher, train_features, accelerator, path, parts, hidden_layers, batch_size)
+        except BaseException:  # a signal (Preempted), an error, Ctrl-C: leave no half-built folder
+            if accelerator.is_main_process:
+                for tmp in path.parent.glob(f".tmp-{path.name}-*"):
+                    shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if accelerator.is_main_process:
             meta = json.loads((path / "metadata.json").read_text())
             print(

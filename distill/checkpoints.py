@@ -8,7 +8,9 @@ checkpoints and exits with REQUEUE_EXIT_CODE, and the same command resumes mid-e
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import shutil
 import signal
 from dataclasses import asdict, dataclass, field
@@ -20,7 +22,10 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch import nn
 
-from distill.stage import link_tree, swap_in
+from distill.errors import REQUEUE_EXIT_CODE, Preempted
+from distill.stage import check_free_space, link_tree, swap_in
+
+log = logging.getLogger("distill")
 
 
 @dataclass
@@ -37,18 +42,65 @@ class LoopState:
     history: list = field(default_factory=list)
 
 
-def latest_checkpoint(ckpt_root: Path) -> Optional[Path]:
-    """The newest complete checkpoint (folders appear only once complete: see save_checkpoint)."""
+CHECKSUMS = "checksums.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+
+
+def verify(checkpoint: Path) -> Optional[str]:
+    """None when every file of `checkpoint` matches its recorded checksum, else what is wrong."""
+    try:
+        recorded = json.loads((checkpoint / CHECKSUMS).read_text())
+        json.loads((checkpoint / "loop_state.json").read_text())
+    except (OSError, ValueError) as err:
+        return f"no readable {CHECKSUMS} / loop_state.json ({err})"
+    present = {str(p.relative_to(checkpoint)) for p in _files(checkpoint)}
+    missing = sorted(set(recorded) - present)
+    if missing:
+        return f"missing files {missing}"
+    bad = [name for name, digest in recorded.items() if _sha256(checkpoint / name) != digest]
+    return f"files that changed since they were written (damaged or truncated): {bad}" if bad else None
+
+
+def latest_checkpoint(ckpt_root: Path, verified: bool = False) -> Optional[Path]:
+    """The newest complete checkpoint (folders appear only once complete: see save_checkpoint).
+    With `verified`, a checkpoint whose files do not match their checksums is skipped, with a
+    warning, for the one before it."""
     done = [p for p in ckpt_root.glob("step-*") if (p / "loop_state.json").exists()]
-    return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
+    for path in sorted(done, key=lambda p: int(p.name.split("-")[1]), reverse=True):
+        problem = verify(path) if verified else None
+        if problem is None:
+            return path
+        log.warning("checkpoint %s is not usable (%s); trying the one before it", path, problem)
+    return None
 
 
-def save_checkpoint(accelerator: Accelerator, ckpt_root: Path, state: LoopState, keep: int, best_dir: Path) -> Path:
-    """Save into a temp folder, rename it when complete, keep the newest `keep`."""
+def checkpoint_bytes(model: nn.Module) -> int:
+    """A checkpoint's size: the weights, AdamW's two moments and the best model (fp32)."""
+    return sum(p.numel() * 4 for p in model.parameters()) * 4
+
+
+def save_checkpoint(
+    accelerator: Accelerator, ckpt_root: Path, state: LoopState, keep: int, best_dir: Path, needed_bytes: int = 0
+) -> Path:
+    """Save into a temp folder, checksum every file, rename it when complete, keep the newest
+    `keep`. The disk is checked first: a full disk fails with a message, never mid-file."""
     final = ckpt_root / f"step-{state.global_step}"
     tmp = ckpt_root / f".tmp-step-{state.global_step}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        check_free_space(ckpt_root, needed_bytes, "a checkpoint")
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
@@ -56,6 +108,8 @@ def save_checkpoint(accelerator: Accelerator, ckpt_root: Path, state: LoopState,
         if best_dir.exists():
             link_tree(best_dir, tmp / "best")
         (tmp / "loop_state.json").write_text(json.dumps(asdict(state)))
+        sums = {str(p.relative_to(tmp)): _sha256(p) for p in _files(tmp)}
+        (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1))
         swap_in(tmp, final)
         olds = sorted((p for p in ckpt_root.glob("step-*") if p != final), key=lambda p: int(p.name.split("-")[1]))
         for old in olds[: max(0, len(olds) - keep + 1)]:
@@ -85,6 +139,7 @@ def save_model_folder(accelerator: Accelerator, trainee: nn.Module, folder: Path
     state = accelerator.get_state_dict(trainee)  # full weights on the main process
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(trainee).model
+        check_free_space(folder.parent, sum(p.numel() * p.element_size() for p in model.parameters()) * 2, "the model")
         weights = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
         tmp = folder.with_name(f".tmp-{folder.name}")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -138,3 +193,29 @@ class StopFlag:
             return self.signal is not None
         flag = torch.tensor(1.0 if self.signal is not None else 0.0, device=accelerator.device)
         return bool(accelerator.reduce(flag, "max") > 0)
+
+
+class SignalsRaise:
+    """Before the loop can checkpoint (setup, cache build): SIGTERM/SIGINT raise `Preempted`
+    at once, so the process exits with REQUEUE_EXIT_CODE and half-written temporary folders
+    are removed by the code that was writing them."""
+
+    def __enter__(self) -> "SignalsRaise":
+        self._old = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._raise)
+            except ValueError:  # not the main thread: no handler
+                pass
+        return self
+
+    @staticmethod
+    def _raise(signum, frame) -> None:
+        raise Preempted(
+            f"stopped by signal {signal.Signals(signum).name} before training started (nothing to "
+            f"resume yet). Re-run the same command to start again (exit status {REQUEUE_EXIT_CODE})."
+        )
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)

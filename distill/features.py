@@ -9,8 +9,10 @@ task's bound tokenizers; `make_loader` batches them in an order that is a functi
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from typing import Any, Optional
 
+import pyarrow as pa
 import torch
 from datasets import Dataset, DatasetDict
 from torch.utils.data import DataLoader
@@ -79,3 +81,47 @@ def make_loader(
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# What the data is: a content hash (the teacher cache's key and a stage's identity use it)
+# ---------------------------------------------------------------------------------------------
+
+
+class _HashSink:
+    """A write-only file object that hashes what is written (Arrow IPC streams into it)."""
+
+    def __init__(self) -> None:
+        self.digest = hashlib.sha256()
+        self.closed = False
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        self.digest.update(view)
+        return view.nbytes
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def data_fingerprint(features: Dataset) -> str:
+    """A hash of the features' content (every column, in row order).
+
+    `Dataset._fingerprint` is not used: datasets falls back to a random one whenever the
+    preprocessing function cannot be hashed, which would make every run miss the cache.
+    """
+    table = features.with_format("arrow")[:]  # zero-copy view (takes rows if indices are mapped)
+    sink = _HashSink()
+    with pa.ipc.new_stream(pa.PythonFile(sink, mode="w"), table.schema) as writer:
+        writer.write_table(table)
+    return sink.digest.hexdigest()[:16]
+
+
+def data_identity(cfg: Config) -> dict[str, str]:
+    """A content hash of every raw split the recipe reads (subsampled as the stage will see it):
+    a stage resumed or skipped as complete must have been trained on exactly this data."""
+    raw = data_mod.subsample(data_mod.load_raw(cfg), cfg)
+    return {split: data_fingerprint(ds) for split, ds in raw.items()}

@@ -13,12 +13,17 @@ import os
 import shutil
 import socket
 from pathlib import Path
-from typing import Any
+import contextlib
+import errno
+import time
+from typing import Any, Iterator, Optional
 
 from distill.config import Config, load_config, stage_train, to_dict
 from distill.errors import StageError
 
 STAGES = ("teacher", "student", "baseline")
+DATA_FILE = "data.json"  # content hashes of the splits the stage was trained on
+LOCK_FILE = ".lock"
 
 # Keys that never change a stage's result: bookkeeping, trackers, the Hub, the search around it,
 # how often it logs or checkpoints, and whether the teacher's outputs are cached or recomputed.
@@ -56,12 +61,14 @@ def stage_view(cfg: Config, stage: str) -> dict[str, Any]:
     return view
 
 
-def check_stage_dir(cfg: Config, stage: str) -> str:
+def check_stage_dir(cfg: Config, stage: str, data: Optional[dict[str, str]] = None) -> str:
     """'fresh', 'resume', 'complete' or 'overwrite' for this stage's folder.
 
-    A folder holding another config is refused unless overwrite=true, so a typo in a re-run
-    never mixes two experiments' checkpoints. Nothing is deleted here: with overwrite=true the
-    folder is cleared only once every input of the new run has been checked.
+    A folder holding another config, or (given `data`, the content hashes of the splits, see
+    `features.data_identity`) a run trained on other data, is refused unless overwrite=true, so
+    a typo or an edited file never mixes two experiments' checkpoints nor passes a stale model
+    off as complete. Nothing is deleted here: with overwrite=true the folder is cleared only once
+    every input of the new run has been checked.
     """
     out = stage_dir(cfg, stage)
     saved = out / "config.yaml"
@@ -72,11 +79,15 @@ def check_stage_dir(cfg: Config, stage: str) -> str:
         same = stage_view(old, stage) == stage_view(cfg, stage)
     except Exception:  # an older or hand-edited config.yaml: treat as different
         same = False
-    if not same:
+    changed = []
+    if same and data is not None and (out / DATA_FILE).exists():
+        before = json.loads((out / DATA_FILE).read_text())
+        changed = sorted(k for k in set(before) | set(data) if before.get(k) != data.get(k))
+    if not same or changed:
         if not cfg.overwrite:
+            what = f"was trained on other data (splits {changed} changed since)" if same else "holds a run with a different config"
             raise StageError(
-                f"{out} holds a run with a different config ({saved}). Use another output_dir, "
-                "or pass overwrite=true to replace it."
+                f"{out} {what} ({saved}). Use another output_dir, or pass overwrite=true to replace it."
             )
         return "overwrite"
     if (out / "metrics.json").exists() and (out / "model").exists():
@@ -85,21 +96,20 @@ def check_stage_dir(cfg: Config, stage: str) -> str:
 
 
 def check_writable(out: Path, keep: bool = True) -> None:
-    """Create the stage folder and write (then remove) a probe file: an unusable output_dir fails
-    here, before any data or model is loaded, instead of at the first checkpoint. With
-    keep=False the folders this check created are removed again (a dry check leaves nothing).
+    """Fail now, not at the first checkpoint, when the stage folder cannot be written.
 
-    The probe's name is unique per host and process, and a folder another process created in
-    the meantime is left alone, so every process of a launch can run this at once.
+    keep=True creates the folder and writes (then removes) a probe file in it. keep=False (a dry
+    check: preflight) creates nothing: it probes the folder if it exists, else its nearest
+    existing parent, so every process of a launch can check at once without removing a folder
+    another process is probing. Probe names are unique per host and process.
     """
-    probe = out / f".write-probe-{socket.gethostname()}-{os.getpid()}"
-    created = []
-    parent = out
-    while not parent.exists() and parent != parent.parent:
-        created.append(parent)
-        parent = parent.parent
+    target = out
+    if not keep:
+        while not target.exists() and target != target.parent:
+            target = target.parent
+    probe = target / f".write-probe-{socket.gethostname()}-{os.getpid()}"
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        target.mkdir(parents=True, exist_ok=True)
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
@@ -107,12 +117,111 @@ def check_writable(out: Path, keep: bool = True) -> None:
             f"output_dir is not writable: cannot create or write {out} ({err.strerror or err}). "
             "Set output_dir=<a folder you can write to>."
         ) from None
-    if not keep:
-        for folder in created:  # deepest first; another process may be using it: keep it then
+
+
+class StageLock:
+    """One process at a time owns a stage folder: `<stage>/.lock` names the host and process.
+
+    A second run on the same folder stops at once, naming the holder; a lock left by a process
+    that no longer runs (same host) is taken over with a warning. Locks from another host cannot
+    be checked: the message says how to remove a stale one.
+    """
+
+    def __init__(self, out: Path):
+        self.path = out / LOCK_FILE
+        self.held = False
+
+    def __enter__(self) -> "StageLock":
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+        for _ in range(2):
             try:
-                folder.rmdir()
-            except OSError:
-                break
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None and self._alive(holder):
+                    raise StageError(
+                        f"{self.path.parent} is in use by process {holder.get('pid')} on "
+                        f"{holder.get('host')} (lock {self.path}): wait for it, or stop it. If that "
+                        "process is gone (e.g. another machine crashed), delete the lock file."
+                    ) from None
+                print(f"[distill] taking over a stale lock {self.path} ({holder})", flush=True)
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise StageError(f"cannot take the lock {self.path}: another run keeps creating it")
+
+    def _holder(self) -> Optional[dict]:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):  # being written this instant, or garbage: treat as held
+            return {"host": socket.gethostname(), "pid": None}
+
+    @staticmethod
+    def _alive(holder: dict) -> bool:
+        if holder.get("host") != socket.gethostname():
+            return True  # cannot check another machine's processes
+        pid = holder.get("pid")
+        if not isinstance(pid, int):
+            return True
+        try:
+            os.kill(pid, 0)
+        except OSError as err:
+            return err.errno == errno.EPERM  # exists, owned by someone else
+        return True
+
+    def __exit__(self, *exc) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+@contextlib.contextmanager
+def locked(accelerator: Any, out: Path) -> Iterator[None]:
+    """Hold the stage folder's lock for the body (the main process takes it; every process
+    learns whether it could, so none waits at a barrier for a process that stopped)."""
+    lock, problem = StageLock(out), [None]
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.__enter__()
+        except StageError as err:
+            problem[0] = str(err)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(problem)
+    if problem[0]:
+        raise StageError(problem[0])
+    try:
+        yield
+    finally:
+        lock.__exit__()
+
+
+def clear_stage_dir(out: Path) -> None:
+    """Remove an old run's files (overwrite=true), keeping this run's lock."""
+    for path in out.iterdir():
+        if path.name == LOCK_FILE:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def check_free_space(folder: Path, needed: int, what: str) -> None:
+    """Refuse to start writing `what` when the disk holding `folder` has less than `needed`
+    bytes free (a full disk mid-write would leave a half file and a cryptic error)."""
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise StageError(
+            f"not enough disk space to write {what} in {folder}: about {needed / 2**20:.0f} MiB "
+            f"needed, {free / 2**20:.0f} MiB free. Free some space (older runs, caches) or move "
+            "output_dir, then re-run the same command: the last good checkpoint is kept."
+        )
 
 
 class JsonlLog:

@@ -31,14 +31,15 @@ from transformers import get_linear_schedule_with_warmup
 
 from distill import models
 from distill.checkpoints import (
-    LoopState, StopFlag, latest_checkpoint, load_model_weights, resume_from, save_checkpoint, save_model_folder,
+    LoopState, SignalsRaise, StopFlag, checkpoint_bytes, latest_checkpoint, load_model_weights, resume_from, save_checkpoint, save_model_folder,
 )
 from distill.config import Config, stage_train, to_dict, to_yaml
 from distill.errors import REQUEUE_EXIT_CODE, NonFiniteLoss, Preempted, StageError
 from distill.evaluate import evaluate, is_better, write_predictions
 from distill.losses import Trainee
 from distill.setup import Stage, make_accelerator, setup_stage
-from distill.stage import STAGES, JsonlLog, atomic_write, check_stage_dir, stage_dir
+from distill.features import data_identity
+from distill.stage import DATA_FILE, STAGES, JsonlLog, atomic_write, check_stage_dir, clear_stage_dir, locked, stage_dir
 
 log = logging.getLogger("distill")
 
@@ -175,7 +176,7 @@ def check_launch(accelerator: Accelerator) -> None:
 def restore(accelerator: Accelerator, status: str, stage: str, ckpt_root, best_dir, jlog: JsonlLog) -> LoopState:
     """The loop state to start from: the latest checkpoint's when resuming, else a fresh one."""
     state = LoopState()
-    latest = latest_checkpoint(ckpt_root) if status == "resume" else None
+    latest = latest_checkpoint(ckpt_root, verified=True) if status == "resume" else None
     if latest is not None:
         state = resume_from(accelerator, latest, best_dir)
         if accelerator.is_main_process:
@@ -208,21 +209,29 @@ def run_stage(cfg: Config, stage: str, on_evaluate: Optional[EvalCallback] = Non
         import datasets
 
         datasets.disable_progress_bars()
-    status = check_stage_dir(cfg, stage)  # every process reads it before anyone changes it
+    data = data_identity(cfg)  # a run on other data is never resumed into nor skipped as complete
+    status = check_stage_dir(cfg, stage, data)  # every process reads it before anyone changes it
     accelerator.wait_for_everyone()
     if status == "complete":
         if main:
             print(f"[distill] {stage}: complete with the same config, skipping ({out})", flush=True)
         return json.loads((out / "metrics.json").read_text())
+    with locked(accelerator, out):
+        with SignalsRaise():  # SIGTERM while setting up (e.g. building the cache): exit 75, no temp folders
+            s = setup_stage(cfg, stage, accelerator)  # every check; nothing written yet
+        if main:  # every check passed: replace an old run (overwrite=true), record the config
+            if status == "overwrite":
+                clear_stage_dir(out)
+            atomic_write(out / "config.yaml", to_yaml(cfg))
+            atomic_write(out / DATA_FILE, json.dumps(data, indent=1))
+            print(f"[distill] stage {stage} -> {out}\n{to_yaml(cfg)}", flush=True)
+        accelerator.wait_for_everyone()
+        return train_stage(accelerator, cfg, s, status, on_evaluate)
 
-    s = setup_stage(cfg, stage, accelerator)  # every check; nothing written yet
-    if main:  # every check passed: replace an old run (overwrite=true), record the config
-        if status == "overwrite":
-            shutil.rmtree(out)
-            out.mkdir(parents=True)
-        atomic_write(out / "config.yaml", to_yaml(cfg))
-        print(f"[distill] stage {stage} -> {out}\n{to_yaml(cfg)}", flush=True)
-    accelerator.wait_for_everyone()
+
+def train_stage(accelerator: Accelerator, cfg: Config, s: Stage, status: str, on_evaluate: Optional[EvalCallback]) -> dict:
+    """Train a set-up stage from scratch or from its latest checkpoint, then finish it."""
+    main, out, stage = accelerator.is_main_process, s.out, s.name
     tcfg, task = s.train, s.task
     trainee, optimizer, scheduler, train_loader, eval_loaders, total_steps = prepare(accelerator, s)
     sampler = train_loader.batch_sampler  # accelerate shards it and keeps our sampler inside
@@ -250,12 +259,13 @@ def run_stage(cfg: Config, stage: str, on_evaluate: Optional[EvalCallback] = Non
         return tcfg.patience > 0 and state.bad_evals >= tcfg.patience
 
     saved: list = [None]
+    needed = checkpoint_bytes(accelerator.unwrap_model(trainee))
 
     def checkpoint() -> None:
         """Save unless this exact loop state was just saved."""
         key = (state.global_step, state.epoch, state.batches_done)
         if key != saved[0]:
-            save_checkpoint(accelerator, ckpt_root, state, tcfg.keep_checkpoints, best_dir)
+            save_checkpoint(accelerator, ckpt_root, state, tcfg.keep_checkpoints, best_dir, needed)
             saved[0] = key
 
     def stop_if_signalled(flag: StopFlag) -> None:
