@@ -17,8 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 
-class ConfigError(ValueError):
-    """A recipe or override that cannot be used; the message says what and where."""
+from distill.errors import ConfigError
+from distill.search_space import check_section, leaf_types
 
 
 @dataclass
@@ -469,9 +469,7 @@ def validate(cfg: Config) -> None:
     check_data_and_run(cfg)
     check_transfer_and_augment(cfg)
     if cfg.search != SearchConfig():  # the section's own checks (space keys, ranges, objectives)
-        from distill.study.search import check_section
-
-        check_section(cfg)
+        check_section(cfg, leaf_types(Config))
 
 
 TRANSFER_FORMATS = ("jsonl", "json", "csv", "tsv", "parquet", "conll", "conllu", "squad", "text")

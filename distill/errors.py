@@ -10,6 +10,10 @@ from __future__ import annotations
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; see docs/launching.md (SLURM requeue)
 
 
+class ConfigError(ValueError):
+    """A recipe or override that cannot be used; the message says what and where."""
+
+
 class StageError(RuntimeError):
     """A stage that cannot run as configured; the message says why and what to do."""
 

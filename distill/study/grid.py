@@ -35,7 +35,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from distill import models
 from distill.config import Config, ConfigError, load_config, to_dict, validate
-from distill.errors import REQUEUE_EXIT_CODE
+from distill.study.slurm import SLURM_RUN_STEP, sbatch_header
 from distill.study.report import ReportError, collect_runs, report, safe_name, select_best, student_ref, write_selection
 
 log = logging.getLogger("distill.grid")
@@ -368,39 +368,6 @@ def commands_script(plan: Sequence[GridRun], spec: GridSpec, root: Path, launche
     return "\n".join(lines)
 
 
-# The body shared by every SLURM script: run a command in its own process group, forward the
-# TERM that SLURM sends before the time limit to all of its processes, wait until they have
-# saved their checkpoint and exited, and requeue the job when the run did not finish.
-SLURM_RUN_STEP = r"""preempted=0
-run_step() {
-  setsid "$@" &
-  local pid=$! status=0
-  trap "preempted=1; kill -TERM -- -$pid 2>/dev/null" TERM
-  wait "$pid" || status=$?
-  if [ "$preempted" = 1 ]; then wait "$pid"; status=$?; fi
-  while kill -0 -- -"$pid" 2>/dev/null; do sleep 2; done  # workers still writing the checkpoint
-  trap - TERM
-  if [ "$status" -ne 0 ] && { [ "$status" -eq __CODE__ ] || [ "$preempted" = 1 ]; }; then
-    echo "[distill grid] stopped with a checkpoint (exit $status): requeueing $REQUEUE_ID"
-    scontrol requeue "$REQUEUE_ID"
-    exit 0
-  fi
-  return "$status"
-}
-""".replace("__CODE__", str(REQUEUE_EXIT_CODE))
-
-
-def _sbatch_header(name: str, logs: Path, options: Sequence[str], array: Optional[int] = None) -> list[str]:
-    lines = ["#!/bin/bash", f"#SBATCH --job-name={name}"]
-    if array is not None:
-        lines += [f"#SBATCH --array=0-{array - 1}", f"#SBATCH --output={logs}/%x-%A_%a.out"]
-    else:
-        lines.append(f"#SBATCH --output={logs}/%x-%j.out")
-    lines += ["#SBATCH --open-mode=append", "#SBATCH --requeue", "#SBATCH --signal=B:TERM@180"]
-    lines += [f"#SBATCH --{opt}" for opt in options]
-    return lines
-
-
 def slurm_scripts(plan: Sequence[GridRun], spec: GridSpec, root: Path, launcher: str, options: Sequence[str],
                   compare: bool) -> dict[str, str]:
     """File name -> content: per task a teacher job and a student array (one task per run), a
@@ -419,7 +386,7 @@ def slurm_scripts(plan: Sequence[GridRun], spec: GridSpec, root: Path, launcher:
         dependency = ""
         if teacher:
             name = f"{safe_name(task)}.teacher.sbatch"
-            body = _sbatch_header(f"distill-{task}-teacher", logs, options)
+            body = sbatch_header(f"distill-{task}-teacher", logs, options)
             body += ["set -uo pipefail", f"cd {cwd}", 'REQUEUE_ID="$SLURM_JOB_ID"', SLURM_RUN_STEP]
             body += [f"# {teacher[0].label}", *(f"run_step {c}" for c in teacher[0].commands(launcher)), ""]
             files[name] = "\n".join(body)
@@ -427,7 +394,7 @@ def slurm_scripts(plan: Sequence[GridRun], spec: GridSpec, root: Path, launcher:
             dependency = f"--dependency=afterok:$t_{var} "
         if students:
             name = f"{safe_name(task)}.students.sbatch"
-            body = _sbatch_header(f"distill-{task}-students", logs, options, array=len(students))
+            body = sbatch_header(f"distill-{task}-students", logs, options, array=len(students))
             body += ["set -uo pipefail", f"cd {cwd}",
                      'REQUEUE_ID="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"', SLURM_RUN_STEP,
                      'case "$SLURM_ARRAY_TASK_ID" in']
@@ -439,7 +406,7 @@ def slurm_scripts(plan: Sequence[GridRun], spec: GridSpec, root: Path, launcher:
             submit.append(f"s_{var}=$(sbatch --parsable {dependency}{shlex.quote(str(slurm / name))}); "
                           f"jobs+=(${{s_{var}%%;*}})")
     cpu_options = [o for o in options if not re.match(r"(gres|gpus|gpus-per-\w+|gpu\w*)\b", o)]
-    select = _sbatch_header("distill-select", logs, cpu_options)
+    select = sbatch_header("distill-select", logs, cpu_options)
     select += ["set -euo pipefail", f"cd {cwd}", select_command(spec, root, compare), ""]
     files["select.sbatch"] = "\n".join(select)
     submit += [
