@@ -112,6 +112,27 @@ def make_tokenizer():
     )
 
 
+def make_accelerator(args: argparse.Namespace):
+    """The device and precision of the run (`--device`, `--precision`), as `accelerate launch`
+    would set them."""
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=args.device == "cpu", mixed_precision=args.precision)
+
+
+def synchronize(accelerator) -> None:
+    if accelerator.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def on_device(teacher, accelerator):
+    """The frozen teacher placed as a stage places it (device; bf16/fp16 weights when training
+    in mixed precision)."""
+    from distill.teachers import place_teacher
+
+    return place_teacher(teacher, accelerator)
+
+
 def make_cfg(workdir: Path, args: argparse.Namespace, cache_dir: Path):
     from distill.config import Config
 
@@ -218,13 +239,12 @@ class OurLoop:
     forward -> weighted loss terms -> backward -> clip -> step. Nothing here re-implements it."""
 
     def __init__(self, cfg, task, student, features, args, teacher_fn=None):
-        from accelerate import Accelerator
         from transformers import get_linear_schedule_with_warmup
 
         from distill.losses import Trainee
         from distill.setup import build_objective
 
-        self.accelerator = Accelerator(cpu=True)
+        self.accelerator = make_accelerator(args)
         self.task, self.teacher_fn = task, teacher_fn
         # a teacher config only decides that there is a teacher (the KD terms read no layers)
         objective = build_objective(task, cfg.distill, student.config, student.config if teacher_fn else None)
@@ -257,6 +277,7 @@ class OurLoop:
         start, cpu = time.perf_counter(), time.process_time()
         for batch in self.loader:
             self.step(batch)
+        synchronize(self.accelerator)
         return time.perf_counter() - start, time.process_time() - cpu
 
 
@@ -305,7 +326,7 @@ def trainer_epochs(task, student, teacher, features, args, workdir: Path) -> lis
     training_args = TrainingArguments(
         output_dir=str(workdir / "trainer"), per_device_train_batch_size=args.batch_size,
         num_train_epochs=args.online_repeats,
-        learning_rate=5e-5, weight_decay=0.01, max_grad_norm=1.0, use_cpu=True, report_to="none",
+        learning_rate=5e-5, weight_decay=0.01, max_grad_norm=1.0, use_cpu=args.device == "cpu", bf16=args.precision == "bf16", report_to="none",
         save_strategy="no", logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
     )
     frozen = list(batch_sampler(features, args))  # epoch 0's batches, replayed every epoch
@@ -336,22 +357,24 @@ def open_features(workdir: Path):
 
 def worker_build(workdir: Path, args: argparse.Namespace) -> dict:
     """One plain teacher inference pass over the training batches, and the cache build."""
-    from accelerate import Accelerator
 
 
     features = open_features(workdir)
-    accelerator = Accelerator(cpu=True)
-    teacher = teacher_model()
+    accelerator = make_accelerator(args)
+    teacher = on_device(teacher_model(), accelerator)
     results: dict[str, Any] = {"inference_s": [], "build_s": [], "inference_cpu_s": [], "build_cpu_s": []}
     task = make_task(make_cfg(workdir, args, workdir / "cache"))
     batches = list(loader(task, features, args))
-    with torch.inference_mode():
+    batches = [{k: v.to(accelerator.device) for k, v in b.items()} for b in batches]
+    with torch.inference_mode(), accelerator.autocast():
         teacher(**task.model_inputs(batches[0], teacher=True))  # warm-up: first-call setup
 
     def inference_pass() -> None:
-        with torch.inference_mode():
+        with torch.inference_mode(), accelerator.autocast():
             for batch in batches:
                 teacher(**task.model_inputs(batch, teacher=True))
+        if accelerator.device.type == "cuda":
+            torch.cuda.synchronize()
 
     def build(r: int) -> None:  # into a fresh folder each time
         cfg = make_cfg(workdir, args, workdir / f"cache-{r}")
@@ -379,7 +402,6 @@ def worker_students(workdir: Path, args: argparse.Namespace) -> dict:
     """Plain fine-tuning, cached KD and our online KD, interleaved batch by batch in one process
     (the order rotating every batch) so that all three see the same machine load; a mode's
     epoch time is the sum of its steps over epoch 0's batches (collation, shared, excluded)."""
-    from accelerate import Accelerator
 
     from distill import cache
     from distill.teachers import CachedTeacher, OnlineTeacher
@@ -388,10 +410,11 @@ def worker_students(workdir: Path, args: argparse.Namespace) -> dict:
     cfg = make_cfg(workdir, args, workdir / "cache")
     task = make_task(cfg)
     stored = cache.TeacherCache(args.cache_path)
-    online = OnlineTeacher(teacher_model(), task, Accelerator(cpu=True))
+    accelerator = make_accelerator(args)
+    online = OnlineTeacher(on_device(teacher_model(), accelerator), task, accelerator)
     loops = {
         "plain": OurLoop(cfg, task, student_model(), features, args),
-        "cached": OurLoop(cfg, task, student_model(), features, args, CachedTeacher(stored, torch.device("cpu"))),
+        "cached": OurLoop(cfg, task, student_model(), features, args, CachedTeacher(stored, accelerator.device)),
         "online": OurLoop(cfg, task, student_model(), features, args, online),
     }
     batches = loops["plain"].batches()
@@ -408,6 +431,7 @@ def worker_students(workdir: Path, args: argparse.Namespace) -> dict:
             for m in modes[k:] + modes[:k]:
                 start, used = time.perf_counter(), time.process_time()
                 loops[m].step(batch)
+                synchronize(accelerator)  # on a GPU: charge each mode its own kernels
                 spent[m][0] += time.perf_counter() - start
                 spent[m][1] += time.process_time() - used
         for m, (w, c) in spent.items():
@@ -424,7 +448,6 @@ def worker_memory(workdir: Path, args: argparse.Namespace) -> dict:
     """Peak RSS of one training epoch, plain or cached. The cached mode goes through the real
     lookup (`teachers.make_teacher` with the teacher loaded, which finds the cache), then
     releases the teacher before training, as a run that no longer needs it should."""
-    from accelerate import Accelerator
 
 
 
@@ -432,16 +455,28 @@ def worker_memory(workdir: Path, args: argparse.Namespace) -> dict:
     cfg = make_cfg(workdir, args, Path(args.cache_path).parent)
     task = make_task(cfg)
     teacher_fn = None
+    accelerator = make_accelerator(args)
     if args.mode == "cached":
-        teacher = teacher_model()
-        teacher_fn = cached_teacher(cfg, task, teacher, features, Accelerator(cpu=True))
+        teacher = on_device(teacher_model(), accelerator)
+        teacher_fn = cached_teacher(cfg, task, teacher, features, accelerator)
         assert str(teacher_fn.cache.path) == args.cache_path, "the cache was not found"
         del teacher
+    elif args.mode == "online":
+        from distill.teachers import OnlineTeacher
+
+        teacher_fn = OnlineTeacher(on_device(teacher_model(), accelerator), task, accelerator)
     loop = OurLoop(cfg, task, student_model(), features, args, teacher_fn)
     release_memory()
     supported = reset_peak_rss()
+    cuda = accelerator.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     seconds, _ = loop.epoch()
-    return {"peak_rss_mb": peak_rss_mb(), "epoch_s": seconds, "peak_reset": supported}
+    result = {"peak_rss_mb": peak_rss_mb(), "epoch_s": seconds, "peak_reset": supported,
+              "samples_per_s": args.examples / seconds}
+    if cuda:
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
 
 
 def worker_trainer(workdir: Path, args: argparse.Namespace) -> dict:
@@ -467,7 +502,8 @@ WORKERS = {
 
 def run_worker(name: str, workdir: Path, args: argparse.Namespace, **extra: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--workdir", str(workdir)]
-    for key in ("examples", "batch_size", "max_length", "repeats", "build_repeats", "online_repeats", "seed"):
+    for key in ("examples", "batch_size", "max_length", "repeats", "build_repeats", "online_repeats", "seed",
+                "device", "precision"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     for key, value in extra.items():
         cmd += [f"--{key.replace('_', '-')}", value]
@@ -520,6 +556,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--padding-examples", type=int, default=100_000, help="simulated lengths for the padding ratio")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to train (default cpu)")
+    p.add_argument("--precision", choices=["no", "bf16", "fp16"], default="no",
+                   help="accelerate's mixed precision; the teacher's weights follow it (default no)")
     p.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temporary one)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--markdown", type=Path, default=None, help="write the table as Markdown here")
@@ -554,7 +593,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     build = run_worker("build", workdir, args)
     cache_path = build["cache_path"]
     students = run_worker("students", workdir, args, cache_path=cache_path)
-    memory = {m: run_worker("memory", workdir, args, mode=m, cache_path=cache_path) for m in ("plain", "cached")}
+    memory = {m: run_worker("memory", workdir, args, mode=m, cache_path=cache_path) for m in ("plain", "cached", "online")}
     trainer = run_worker("trainer", workdir, args)
 
     # Other processes can only add time: the fastest of the repeats is the best estimate of
@@ -609,6 +648,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             "reads_per_epoch_s": students["cache_reads_s"],
         },
         "peak_rss_mb": {m: memory[m]["peak_rss_mb"] for m in memory},
+        "peak_gpu_mb": {m: memory[m]["peak_gpu_mb"] for m in memory if "peak_gpu_mb" in memory[m]},
+        "samples_per_s": {k: args.examples / v for k, v in epoch.items()},
+        "device": {"device": args.device, "precision": args.precision,
+                   "name": torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor()},
         "padding_ratio": padding,
         "ratios": ratios,
         "ratios_cpu_time": ratios_cpu,
