@@ -178,3 +178,23 @@ def test_a_dry_writability_check_creates_nothing(tmp_path):
     target = tmp_path / "a" / "b" / "c"
     stage.check_writable(target, keep=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_preprocessing_fingerprint_follows_the_code(monkeypatch):
+    """Cached features are named by the preprocessing code too: after an upgrade that changes a
+    task's module, datasets never serves features made by the old code."""
+    from datasets import Dataset
+
+    from distill.config import Config
+    from distill.tasks import base
+    from distill.tasks.classification import ClassificationTask
+    from distill.tasks.tagging import TaggingTask
+
+    assert base._code_digest(ClassificationTask) == base._code_digest(ClassificationTask)
+    assert base._code_digest(ClassificationTask) != base._code_digest(TaggingTask)
+    task = ClassificationTask(Config())
+    raw = Dataset.from_dict({"text": ["hola"], "label": [0]})
+    before = task.features_fingerprint(raw, "train")
+    assert task.features_fingerprint(raw, "train") == before
+    monkeypatch.setattr(base, "_code_digest", lambda cls: "an upgraded module")
+    assert task.features_fingerprint(raw, "train") != before

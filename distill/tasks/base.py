@@ -89,6 +89,7 @@ class Task:
         for part in (
             raw._fingerprint,
             type(self).__name__,
+            _code_digest(type(self)),  # an upgrade that changes preprocessing never reads stale features
             split,
             tokenizer_digest(self.tokenizer),
             tokenizer_digest(self.teacher_tokenizer),
@@ -160,6 +161,17 @@ class Task:
 
     def greater_is_better(self, metric: str) -> bool:
         return metric not in self.lower_is_better
+
+
+def _code_digest(cls: type) -> str:
+    """A hash of the source files that define a task's preprocessing (its module and this one)."""
+    import sys
+    from pathlib import Path
+
+    h = hashlib.sha256()
+    for module in sorted({cls.__module__, __name__}):
+        h.update(Path(sys.modules[module].__file__).read_bytes())
+    return h.hexdigest()[:16]
 
 
 def column(cfg: Config, role: str, default: str) -> str:
