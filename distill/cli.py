@@ -28,9 +28,10 @@ EXTERNAL = {
 }
 
 STAGE_HELP = {
-    "run": "run the recipe's stages: teacher fine-tuning (unless teacher.finetuned=true), "
-    "distillation, and the no-teacher baseline when run.baseline=true",
-    "teacher": "fine-tune the teacher on the task (stage 'teacher')",
+    "run": "run the recipe's stages: teacher fine-tuning (each teacher not finetuned=true; "
+    "complete stages are skipped), distillation, and the no-teacher baseline when run.baseline=true",
+    "teacher": "fine-tune the teacher on the task (stage 'teacher'; with `teachers:` every one not "
+    "finetuned, stages teacher-0, teacher-1, ..., or one with --index I)",
     "student": "distil the student from the fine-tuned teacher (stage 'student')",
     "baseline": "fine-tune the student alone, no teacher (stage 'baseline')",
     "eval": "evaluate a saved model: distill eval RECIPE checkpoint=PATH",
@@ -66,26 +67,57 @@ def _parser() -> argparse.ArgumentParser:
         else:
             sp.add_argument("recipe", help="recipe YAML file (e.g. recipes/pawsx.yaml)")
             sp.add_argument("overrides", nargs="*", help="key=value overrides of the recipe")
+        if name == "teacher":
+            sp.add_argument("--index", type=int, default=None, metavar="I",
+                            help="with `teachers:`, fine-tune teachers[I] only (stage teacher-I)")
     for name, (_, text) in EXTERNAL.items():
         sub.add_parser(name, help=text, add_help=False)
     return p
 
 
 def run_stages(cfg, stages: list[str]) -> dict[str, dict]:
+    """Run the named stages in order (a teacher stage `teacher-<i>` runs `teachers[i]` as its
+    own `teacher` stage), each skipped when complete; results keyed by stage name."""
     from distill.setup import preflight
+    from distill.stage import resolve_stage
     from distill.train import run_stage
 
     preflight(cfg, stages)  # every stage's checks before the first one trains
-    return {stage: run_stage(cfg, stage) for stage in stages}
+    return {stage: run_stage(*resolve_stage(cfg, stage)) for stage in stages}
 
 
 def stages_of(cfg) -> list[str]:
-    stages = []
-    if cfg.teacher.model and not cfg.teacher.finetuned:
-        stages.append("teacher")
+    """`distill run`'s stages: each teacher to fine-tune, the student, the baseline."""
+    from distill.config import has_teacher
+    from distill.stage import teacher_stages
+
+    stages = teacher_stages(cfg)
     stages.append("student")
-    if cfg.run.baseline and cfg.teacher.model:
+    if cfg.run.baseline and has_teacher(cfg):
         stages.append("baseline")
+    return stages
+
+
+def teacher_command_stages(cfg, index: Optional[int]) -> list[str]:
+    """`distill teacher`'s stages: the one teacher; with `teachers:`, teachers[index] or every
+    teacher that is not `finetuned` already."""
+    if not cfg.teachers:
+        if index not in (None, 0):
+            raise ConfigError(f"--index {index}: the recipe has one teacher (`teacher:`); drop --index")
+        if not cfg.teacher.model:
+            raise ConfigError("distill teacher needs teacher.model")
+        return ["teacher"]
+    if index is not None:
+        if not 0 <= index < len(cfg.teachers):
+            raise ConfigError(f"--index {index}: the recipe lists {len(cfg.teachers)} teachers (0..{len(cfg.teachers) - 1})")
+        if cfg.teachers[index].finetuned:
+            raise ConfigError(f"teachers[{index}] is finetuned=true: there is nothing to fine-tune")
+        return [f"teacher-{index}"]
+    from distill.stage import teacher_stages
+
+    stages = teacher_stages(cfg)
+    if not stages:
+        raise ConfigError("every teacher in `teachers:` is finetuned=true: there is nothing to fine-tune")
     return stages
 
 
@@ -145,8 +177,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
                 push_from_run(cfg)
             return 0
-        if args.command == "teacher" and not cfg.teacher.model:
-            raise ConfigError("distill teacher needs teacher.model")
+        if args.command == "teacher":
+            run_stages(cfg, teacher_command_stages(cfg, args.index))
+            return 0
         run_stages(cfg, [args.command])
         return 0
     except ConfigError as err:

@@ -8,6 +8,9 @@ before any work with a message naming the key and the closest valid one.
 from __future__ import annotations
 
 import difflib
+import math
+import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
@@ -143,6 +146,9 @@ class TeacherConfig:
     # tokenizer needs more tokens for the same text, so its windows cover the student's.
     max_length: Optional[int] = None
     doc_stride: Optional[int] = None
+    # Seed of this teacher's fine-tuning stage; None = the recipe's seed (differently seeded
+    # teachers of one model make an ensemble, see `teachers`).
+    seed: Optional[int] = None
 
 
 @dataclass
@@ -179,6 +185,13 @@ class DistillConfig:
     # relations) alone, the rest the prediction terms (ce, kd); 0 = one phase with every term
     intermediate_epochs: int = 0
     teacher_outputs: str = "auto"  # auto | cached | online
+    # Several teachers (`teachers:`): how their soft targets combine (distill/ensemble.py):
+    # mean of probabilities at T | weighted (teacher_weights, one per teacher) | confident (per
+    # row, the teacher with the lowest entropy); which teacher the hidden/attention/relation
+    # terms follow (and the student is cut from), counted from 0.
+    teacher_combine: str = "mean"
+    teacher_weights: list[float] = field(default_factory=list)
+    intermediate_teacher: int = 0
     cache_hidden_states: bool = False
     cache_dir: Optional[str] = None  # None = <output_dir>/teacher_cache
 
@@ -279,6 +292,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    # Several teachers, each like `teacher` (then `teacher` stays unset): fine-tuned in stages
+    # teacher-0, teacher-1, ... and combined by distill.teacher_combine.
+    teachers: list[TeacherConfig] = field(default_factory=list)
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -299,6 +315,7 @@ CHOICES = {
     "distill.kd_loss": ("kl", "ce", "mse"),
     "distill.hidden_loss": ("mse", "cosine"),
     "distill.teacher_outputs": ("auto", "cached", "online"),
+    "distill.teacher_combine": ("mean", "weighted", "confident"),
     "data.format": (None, "jsonl", "json", "csv", "tsv", "conll", "conllu", "squad", "parquet"),
 }
 
@@ -367,6 +384,12 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> 
             cfg = OmegaConf.merge(cfg, _parse_overrides(list(overrides)))
         except OmegaConfBaseException as err:
             raise _explain(err, "command line") from None
+        except TypeError:  # a dotted key that indexes into a list (teachers.1.seed=3)
+            raise ConfigError(
+                f"command line: cannot merge {list(overrides)}: an override cannot set one entry "
+                "of a list (e.g. teachers.1.seed); give the whole list, e.g. "
+                "'teachers=[{model: a, seed: 1}, {model: a, seed: 2}]', or edit the recipe"
+            ) from None
     try:
         config: Config = OmegaConf.to_object(cfg)  # resolves interpolations, checks types
     except OmegaConfBaseException as err:
@@ -383,6 +406,7 @@ def validate(cfg: Config) -> None:
         "distill.kd_loss": cfg.distill.kd_loss,
         "distill.hidden_loss": cfg.distill.hidden_loss,
         "distill.teacher_outputs": cfg.distill.teacher_outputs,
+        "distill.teacher_combine": cfg.distill.teacher_combine,
         "data.format": cfg.data.format,
     }
     for key, value in flat.items():
@@ -396,7 +420,7 @@ def validate(cfg: Config) -> None:
     for name in weight_names:
         if getattr(d, name) < 0:
             raise ConfigError(f"distill.{name} must be >= 0, got {getattr(d, name)}")
-    if cfg.teacher.model and all(getattr(d, name) == 0 for name in weight_names):
+    if has_teacher(cfg) and all(getattr(d, name) == 0 for name in weight_names):
         raise ConfigError(
             f"all loss weights are zero (distill.{', '.join(weight_names)}): "
             "nothing would be trained; set at least one > 0"
@@ -464,12 +488,134 @@ def validate(cfg: Config) -> None:
             "student.model and student.from_teacher_layers/num_layers exclude each other: "
             "the first loads a model, the others cut one out of the teacher"
         )
-    if (cfg.student.from_teacher_layers or cfg.student.num_layers) and not cfg.teacher.model:
+    if (cfg.student.from_teacher_layers or cfg.student.num_layers) and not has_teacher(cfg):
         raise ConfigError("student.from_teacher_layers/num_layers need teacher.model")
     check_data_and_run(cfg)
+    check_teachers(cfg)
     check_transfer_and_augment(cfg)
     if cfg.search != SearchConfig():  # the section's own checks (space keys, ranges, objectives)
         check_section(cfg, leaf_types(Config))
+
+
+def teacher_list(cfg: Config) -> list[TeacherConfig]:
+    """The recipe's teachers in order: `teachers`, else the one `teacher` (none without a model)."""
+    if cfg.teachers:
+        return list(cfg.teachers)
+    return [cfg.teacher] if cfg.teacher.model else []
+
+
+def has_teacher(cfg: Config) -> bool:
+    return bool(teacher_list(cfg))
+
+
+def main_teacher(cfg: Config) -> TeacherConfig:
+    """The teacher the hidden/attention/relation terms follow, and the one a layer-subset
+    student is cut from (and augmentation's embeddings come from): teachers[intermediate_teacher],
+    or `teacher` when the recipe has one."""
+    k = cfg.distill.intermediate_teacher
+    return cfg.teachers[k] if cfg.teachers and 0 <= k < len(cfg.teachers) else cfg.teacher
+
+
+TEACHER_STAGE = re.compile(r"^teacher-(\d+)$")
+
+
+def teacher_stage_name(cfg: Config, index: int) -> str:
+    """`teacher` for the one `teacher:`, `teacher-<index>` for an entry of `teachers:`."""
+    return f"teacher-{index}" if cfg.teachers else "teacher"
+
+
+def teacher_of_stage(cfg: Config, stage: str) -> TeacherConfig:
+    """The teacher a stage named `teacher` or `teacher-<i>` fine-tunes."""
+    if stage == "teacher":
+        return cfg.teacher
+    match = TEACHER_STAGE.match(stage)
+    if not match:
+        raise ConfigError(f"'{stage}' is not a teacher stage (teacher, or teacher-<i> with `teachers:`)")
+    i = int(match.group(1))
+    if not 0 <= i < len(cfg.teachers):
+        raise ConfigError(f"stage '{stage}': the recipe lists {len(cfg.teachers)} teachers (teachers[0..{len(cfg.teachers) - 1}])")
+    return cfg.teachers[i]
+
+
+def check_teachers(cfg: Config) -> None:
+    """`teachers:` and the keys that combine them: each error names the entry and key."""
+    d = cfg.distill
+    if cfg.teachers:
+        default = TeacherConfig()
+        set_keys = [f"teacher.{f.name}={getattr(cfg.teacher, f.name)!r}" for f in fields(TeacherConfig)
+                    if getattr(cfg.teacher, f.name) != getattr(default, f.name)]
+        if set_keys:
+            raise ConfigError(
+                f"teacher and teachers are both set ({', '.join(set_keys)}): with `teachers:` list "
+                "every teacher there (the first is teachers[0]) and leave `teacher:` out"
+            )
+        folders: dict[str, int] = {}
+        seen: dict[tuple, int] = {}
+        for i, t in enumerate(cfg.teachers):
+            where = f"teachers[{i}]"
+            if not t.model:
+                raise ConfigError(f"{where}.model is not set: every teacher needs a hub id or path")
+            _check_teacher_values(t, where, cfg.data.max_length)
+            folder = os.path.normpath(t.dir or os.path.join(cfg.output_dir, f"teacher-{i}"))
+            if folder in folders:
+                raise ConfigError(
+                    f"{where} and teachers[{folders[folder]}] write the same stage folder {folder}: "
+                    f"give each teacher its own dir"
+                )
+            folders[folder] = i
+            same = (t.model, t.revision, t.finetuned, t.seed, t.lr, t.batch_size, t.epochs)
+            if same in seen:
+                raise ConfigError(
+                    f"{where} and teachers[{seen[same]}] are the same teacher (model {t.model}, same "
+                    "seed and settings) and would give the same targets twice: give one another "
+                    f"seed ({where}.seed=...), model or settings"
+                )
+            seen[same] = i
+        if len(cfg.teachers) > 1 and d.kd_weight == 0:
+            raise ConfigError(
+                f"{len(cfg.teachers)} teachers combine only through the soft-label term, and "
+                f"distill.kd_weight=0: only teachers[{d.intermediate_teacher}] would be used. Set "
+                "distill.kd_weight > 0, or list one teacher"
+            )
+    else:
+        _check_teacher_values(cfg.teacher, "teacher", cfg.data.max_length)
+    count = len(teacher_list(cfg))
+    if not 0 <= d.intermediate_teacher < max(count, 1):
+        raise ConfigError(
+            f"distill.intermediate_teacher={d.intermediate_teacher} is out of range: the recipe has "
+            f"{count} teacher{'s' if count != 1 else ''} (use 0..{max(count, 1) - 1})"
+        )
+    weights = list(d.teacher_weights)
+    if d.teacher_combine != "weighted":
+        if weights:
+            raise ConfigError(
+                f"distill.teacher_weights={weights} is used only by distill.teacher_combine=weighted "
+                f"(it is {d.teacher_combine}): remove the weights or set teacher_combine=weighted"
+            )
+        return
+    if len(weights) != count:
+        raise ConfigError(
+            f"distill.teacher_combine=weighted needs one weight per teacher: distill.teacher_weights "
+            f"has {len(weights)} ({weights}) for {count} teacher{'s' if count != 1 else ''}"
+        )
+    if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(
+            f"distill.teacher_weights={weights}: weights must be finite and >= 0, with at least one > 0"
+        )
+
+
+def _check_teacher_values(t: TeacherConfig, where: str, max_length: int) -> None:
+    checks = {
+        "lr": t.lr is None or t.lr > 0,
+        "batch_size": t.batch_size is None or t.batch_size > 0,
+        "epochs": t.epochs is None or t.epochs > 0,
+        "max_length": t.max_length is None or t.max_length > 8,
+        "doc_stride": t.doc_stride is None or 0 < t.doc_stride < (t.max_length or max_length),
+        "seed": t.seed is None or 0 <= t.seed < 2**32,
+    }
+    for key, ok in checks.items():
+        if not ok:
+            raise ConfigError(f"{where}.{key}={getattr(t, key)} is out of range")
 
 
 TRANSFER_FORMATS = ("jsonl", "json", "csv", "tsv", "parquet", "conll", "conllu", "squad", "text")
@@ -525,7 +671,7 @@ def check_transfer_and_augment(cfg: Config) -> None:
             "head (e.g. dccuchile/bert-base-spanish-wwm-cased)"
         )
     wants = [k for k, on in (("data.transfer", bool(cfg.data.transfer)), ("augment.copies", a.copies > 0)) if on]
-    if wants and not cfg.teacher.model:
+    if wants and not has_teacher(cfg):
         raise ConfigError(f"{' and '.join(wants)} need teacher.model: the teacher labels those rows")
     teacher_terms = [f.name for f in fields(DistillConfig) if f.name.endswith("_weight") and f.name != "ce_weight"]
     if wants and all(getattr(cfg.distill, name) == 0 for name in teacher_terms):
@@ -546,9 +692,10 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 def stage_train(cfg: Config, stage: str) -> TrainConfig:
     """The training hyperparameters of a stage (teacher overrides applied)."""
     t = OmegaConf.structured(cfg.train)
-    if stage == "teacher":
+    if stage == "teacher" or TEACHER_STAGE.match(stage):
+        teacher = teacher_of_stage(cfg, stage)
         for key in ("lr", "batch_size", "epochs"):
-            value = getattr(cfg.teacher, key)
+            value = getattr(teacher, key)
             if value is not None:
                 t[key] = value
     return OmegaConf.to_object(t)

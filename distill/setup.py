@@ -22,14 +22,16 @@ from datasets import Dataset, DatasetDict
 from torch.utils.data import DataLoader
 
 from distill import models
-from distill.config import Config, DistillConfig, TrainConfig, stage_train
+from distill.config import (
+    TEACHER_STAGE, Config, DistillConfig, TrainConfig, main_teacher, stage_train, teacher_list, teacher_stage_name,
+)
 from distill.errors import StageError
 from distill.features import load_data, make_loader, prepare_data
 from distill.losses import GoldTerm, HiddenStateLoss, HiddenTerm, Objective, SoftLabelTerm, Term
-from distill.stage import STAGES, check_stage_dir, check_writable, stage_dir
+from distill.stage import STAGES, check_stage_dir, check_writable, resolve_stage, stage_dir
 from distill.tasks import get_task
 from distill.tasks.base import Task
-from distill.teachers import Teacher, make_teacher, place_teacher
+from distill.teachers import EnsembleTeacher, Teacher, make_teacher, place_teacher
 
 log = logging.getLogger("distill")
 
@@ -51,24 +53,71 @@ class Stage:
     tokenizer: Any
     objective: Objective
     teacher: Optional[Teacher] = None
-    teacher_source: Optional[str] = None
+    teacher_source: Optional[str | list[str]] = None  # several teachers: one source each, in order
+    # entries for metrics.json's info beyond the loop's own (the teachers and how they combine)
+    info: dict[str, Any] = field(default_factory=dict)
     rows: dict[str, int] = field(default_factory=dict)  # labelled / transfer / augmented training rows
     train_loader: Optional[DataLoader] = None
     eval_loaders: dict[str, DataLoader] = field(default_factory=dict)
     capture: Any = None
 
 
-def teacher_source(cfg: Config) -> str:
-    """Where the fine-tuned teacher for distillation lives."""
-    if cfg.teacher.finetuned:
-        return cfg.teacher.model  # type: ignore[return-value]
-    path = stage_dir(cfg, "teacher") / "model"
+def teacher_source(cfg: Config, index: int = 0) -> str:
+    """Where fine-tuned teacher `index` (of `config.teacher_list`) for distillation lives."""
+    t = teacher_list(cfg)[index]
+    if t.finetuned:
+        return t.model  # type: ignore[return-value]
+    name = teacher_stage_name(cfg, index)
+    path = stage_dir(cfg, name) / "model"
     if not path.exists():
+        key = f"teachers[{index}]" if cfg.teachers else "teacher"
+        run = f"`distill teacher --index {index}`" if cfg.teachers else "`distill teacher`"
         raise StageError(
-            f"no fine-tuned teacher at {path}: run `distill teacher` (or `distill run`) first, "
-            "or set teacher.finetuned=true with teacher.model pointing at a fine-tuned model"
+            f"no fine-tuned teacher at {path}: run {run} (or `distill run`) first, "
+            f"or set {key}.finetuned=true with {key}.model pointing at a fine-tuned model"
         )
     return str(path)
+
+
+def shared_teacher_tokenizer(cfg: Config, task: Task, tokenizer: Any, teacher_toks: Sequence[Any]) -> Any:
+    """The one tokenizer of the stage's teachers (None without a teacher).
+
+    Several teachers read one set of `teacher_` inputs, so they must tokenize alike; that
+    tokenizer may differ from the student's where one teacher's may (classification, tagging
+    at word level), and for QA several teachers must share the student's.
+    """
+    if len(teacher_toks) <= 1:
+        return teacher_toks[0] if teacher_toks else None
+    first = teacher_toks[0]
+    for i, tok in enumerate(teacher_toks[1:], start=1):
+        if not models.same_tokenizer(first, tok):
+            raise StageError(
+                f"teachers[0] ({cfg.teachers[0].model}: {type(first).__name__}, vocabulary {len(first)}) and "
+                f"teachers[{i}] ({cfg.teachers[i].model}: {type(tok).__name__}, vocabulary {len(tok)}) tokenize "
+                "differently; several teachers must share one tokenizer (which may differ from the "
+                "student's for classification and tagging). Distil from teachers of one tokenizer family"
+            )
+    if task.family == "qa" and not models.same_tokenizer(tokenizer, first):
+        raise StageError(
+            f"QA with several teachers needs teachers that share the student's tokenizer; "
+            f"teachers ({', '.join(t.model or '?' for t in cfg.teachers)}) use {type(first).__name__} of "
+            f"vocabulary {len(first)}, the student {type(tokenizer).__name__} of vocabulary "
+            f"{len(tokenizer)}. Use one teacher across tokenizers, or teachers of the student's tokenizer"
+        )
+    return first
+
+
+def ensemble_info(cfg: Config, sources: Sequence[str]) -> dict[str, Any]:
+    """What metrics.json's info records about several teachers (empty for one)."""
+    if len(sources) <= 1:
+        return {}
+    d = cfg.distill
+    return {
+        "teachers": list(sources),
+        "teacher_combine": d.teacher_combine,
+        "teacher_weights": list(d.teacher_weights) if d.teacher_combine == "weighted" else None,
+        "intermediate_teacher": d.intermediate_teacher,
+    }
 
 
 def bind_tokenizers(task: Task, tokenizer: Any, teacher_tok: Any, position_terms: Sequence[str] = ()) -> None:
@@ -165,7 +214,7 @@ def add_transfer_rows(cfg: Config, raw: DatasetDict, accelerator: Accelerator) -
     with accelerator.main_process_first():  # the main process builds (and caches) the augmented rows
         train, counts = build_student_train_rows(
             raw, cfg.task.family, cfg.data.columns, cfg.data.transfer, cfg.augment,
-            augment_model=cfg.teacher.model,  # the pretrained id: retuning the teacher keeps the cache
+            augment_model=main_teacher(cfg).model,  # the pretrained id: retuning the teacher keeps the cache
             cache_dir=Path(cfg.augment.cache_dir or Path(cfg.output_dir) / "augment_cache"),
             seed=cfg.seed,
         )
@@ -184,6 +233,45 @@ def capture_factory(objective: Objective) -> Any:
     return Capture
 
 
+def build_teachers(
+    cfg: Config, task: Task, accelerator: Accelerator, train_features: Dataset, loaded: list[Any],
+    objective: Objective, main: int,
+) -> Teacher:
+    """The stage's teacher from the loaded (model, tokenizer) pairs: one teacher as it is, several
+    as an `EnsembleTeacher`. Each is placed, made (online or cached: each teacher's cache is its
+    own, keyed by its weights) and, once cached, released before the next is placed, so cached
+    teachers never share the device. Only teacher `main` keeps the layers the terms read."""
+    needs = objective.needs("teacher")
+    d = cfg.distill
+    built = []
+    for i in range(len(loaded)):
+        teacher_model = loaded[i][0]
+        loaded[i] = None  # the list holds no reference once the teacher is released
+        place_teacher(teacher_model, accelerator)
+        layers = needs if i == main else {}
+        teacher, keep = make_teacher(
+            teacher_model, task, accelerator, train_features,
+            mode=d.teacher_outputs,
+            cache_root=Path(d.cache_dir) if d.cache_dir else Path(cfg.output_dir) / "teacher_cache",
+            cache_settings=cache_settings(cfg),
+            hidden_layers=sorted(layers.get("hidden", ())),
+            qkv_layers=sorted(layers.get("qkv", ())),
+            cache_hidden_states=d.cache_hidden_states,
+            # inference needs no activations for backward: batches 4x the training batch
+            batch_size=max(4 * cfg.train.batch_size, cfg.train.eval_batch_size or 0),
+        )
+        built.append(teacher)
+        if not keep:  # outputs are cached: the teacher need not stay resident while the student trains
+            del teacher_model
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    if len(built) == 1:
+        return built[0]
+    weights = list(d.teacher_weights) if d.teacher_combine == "weighted" else None
+    return EnsembleTeacher(built, task, d.teacher_combine, d.temperature, weights, main)
+
+
 def setup_stage(cfg: Config, stage: str, accelerator: Accelerator) -> Stage:
     """Build the stage: every input (data, models, tokenizers, label names, layer maps, the
     teacher cache) is checked here, before anything is written into the stage folder."""
@@ -195,17 +283,22 @@ def setup_stage(cfg: Config, stage: str, accelerator: Accelerator) -> Stage:
     raw = load_data(cfg, task)
     check_metrics(task, tcfg.select_metric)
     head, kwargs = task.model_class(), task.model_kwargs()
-    teacher_model = teacher_tok = source = None
-    if stage == "student" and cfg.teacher.model:
-        source = teacher_source(cfg)
-        revision = cfg.teacher.revision if cfg.teacher.finetuned else None
-        teacher_model, teacher_tok = models.load_teacher(source, revision, cfg.teacher.trust_remote_code, head, task.labels)
-    model, tokenizer = models.build_trained_model(stage, cfg.teacher, cfg.student, head, kwargs)
-    objective = build_objective(task, cfg.distill, model.config, teacher_model.config if teacher_model is not None else None)
-    check_lengths(cfg.data.max_length, model.config, *([teacher_model.config] if teacher_model is not None else []))
+    # the student's teachers (frozen, in the data's label order), in `config.teacher_list` order
+    loaded: list[Any] = []
+    sources: list[str] = []
+    for i, t in enumerate(teacher_list(cfg) if stage == "student" else []):
+        sources.append(teacher_source(cfg, i))
+        revision = t.revision if t.finetuned else None
+        loaded.append(models.load_teacher(sources[-1], revision, t.trust_remote_code, head, task.labels))
+    main = cfg.distill.intermediate_teacher if len(loaded) > 1 else 0  # the intermediate terms follow it
+    main_config = loaded[main][0].config if loaded else None
+    model, tokenizer = models.build_trained_model(stage, main_teacher(cfg), cfg.student, head, kwargs)
+    objective = build_objective(task, cfg.distill, model.config, main_config)
+    check_lengths(cfg.data.max_length, model.config, *[m.config for m, _ in loaded])
+    teacher_tok = shared_teacher_tokenizer(cfg, task, tokenizer, [tok for _, tok in loaded])
     bind_tokenizers(task, tokenizer, teacher_tok, [n for n in objective.terms if n in POSITION_TERMS])
     rows = {"labelled": len(raw["train"])}
-    if teacher_model is not None and (cfg.data.transfer or cfg.augment.copies):
+    if loaded and (cfg.data.transfer or cfg.augment.copies):
         rows = add_transfer_rows(cfg, raw, accelerator)  # raw["train"] becomes labelled ∪ transfer ∪ augmented
     features = prepare_data(task, raw, accelerator)
     collate = None
@@ -216,31 +309,15 @@ def setup_stage(cfg: Config, stage: str, accelerator: Accelerator) -> Stage:
         collate = GoldCollate(task.collate)
     capture = capture_factory(objective)
     teacher = None
-    if teacher_model is not None:
-        place_teacher(teacher_model, accelerator)
-        needs = objective.needs("teacher")
-        teacher, keep = make_teacher(
-            teacher_model, task, accelerator, features["train"],
-            mode=cfg.distill.teacher_outputs,
-            cache_root=Path(cfg.distill.cache_dir) if cfg.distill.cache_dir else Path(cfg.output_dir) / "teacher_cache",
-            cache_settings=cache_settings(cfg),
-            hidden_layers=sorted(needs.get("hidden", ())),
-            qkv_layers=sorted(needs.get("qkv", ())),
-            cache_hidden_states=cfg.distill.cache_hidden_states,
-            # inference needs no activations for backward: batches 4x the training batch
-            batch_size=max(4 * cfg.train.batch_size, cfg.train.eval_batch_size or 0),
-        )
-        if not keep:  # outputs are cached: the teacher need not stay resident while the student trains
-            del teacher_model
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+    if loaded:
+        teacher = build_teachers(cfg, task, accelerator, features["train"], loaded, objective, main)
     on_gpu = accelerator.device.type == "cuda"
     loader_args = dict(seed=cfg.seed, group_by_length=tcfg.group_by_length, num_workers=tcfg.num_workers, pin_memory=on_gpu)
     eval_bs = tcfg.eval_batch_size or 2 * tcfg.batch_size
     return Stage(
         name=stage, out=out, train=tcfg, task=task, raw=raw, features=features, model=model, tokenizer=tokenizer,
-        objective=objective, teacher=teacher, teacher_source=source, capture=capture, rows=rows,
+        objective=objective, teacher=teacher, capture=capture, rows=rows,
+        teacher_source=(sources[0] if len(sources) == 1 else sources) or None, info=ensemble_info(cfg, sources),
         train_loader=make_loader(task, features["train"], tcfg.batch_size, shuffle=True, collate=collate, **loader_args),
         eval_loaders={
             s: make_loader(task, features[s], eval_bs, **loader_args) for s in ("validation", "test") if s in features
@@ -268,33 +345,37 @@ def preflight(cfg: Config, stages: Sequence[str]) -> None:
         from distill.transfer import check_transfer
 
         check_transfer(raw, cfg.task.family, cfg.data.columns, cfg.data.transfer)
-    for stage in stages:
+    for name in stages:
+        # a teacher stage checks the one-teacher config it runs with (teacher-<i>: teachers[i])
+        scfg, stage = resolve_stage(cfg, name) if name == "teacher" or TEACHER_STAGE.match(name) else (cfg, name)
         if stage not in STAGES:
-            raise StageError(f"unknown stage '{stage}' ({', '.join(STAGES)})")
-        if check_stage_dir(cfg, stage) == "complete":
+            raise StageError(f"unknown stage '{name}' ({', '.join(STAGES)}, or teacher-<i> with `teachers:`)")
+        if check_stage_dir(scfg, stage) == "complete":
             continue
-        check_writable(stage_dir(cfg, stage), keep=False)
-        check_metrics(task, stage_train(cfg, stage).select_metric)
-        _check_model_setup(cfg, stage, task)
+        check_writable(stage_dir(scfg, stage), keep=False)
+        check_metrics(task, stage_train(scfg, stage).select_metric)
+        _check_model_setup(scfg, stage, task)
 
 
 def _check_model_setup(cfg: Config, stage: str, task: Task) -> None:
     """The model-dependent checks of `setup_stage`, on configs and tokenizers only."""
-    t, s = cfg.teacher, cfg.student
+    t, s = main_teacher(cfg), cfg.student
     if stage == "teacher":
         config = models.load_config(t.model, t.revision, t.trust_remote_code)
         models.load_tokenizer(t.model, t.revision, t.trust_remote_code)
         check_lengths(cfg.data.max_length, config)
         return
-    teacher_config = teacher_tok = None
-    if stage == "student" and t.model:
-        finetuned = t.finetuned or (stage_dir(cfg, "teacher") / "model").exists()
-        src = teacher_source(cfg) if finetuned else t.model
-        revision = t.revision if (t.finetuned or not finetuned) else None
-        teacher_config = models.load_config(src, revision, t.trust_remote_code)
+    configs, toks = [], []
+    for i, teacher in enumerate(teacher_list(cfg) if stage == "student" else []):
+        finetuned = teacher.finetuned or (stage_dir(cfg, teacher_stage_name(cfg, i)) / "model").exists()
+        src = teacher_source(cfg, i) if finetuned else teacher.model
+        revision = teacher.revision if (teacher.finetuned or not finetuned) else None
+        configs.append(models.load_config(src, revision, teacher.trust_remote_code))
         if finetuned:
-            models.label_order(teacher_config, task.labels, f"teacher '{src}'")
-        teacher_tok = models.load_tokenizer(src, revision, t.trust_remote_code)
+            models.label_order(configs[-1], task.labels, f"teacher '{src}'")
+        toks.append(models.load_tokenizer(src, revision, teacher.trust_remote_code))
+    main = cfg.distill.intermediate_teacher if len(configs) > 1 else 0
+    teacher_config = configs[main] if configs else None
     if s.model:
         student_config = models.load_config(s.model, s.revision, s.trust_remote_code, **dict(s.config_overrides))
         tokenizer = models.load_tokenizer(s.model, s.revision, s.trust_remote_code)
@@ -304,7 +385,8 @@ def _check_model_setup(cfg: Config, stage: str, task: Task) -> None:
         student_config.num_hidden_layers = len(layers)
         tokenizer = models.load_tokenizer(t.model, t.revision, t.trust_remote_code)
     objective = build_objective(task, cfg.distill, student_config, teacher_config)
-    check_lengths(cfg.data.max_length, student_config, *([teacher_config] if teacher_config is not None else []))
+    check_lengths(cfg.data.max_length, student_config, *configs)
+    teacher_tok = shared_teacher_tokenizer(cfg, task, tokenizer, toks)
     bind_tokenizers(get_task(cfg), tokenizer, teacher_tok, [n for n in objective.terms if n in POSITION_TERMS])
 
 

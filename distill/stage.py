@@ -18,7 +18,9 @@ import errno
 import time
 from typing import Any, Iterator, Optional
 
-from distill.config import Config, load_config, stage_train, to_dict
+from dataclasses import replace
+
+from distill.config import TEACHER_STAGE, Config, load_config, stage_train, teacher_list, teacher_of_stage, to_dict
 from distill.errors import StageError
 
 STAGES = ("teacher", "student", "baseline")
@@ -33,9 +35,63 @@ NOT_IDENTITY_DISTILL = ("teacher_outputs", "cache_hidden_states", "cache_dir")
 
 
 def stage_dir(cfg: Config, stage: str) -> Path:
+    """`<output_dir>/<stage>`; a teacher stage (`teacher`, or `teacher-<i>` of `teachers:`) goes
+    to its teacher's `dir` when set."""
     if stage == "teacher" and cfg.teacher.dir:
         return Path(cfg.teacher.dir)
+    if TEACHER_STAGE.match(stage):
+        teacher = teacher_of_stage(cfg, stage)
+        if teacher.dir:
+            return Path(teacher.dir)
     return Path(cfg.output_dir) / stage
+
+
+def teacher_stages(cfg: Config) -> list[str]:
+    """The stages that fine-tune the recipe's teachers (those not `finetuned` already), in order:
+    `teacher` for the one `teacher:`, `teacher-<i>` for each entry of `teachers:`."""
+    if not cfg.teachers:
+        return ["teacher"] if cfg.teacher.model and not cfg.teacher.finetuned else []
+    return [f"teacher-{i}" for i, t in enumerate(cfg.teachers) if not t.finetuned]
+
+
+def teacher_stage_config(cfg: Config, index: int) -> Config:
+    """The config that fine-tunes teacher `index` as an ordinary `teacher` stage.
+
+    Every teacher stage is the one-teacher case: `teacher` is that teacher (its folder resolved
+    to `teachers[i].dir` or `<output_dir>/teacher-<i>`), `teachers` is empty, and the teacher's
+    own `seed` (when set) replaces the recipe's. So a teacher of a list and the same teacher
+    given alone train (and skip, and resume) alike, and its folder's config.yaml says which
+    teacher it holds. The one `teacher:` without a seed of its own gives `cfg` itself.
+    """
+    teachers = teacher_list(cfg)
+    if not 0 <= index < len(teachers):
+        raise StageError(f"no teacher {index}: the recipe has {len(teachers)} (0..{len(teachers) - 1})")
+    t = teachers[index]
+    seed = cfg.seed if t.seed is None else t.seed
+    if not cfg.teachers:
+        return cfg if seed == cfg.seed else replace(cfg, seed=seed)
+    t = replace(t, dir=str(stage_dir(cfg, f"teacher-{index}")))
+    # the combination keys mean nothing to one teacher (and are not part of its identity)
+    d = replace(cfg.distill, intermediate_teacher=0, teacher_combine="mean", teacher_weights=[])
+    return replace(cfg, teacher=t, teachers=[], distill=d, seed=seed)
+
+
+def resolve_stage(cfg: Config, stage: str) -> tuple[Config, str]:
+    """(config, stage) that `run_stage` runs for a stage name: `teacher-<i>` and `teacher` become
+    the stage `teacher` of `teacher_stage_config`; every other stage is itself."""
+    match = TEACHER_STAGE.match(stage)
+    if match:
+        if not cfg.teachers:
+            raise StageError(f"stage '{stage}' needs `teachers:`; this recipe's one teacher is stage 'teacher'")
+        teacher_of_stage(cfg, stage)  # in range
+        return teacher_stage_config(cfg, int(match.group(1))), "teacher"
+    if stage == "teacher":
+        if cfg.teachers:
+            names = ", ".join(f"teacher-{i}" for i in range(len(cfg.teachers)))
+            raise StageError(f"the recipe lists {len(cfg.teachers)} teachers: name one of the stages {names}")
+        if cfg.teacher.model:
+            return teacher_stage_config(cfg, 0), "teacher"
+    return cfg, stage
 
 
 def stage_view(cfg: Config, stage: str) -> dict[str, Any]:

@@ -6,6 +6,9 @@ the loss terms read), whether it runs online or reads the cache.
     MergedTeacher   cached targets + an online pass for what the cache does not hold (the
                     intermediate layers of attention/relation terms), stopped after the deepest
                     layer any term reads
+    EnsembleTeacher several of the above (`teachers:`): their logit targets combined by
+                    `distill.teacher_combine` (distill/ensemble.py), the layers the
+                    intermediate terms read taken from one of them
 
 `make_teacher` decides which one a stage gets from what the loss terms need (told by the
 caller: the hidden layers and attention projections to keep), and builds the cache when needed.
@@ -23,6 +26,7 @@ from datasets import Dataset
 from torch import nn
 
 from distill import cache as cache_mod
+from distill.ensemble import MASKED_LOGIT, combine
 from distill.errors import CacheError
 from distill.losses import Signals
 from distill.tasks.base import Task
@@ -177,3 +181,109 @@ def make_teacher(
         return cached, False
     online = OnlineTeacher(model, task, accelerator, qkv_layers=qkv_layers, targets=False)
     return MergedTeacher(cached, online), True
+
+
+# ---------------------------------------------------------------------------------------------
+# Several teachers
+# ---------------------------------------------------------------------------------------------
+
+# How each target of a task's `kd_targets` layout combines: its class axis is always the last.
+#   logits [N, C]                        one row per example
+#   word_logits [N, W, C] + word_mask    one row per word; a word counts where every teacher has it
+#   start/end_logits [N, L] + kd_mask    one row per window over its positions: the softmax runs
+#                                        over the task's class mask (context + CLS) and, across
+#                                        tokenizers, the positions every teacher covers
+ROW_MASKS = {"word_logits": "word_mask"}
+POSITION_TARGETS = ("start_logits", "end_logits")
+MASKS = ("word_mask", "kd_mask")
+
+
+def _fit(t: torch.Tensor, width: int, fill: float | bool) -> torch.Tensor:
+    """Cut or right-pad axis 1 to `width` (a cached row is padded to its own batch's width)."""
+    if t.size(1) >= width:
+        return t[:, :width]
+    pad = t.new_full((t.size(0), width - t.size(1), *t.shape[2:]), fill)
+    return torch.cat([t, pad], dim=1)
+
+
+def combine_targets(
+    task: Task,
+    targets: Sequence[dict],
+    batch: dict,
+    rule: str,
+    temperature: float,
+    weights: Optional[Sequence[float]] = None,
+) -> dict[str, torch.Tensor]:
+    """The teachers' `kd_targets` dicts -> one dict of the same layout, each logit row combined
+    over its class axis by `ensemble.combine` (rows and classes outside the masks stay out of
+    every softmax and entropy). The loss terms read it exactly as one teacher's."""
+    if len(targets) == 1:
+        return dict(targets[0])
+    keys = list(targets[0])
+    for i, t in enumerate(targets[1:], start=1):
+        if set(t) != set(keys):
+            raise ValueError(f"teacher {i} gives targets {sorted(t)} but teacher 0 gives {sorted(keys)}")
+    out: dict[str, torch.Tensor] = {}
+    for key in MASKS:
+        if key in targets[0]:
+            width = max(t[key].size(1) for t in targets)
+            masks = [_fit(t[key].bool(), width, False) for t in targets]  # [N, W] each
+            out[key] = torch.stack(masks).all(0)  # a position counts where every teacher has it
+    for key in keys:
+        if key in MASKS:
+            continue
+        values = [t[key] for t in targets]
+        if key in ROW_MASKS:  # [N, W, C]: one row per word
+            width = out[ROW_MASKS[key]].size(1)
+            values = [_fit(v.float(), width, 0.0) for v in values]
+            n, w, c = values[0].shape
+            mixed = combine([v.reshape(n * w, c) for v in values], rule, temperature, weights)
+            mixed = mixed.reshape(n, w, c)  # [N, W, C]
+            out[key] = mixed.masked_fill(~out[ROW_MASKS[key]].unsqueeze(-1), 0.0)
+        elif key in POSITION_TARGETS:  # [N, L]: one row per window, the positions are the classes
+            mask = task.kd_class_mask(batch)  # [N, L]: context + CLS
+            width = mask.size(1)
+            if "kd_mask" in out:  # across tokenizers: positions with a target from every teacher
+                mask = mask & _fit(out["kd_mask"].to(mask.device), width, False)
+            values = [_fit(v.float().to(mask.device), width, MASKED_LOGIT) for v in values]
+            out[key] = combine(values, rule, temperature, weights, class_mask=mask)  # [N, L]
+        elif values[0].dim() == 2:  # [N, C]: one row per example
+            out[key] = combine(values, rule, temperature, weights)
+        else:
+            raise ValueError(
+                f"cannot combine the teachers' '{key}' targets of shape {list(values[0].shape)} "
+                f"({task.family}): the known layouts are [rows, classes], word_logits and start/end logits"
+            )
+    return out
+
+
+class EnsembleTeacher:
+    """Several teachers behind the one interface: every teacher runs (online or from its cache),
+    their logit targets combine by `rule` (see `combine_targets`), and the hidden states and
+    attention projections come from teacher `main` alone (the intermediate terms follow one)."""
+
+    def __init__(
+        self,
+        teachers: Sequence[Teacher],
+        task: Task,
+        rule: str = "mean",
+        temperature: float = 1.0,
+        weights: Optional[Sequence[float]] = None,
+        main: int = 0,
+    ):
+        if not 0 <= main < len(teachers):
+            raise ValueError(f"main teacher {main} is out of range for {len(teachers)} teachers")
+        self.teachers, self.task, self.main = list(teachers), task, main
+        self.rule, self.temperature = rule, temperature
+        self.weights = list(weights) if rule == "weighted" else None
+
+    def __call__(self, batch: dict) -> Signals:
+        signals = [teacher(batch) for teacher in self.teachers]
+        main = signals[self.main]
+        targets = combine_targets(
+            self.task, [s.targets for s in signals], batch, self.rule, self.temperature, self.weights
+        )
+        return Signals(
+            outputs=main.outputs, targets=targets, hidden=main.hidden, qkv=main.qkv,
+            attention_mask=main.attention_mask,
+        )

@@ -29,7 +29,7 @@ def summary_rows(cfg: Config, results: dict[str, dict]) -> list[dict]:
         rows.append(
             {
                 "stage": stage,
-                "model": LABELS.get(stage, stage),
+                "model": LABELS.get(stage) or stage.replace("-", " ") + " (fine-tuned)",
                 "split": split,
                 "score": res.get(split, {}).get(metric),
                 "parameters": res.get("info", {}).get("parameters"),
@@ -38,7 +38,8 @@ def summary_rows(cfg: Config, results: dict[str, dict]) -> list[dict]:
                 "threads": timing.threads,
             }
         )
-    ref = next((r["latency_ms"] for r in rows if r["stage"] == "teacher"), rows[0]["latency_ms"])
+    # speed is relative to the (first) teacher: `teacher`, or `teacher-<i>` with several
+    ref = next((r["latency_ms"] for r in rows if r["stage"].startswith("teacher")), rows[0]["latency_ms"])
     for r in rows:
         r["speedup"] = ref / r["latency_ms"]
     return rows
