@@ -270,14 +270,18 @@ class Objective(nn.Module):
         self.weights = {t.name: float(weights[t.name]) for t in terms}
         self.two_phase = two_phase
         self.intermediate_phase = False
+        self._needs: dict[str, dict[str, set[int]]] = {}
 
     def needs(self, side: str) -> dict[str, set[int]]:
-        """What the terms read from `side` ("student" or "teacher"), merged."""
-        merged: dict[str, set[int]] = {}
-        for term in self.terms.values():
-            for kind, layers in (term.student_layers() if side == "student" else term.teacher_layers()).items():
-                merged.setdefault(kind, set()).update(layers)
-        return merged
+        """What the terms read from `side` ("student" or "teacher"), merged (computed once: the
+        training forward asks on every step)."""
+        if side not in self._needs:
+            merged: dict[str, set[int]] = {}
+            for term in self.terms.values():
+                for kind, layers in (term.student_layers() if side == "student" else term.teacher_layers()).items():
+                    merged.setdefault(kind, set()).update(layers)
+            self._needs[side] = merged
+        return self._needs[side]
 
     def active(self, name: str) -> bool:
         if not self.two_phase:
