@@ -303,7 +303,9 @@ def train_stage(accelerator: Accelerator, cfg: Config, s: Stage, status: str, on
                 progress.update(1)
                 if state.global_step % tcfg.logging_steps == 0 or state.global_step == total_steps:
                     record = {"step": state.global_step, "epoch": state.epoch, "lr": scheduler.get_last_lr()[0]}
-                    record.update(window.record(accelerator), **({"phase": "intermediate" if intermediate else "prediction"} if phase1 else {}))
+                    record.update(window.record(accelerator))
+                    if phase1:
+                        record["phase"] = "intermediate" if intermediate else "prediction"
                     jlog.write(record)
                     accelerator.log(record, step=state.global_step)
                     progress.set_postfix(loss=f"{record['train/loss']:.4f}", sps=f"{record['train/samples_per_s']:.1f}")
