@@ -5,7 +5,8 @@ Everything comes from the files a run leaves behind (DESIGN: downstream tools re
     <run>/<stage>/metrics.json   the model's validation/test scores and run info
     <run>/<stage>/config.yaml    the resolved recipe
     <teacher>/metrics.json       the fine-tuned teacher's scores: `teacher.dir` when the recipe
-                                 sets it (a grid's students share one teacher), else <run>/teacher
+                                 sets it (a grid's students share one teacher), else <run>/teacher;
+                                 with `teachers:` each one's (`teachers[i].dir`, else <run>/teacher-<i>)
     <run>/baseline/metrics.json  the student fine-tuned alone (when run.baseline=true)
     <run>/summary.json           parameters and CPU latency measured at the end of `distill run`
 and, for an export with ONNX files, the parity gate's report (`distill.onnx_export`).
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from distill import models
-from distill.config import Config, ConfigError, load_config, stage_train
+from distill.config import Config, ConfigError, has_teacher, load_config, main_teacher, stage_train, teacher_list
 
 if TYPE_CHECKING:
     from distill.onnx_export import ParityReport
@@ -69,9 +70,12 @@ class RunEvidence:
     cfg: Config
     metrics: dict[str, Any]  # this stage's metrics.json
     model_config: dict[str, Any]  # the saved model's config.json
-    teacher: Optional[dict[str, Any]] = None  # <run>/teacher/metrics.json
+    teacher: Optional[dict[str, Any]] = None  # <run>/teacher/metrics.json (several: the best one's)
     baseline: Optional[dict[str, Any]] = None  # <run>/baseline/metrics.json
     summary: list[dict[str, Any]] = field(default_factory=list)  # <run>/summary.json rows
+    # every teacher in recipe order: {"stage", "model", "finetuned", "metrics" (None when not
+    # fine-tuned in a stage of this run, or its folder is gone)}
+    teachers: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def info(self) -> dict[str, Any]:
@@ -118,18 +122,26 @@ def load_evidence(stage_dir: str | Path) -> RunEvidence:
     except ConfigError as err:
         raise ExportError(f"{stage_dir / 'config.yaml'} cannot be read as a recipe: {err}") from None
     run_dir = stage_dir.parent
-    folders = {"teacher": teacher_folder(cfg, stage_dir), "baseline": run_dir / "baseline"}
-    sibling = {}
-    for name, folder in folders.items():
+
+    def sibling(name: str, folder: Path) -> Optional[dict]:
         path = folder / "metrics.json"
         itself = name == stage_dir.name or folder.resolve() == stage_dir.resolve()
-        sibling[name] = _read_json(path) if path.exists() and not itself else None
-    if sibling["teacher"] is None and cfg.teacher.dir and stage_dir.name != "teacher" and cfg.teacher.model:
-        log.warning(
-            "no teacher metrics at %s (teacher.dir): the card has no teacher row. Export from the "
-            "folder `distill run` ran in, or where teacher.dir points to the teacher stage",
-            folders["teacher"] / "metrics.json",
-        )
+        return _read_json(path) if path.exists() and not itself else None
+
+    teachers = []
+    for i, t in enumerate(teacher_list(cfg)):
+        name = f"teacher-{i}" if cfg.teachers else "teacher"
+        folder = teacher_folder(cfg, stage_dir, i)
+        metrics = sibling(name, folder)
+        if metrics is None and t.dir and stage_dir.name != name and not t.finetuned:
+            log.warning(
+                "no teacher metrics at %s (%s.dir): the card has no score for this teacher. Export "
+                "from the folder `distill run` ran in, or where the dir points to the teacher stage",
+                folder / "metrics.json", f"teachers[{i}]" if cfg.teachers else "teacher",
+            )
+        teachers.append({"stage": name, "model": t.model, "finetuned": t.finetuned, "metrics": metrics})
+    scored = [t["metrics"] for t in teachers if t["metrics"]]
+    metric = (_read_json(stage_dir / "metrics.json").get("info") or {}).get("metric") or cfg.task.metric or "accuracy"
     summary_path = run_dir / "summary.json"
     summary = _read_json(summary_path) if summary_path.exists() else []
     return RunEvidence(
@@ -137,19 +149,31 @@ def load_evidence(stage_dir: str | Path) -> RunEvidence:
         cfg=cfg,
         metrics=_read_json(stage_dir / "metrics.json"),
         model_config=_read_json(stage_dir / "model" / "config.json"),
-        teacher=sibling["teacher"],
-        baseline=sibling["baseline"],
+        teacher=max(scored, key=lambda m: _score(m, metric), default=None),
+        baseline=sibling("baseline", run_dir / "baseline"),
         summary=summary if isinstance(summary, list) else [],
+        teachers=teachers,
     )
 
 
-def teacher_folder(cfg: Config, stage_dir: Path) -> Path:
-    """The teacher stage's folder, by the stage-folder rule: `teacher.dir` when the recipe sets
-    it, else `teacher/` beside this stage (= `<output_dir>/teacher`, and still right when the
-    whole run folder was moved)."""
+def _score(metrics: dict, metric: str) -> float:
+    """A stage's test score (validation when it has no test split) for picking the best teacher."""
+    for split in ("test", "validation"):
+        value = metrics.get(split, {}).get(metric)
+        if isinstance(value, (int, float)):
+            return float(value)
+    return float("-inf")
+
+
+def teacher_folder(cfg: Config, stage_dir: Path, index: int = 0) -> Path:
+    """Teacher `index`'s stage folder, by the stage-folder rule: its `dir` when the recipe sets
+    it, else `teacher/` (with `teachers:`, `teacher-<i>/`) beside this stage (= under
+    `<output_dir>`, and still right when the whole run folder was moved)."""
     from distill.stage import stage_dir as folder_of
 
-    return folder_of(cfg, "teacher") if cfg.teacher.dir else stage_dir.parent / "teacher"
+    name = f"teacher-{index}" if cfg.teachers else "teacher"
+    t = teacher_list(cfg)[index] if has_teacher(cfg) else cfg.teacher
+    return folder_of(cfg, name) if t.dir else stage_dir.parent / name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,7 +212,7 @@ def student_name(cfg: Config) -> str:
     if cfg.student.model:
         return models.short_name(cfg.student.model)
     k = len(cfg.student.from_teacher_layers) or cfg.student.num_layers
-    return f"{models.short_name(cfg.teacher.model or 'teacher')}-{k}-layers"
+    return f"{models.short_name(main_teacher(cfg).model or 'teacher')}-{k}-layers"
 
 
 def repo_name(cfg: Config, org: str) -> str:
@@ -267,7 +291,7 @@ def card_data(ev: RunEvidence, repo_id: str, pipeline_tag: str) -> ModelCardData
 
 def base_model(cfg: Config) -> Optional[str]:
     """The Hub model the student's weights started from."""
-    return hub_id_of(cfg.student.model) if cfg.student.model else hub_id_of(cfg.teacher.model)
+    return hub_id_of(cfg.student.model) if cfg.student.model else hub_id_of(main_teacher(cfg).model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,11 +322,12 @@ def versus_teacher(ev: RunEvidence) -> str:
     ref = (ev.teacher or {}).get("test", {}).get(metric)
     if not ev.distilled or own is None or not ref:
         return ""
-    parts = [f"{own / ref:.0%} of its teacher's {metric_words(metric)} ({ref:.4f})"]
+    whose = "its best teacher's" if len(ev.teachers) > 1 else "its teacher's"
+    parts = [f"{own / ref:.0%} of {whose} {metric_words(metric)} ({ref:.4f})"]
     own_params, ref_params = ev.info.get("parameters"), (ev.teacher.get("info") or {}).get("parameters")
     if own_params and ref_params:
         parts.append(f"{own_params / ref_params:.0%} of its parameters")
-    row, teacher_row = _summary_row(ev, ev.stage), _summary_row(ev, "teacher")
+    row, teacher_row = _summary_row(ev, ev.stage), _teacher_row(ev)
     if row and teacher_row and row.get("speedup"):
         parts.append(f"{row['speedup']:.2f}× its CPU speed")
     return " That is " + (", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]) + "."
@@ -317,6 +342,11 @@ def _model_ref(name: Optional[str]) -> str:
 
 def _summary_row(ev: RunEvidence, stage: str) -> Optional[dict]:
     return next((r for r in ev.summary if r.get("stage") == stage), None)
+
+
+def _teacher_row(ev: RunEvidence) -> Optional[dict]:
+    """The summary row speeds are relative to: the (first) teacher's."""
+    return next((r for r in ev.summary if str(r.get("stage", "")).startswith("teacher")), None)
 
 
 def describe_student(ev: RunEvidence) -> str:
@@ -336,18 +366,52 @@ def describe_student(ev: RunEvidence) -> str:
         return f"{shape}; initialised from {ref}{change}"
     layers = mc.get("distill_teacher_layers") or list(cfg.student.from_teacher_layers)
     kept = f"layers {layers}" if layers else f"{cfg.student.num_layers} uniformly spread layers"
-    return f"{shape}; initialised from {kept} of the pretrained teacher {_model_ref(cfg.teacher.model)}"
+    which = f"teacher {cfg.distill.intermediate_teacher}, " if len(cfg.teachers) > 1 else "teacher "
+    return f"{shape}; initialised from {kept} of the pretrained {which}{_model_ref(main_teacher(cfg).model)}"
 
 
-def describe_teacher(ev: RunEvidence) -> str:
+def describe_teacher(ev: RunEvidence, index: int = 0) -> str:
+    """One teacher: its model, how it was fine-tuned (or that it came fine-tuned), its seed when
+    it has its own, and its score."""
     cfg = ev.cfg
-    if cfg.teacher.finetuned:
-        return f"{_model_ref(cfg.teacher.model)}, already fine-tuned on the task"
-    t = stage_train(cfg, "teacher")
-    return (
-        f"{_model_ref(cfg.teacher.model)}, fine-tuned on the task in the same run "
-        f"({t.epochs} epoch{'s' if t.epochs != 1 else ''}, lr {t.lr:g}, batch {t.batch_size})"
-    )
+    t = teacher_list(cfg)[index]
+    if t.finetuned:
+        text = f"{_model_ref(t.model)}, already fine-tuned on the task"
+    else:
+        tc = stage_train(cfg, f"teacher-{index}" if cfg.teachers else "teacher")
+        seed = f", seed {t.seed}" if t.seed is not None else ""
+        text = (
+            f"{_model_ref(t.model)}, fine-tuned on the task in the same run "
+            f"({tc.epochs} epoch{'s' if tc.epochs != 1 else ''}, lr {tc.lr:g}, batch {tc.batch_size}{seed})"
+        )
+    metrics = ev.teachers[index]["metrics"] if index < len(ev.teachers) else None
+    score = (metrics or {}).get("test", {}).get(ev.metric)
+    if len(ev.teachers) > 1 and score is not None:
+        text += f"; {metric_words(ev.metric)} {score:.4f} on `{split_label(cfg, 'test')}`"
+    return text
+
+
+COMBINE_WORDS = {
+    "mean": "the mean of their probabilities at temperature T",
+    "weighted": "a weighted mean of their probabilities at temperature T (weights {weights})",
+    "confident": "per row, the distribution of the teacher with the lowest entropy at temperature T",
+}
+
+
+def describe_teachers(ev: RunEvidence) -> list[str]:
+    """The card's teacher lines: one teacher in a line; several as a list, with the rule that
+    combines their soft targets and the teacher the intermediate terms follow."""
+    cfg = ev.cfg
+    if len(cfg.teachers) <= 1:
+        return [f"- **Teacher:** {describe_teacher(ev)}."]
+    d = cfg.distill
+    rule = COMBINE_WORDS[d.teacher_combine].format(weights=", ".join(f"{w:g}" for w in d.teacher_weights))
+    lines = [f"- **Teachers** ({len(cfg.teachers)}; soft targets combined as {rule}):"]
+    lines += [f"  {i}. {describe_teacher(ev, i)}" for i in range(len(cfg.teachers))]
+    intermediate = [n for n in ("hidden", "attention", "relations") if n in (ev.info.get("loss_weights") or {})]
+    if intermediate:
+        lines.append(f"  The {'/'.join(intermediate)} terms follow teacher {d.intermediate_teacher}.")
+    return lines
 
 
 def describe_losses(ev: RunEvidence) -> list[str]:
@@ -361,7 +425,7 @@ def describe_losses(ev: RunEvidence) -> list[str]:
     }[d.kd_loss]
     text = {
         "ce": "cross-entropy with the gold labels",
-        "kd": f"soft labels from the teacher: {kd}, on {where}",
+        "kd": f"soft labels from the {'teachers (combined as above)' if len(ev.cfg.teachers) > 1 else 'teacher'}: {kd}, on {where}",
         "hidden": (
             f"hidden states ({d.hidden_loss}) against the teacher's, through learned projections "
             f"used only in training (not part of this model); layer map "
@@ -376,7 +440,13 @@ def results_table(ev: RunEvidence, val: str, test: str) -> list[str]:
     metric = ev.metric
     rows = []
     own = "this model (distilled)" if ev.distilled else "this model"
-    candidates = [("teacher", "teacher (fine-tuned)", ev.teacher), (ev.stage, own, ev.metrics)]
+    if len(ev.teachers) > 1:
+        candidates = [
+            (t["stage"], f"teacher {i} (fine-tuned)", t["metrics"]) for i, t in enumerate(ev.teachers)
+        ]
+    else:
+        candidates = [("teacher", "teacher (fine-tuned)", ev.teacher)]
+    candidates.append((ev.stage, own, ev.metrics))
     if ev.stage != "baseline":
         candidates.append(("baseline", "same student fine-tuned without a teacher", ev.baseline))
     for stage, label, m in candidates:
@@ -384,7 +454,7 @@ def results_table(ev: RunEvidence, val: str, test: str) -> list[str]:
             continue
         srow = _summary_row(ev, stage) or {}
         params = (m.get("info") or {}).get("parameters") or srow.get("parameters")
-        speed = srow.get("speedup") if _summary_row(ev, "teacher") else None
+        speed = srow.get("speedup") if _teacher_row(ev) else None
         rows.append(
             f"| {label} | {_params(params)} | {_fmt(m.get('validation', {}).get(metric))} | "
             f"{_fmt(m.get('test', {}).get(metric))} | {'–' if speed is None else f'{speed:.2f}×'} |"
@@ -397,7 +467,7 @@ def results_table(ev: RunEvidence, val: str, test: str) -> list[str]:
 
 
 def speed_note(ev: RunEvidence) -> str:
-    own, teacher = _summary_row(ev, ev.stage), _summary_row(ev, "teacher")
+    own, teacher = _summary_row(ev, ev.stage), _teacher_row(ev)
     if not (own and teacher and own.get("latency_ms") and teacher.get("latency_ms")):
         return (
             "Speed was not measured in this run (no teacher row in summary.json); "
@@ -604,10 +674,11 @@ def hyperparameters(ev: RunEvidence) -> list[str]:
 
 def reproduce_note(cfg: Config) -> str:
     stages = []
-    if cfg.teacher.model and not cfg.teacher.finetuned:
-        stages.append("fine-tunes the teacher")
-    stages.append("distils the student" if cfg.teacher.model else "fine-tunes the model")
-    if cfg.run.baseline and cfg.teacher.model:
+    tuned = [t for t in teacher_list(cfg) if not t.finetuned]
+    if tuned:
+        stages.append("fine-tunes the teacher" if len(tuned) == 1 and not cfg.teachers else f"fine-tunes {len(tuned)} teachers")
+    stages.append("distils the student" if has_teacher(cfg) else "fine-tunes the model")
+    if cfg.run.baseline and has_teacher(cfg):
         stages.append("fine-tunes the same student without a teacher (the baseline)")
     listed = ", ".join(stages[:-1]) + (" and " if len(stages) > 1 else "") + stages[-1]
     return (
@@ -628,7 +699,8 @@ def card_body(ev: RunEvidence, repo_id: str, pipeline_tag: str, onnx: Optional["
     own_test = ev.metrics.get("test", {}).get(metric)
     title = repo_id.split("/")[-1]
     if ev.distilled:
-        how = "distilled from a fine-tuned teacher by task-specific knowledge distillation"
+        who = f"an ensemble of {len(ev.teachers)} fine-tuned teachers" if len(ev.teachers) > 1 else "a fine-tuned teacher"
+        how = f"distilled from {who} by task-specific knowledge distillation"
     else:
         how = "fine-tuned on the task without a teacher"
     lines = [
@@ -657,7 +729,7 @@ def card_body(ev: RunEvidence, repo_id: str, pipeline_tag: str, onnx: Optional["
     lines += ["## How it was made", ""]
     lines.append(f"- **Student:** {describe_student(ev)}.")
     if ev.distilled:
-        lines.append(f"- **Teacher:** {describe_teacher(ev)}.")
+        lines += describe_teachers(ev)
     lines += ["- **Loss:** a weighted sum of", *[f"  {line}" for line in describe_losses(ev)]]
     lines += ["", "Training hyperparameters:", "", *hyperparameters(ev), ""]
     lines += ["## Usage", "", *usage_snippet(repo_id, pipeline_tag, list(cfg.hub.language)), ""]
