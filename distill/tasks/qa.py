@@ -627,12 +627,14 @@ class QATask(Task):
             )
         if coverage[1]:
             share = coverage[0] / coverage[1]
+            hint = (
+                ". A teacher whose tokenizer needs more tokens for the same text sees less of the "
+                "context per window: raise teacher.max_length so its windows cover the student's"
+            )
             (logger.warning if share < 0.9 else logger.info)(
                 "%s: %.1f%% of the student's context tokens lie inside the teacher window that "
-                "gives their window its targets; the others get no KD target. A teacher whose "
-                "tokenizer needs more tokens for the same text sees less of the context per "
-                "window: raise teacher.max_length so its windows cover the student's",
-                split, 100 * share,
+                "gives their window its targets; the others get no KD target%s",
+                split, 100 * share, hint if share < 0.9 else "",
             )
         return features
 
