@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import itertools
 import json
 import math
@@ -448,6 +449,16 @@ def portable(command: list[str]) -> list[str]:
     return ["python", *command[1:]]
 
 
+def recipe_hash(run: Run) -> Optional[str]:
+    """The recipe file's content hash: an edited recipe is another run even with the same command."""
+    path = Path(run.command[4]) if len(run.command) > 4 else None  # python -m distill STAGE RECIPE ...
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path and path.is_file() else None
+
+
+def same_run(run: Run, record: dict) -> bool:
+    return record.get("command") == portable(run.command) and record.get("recipe_sha256") == recipe_hash(run)
+
+
 def read_record(run: Run) -> Optional[dict]:
     path = _record_path(run)
     if not path.exists():
@@ -463,18 +474,21 @@ def is_done(run: Run) -> bool:
     return bool(
         record
         and record.get("returncode") == 0
-        and record.get("command") == portable(run.command)
+        and same_run(run, record)
         and (run.stage_dir / "metrics.json").exists()
     )
 
 
 def conflicts(runs: list[Run]) -> list[str]:
-    """Cells whose folder holds a finished run of another command (the spec changed)."""
+    """Cells whose folder holds a finished run of another command or recipe (the spec or the
+    recipe changed)."""
     out = []
     for run in runs:
         record = read_record(run)
-        if record and record.get("command") != portable(run.command) and (run.stage_dir / "metrics.json").exists():
-            out.append(f"{run.label}: {run.dir} was run with another command ({_record_path(run)})")
+        if record and not same_run(run, record) and (run.stage_dir / "metrics.json").exists():
+            what = "command" if record.get("command") != portable(run.command) else f"version of {run.command[4]}"
+            out.append(f"{run.label}: {run.dir} was run with another {what} ({_record_path(run)}); "
+                       "pass --overwrite to replace it")
     return out
 
 
@@ -506,6 +520,7 @@ class Runner:
             return
         command = run.command + (["overwrite=true"] if self.overwrite else [])
         resumed = (run.stage_dir / "checkpoints").exists()
+        recipe = recipe_hash(run)  # before the run: the version the stage reads
         _side(run, "log").parent.mkdir(parents=True, exist_ok=True)
         load = os.getloadavg()[0]
         start = time.perf_counter()
@@ -521,6 +536,7 @@ class Runner:
         wall = time.perf_counter() - start
         record = {
             "command": portable(run.command),
+            "recipe_sha256": recipe,
             "returncode": code,
             "wall_s": round(wall, 2),
             "resumed": resumed,
@@ -598,7 +614,7 @@ def collect(run: Run) -> dict:
         "wall_s": None, "resumed": record.get("resumed"), "returncode": record.get("returncode"),
     }
     metrics_path = run.stage_dir / "metrics.json"
-    if metrics_path.exists() and record.get("command", portable(run.command)) == portable(run.command):
+    if metrics_path.exists() and (not record or same_run(run, record)):
         metrics = json.loads(metrics_path.read_text())
         out.update(status="done", validation=metrics.get("validation", {}), test=metrics.get("test", {}),
                    info=metrics.get("info", {}), samples_per_s=samples_per_s(run.stage_dir))
@@ -875,11 +891,14 @@ def estimate(spec: Spec, teachers: list[Run], cells: list[Run], jobs: int) -> tu
         if what in ("teacher", "student", "baseline"):
             notes.append(f"  {task} {what}: {statistics.median(times):.0f} s per run (median of {len(times)})")
     todo = sum(r["status"] != "done" for r in done)
-    notes.append(
-        f"  {todo} run(s) left, about {total / 60 / jobs:.0f} min with --jobs {jobs}"
-        + (f" plus {unknown} run(s) with nothing measured yet" if unknown else "")
-        + " (modes with heavier loss terms take longer than the measured ones)"
-    )
+    if todo == unknown:
+        notes.append(f"  {todo} run(s) left, none like them measured yet (--estimate measures one per task and stage)")
+    else:
+        notes.append(
+            f"  {todo} run(s) left, about {total / 60 / jobs:.0f} min with --jobs {jobs}"
+            + (f" plus {unknown} run(s) with nothing like them measured yet" if unknown else "")
+            + " (modes with heavier loss terms take longer than the runs they are estimated from)"
+        )
     return total, notes
 
 

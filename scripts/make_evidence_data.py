@@ -15,6 +15,8 @@ cls_proxy/   sentence-span classification, jsonl {"text", "label"}
     train.jsonl, validation.jsonl, test.jsonl
     train_labelled.jsonl                           spans of the first `--labelled` sentences
     transfer.jsonl                                 spans of the other training sentences: {"text"}
+wic_pos/     the UPOS of one marked word in its sentence, jsonl {"text", "label"}
+    train.jsonl, validation.jsonl, test.jsonl, train_labelled.jsonl, transfer.jsonl (as above)
 manifest.json  counts, label distributions, trivial baselines, the source's sha256
 
 Split (both tasks, by sentence position in the file, 0-based): index mod 10 in 0-6 -> train,
@@ -39,6 +41,15 @@ finite one of several to be picked, and the uncased MiniLM tokenizer strips acce
 "llegó" (past) and "llego" (present) become the same tokens and only context (the subject,
 the other verbs, the adverbs) tells them apart. Surface rules stay far from perfect (see the
 `suffix_rule` baseline in the manifest).
+
+The word-in-context proxy (`wic_pos`): per sentence, every occurrence (at most 4, seeded) of a
+form whose tag varies in the training split (accent-stripped, lowercased: `que` SCONJ/PRON,
+`la` DET/PRON, `si`/`sí` SCONJ/INTJ, `esta`/`está` DET/VERB; seen 5+ times, commonest tag on
+at most 90 %) plus one other non-punctuation word, each as the sentence (12 tokens each side at
+most) with the word between « », labelled with its gold UPOS; tags with fewer than 5 training
+rows are dropped. It is POS disambiguation where it is hard: the word alone (its commonest
+training tag, `word_majority` in the manifest) is right about two thirds of the time, context
+decides the rest.
 
 Source: Universal Dependencies, Spanish COSER treebank, CC BY-SA 4.0 (its LICENSE.txt).
 Files derived from it carry the same licence.
@@ -211,6 +222,36 @@ def suffix_rule(text: str) -> str:
     return "sin_verbo"
 
 
+def ambiguous_forms(sentences: list[Sentence], min_count: int = 5, max_share: float = 0.9) -> set[str]:
+    """Accent-stripped lowercase forms whose UPOS varies: seen `min_count`+ times, the commonest
+    tag on at most `max_share` of them (`que` SCONJ/PRON, `la` DET/PRON, `si`/`sí` SCONJ/INTJ)."""
+    tags: dict[str, Counter] = {}
+    for s in sentences:
+        for t in s.tokens:
+            if len(t.words) == 1:
+                tags.setdefault(_plain(t.form), Counter())[t.words[0].upos] += 1
+    return {f for f, c in tags.items() if sum(c.values()) >= min_count and c.most_common(1)[0][1] / sum(c.values()) <= max_share}
+
+
+def marked_examples(sentence: Sentence, index: int, ambiguous: set[str], seed: int, window: int = 12) -> list[dict]:
+    """`wic_pos` rows of one sentence: every occurrence of an ambiguous form (at most 4, drawn
+    by a seeded choice) and one other word, each as the sentence (at most `window` tokens on
+    each side) with the word between « », labelled with its UPOS."""
+    rng = random.Random(f"{seed}-wic-{index}")
+    single = [i for i, t in enumerate(sentence.tokens) if len(t.words) == 1 and t.words[0].upos != "PUNCT"]
+    amb = [i for i in single if _plain(sentence.tokens[i].form) in ambiguous]
+    other = [i for i in single if i not in amb]
+    chosen = sorted(rng.sample(amb, min(4, len(amb))) + ([rng.choice(other)] if other else []))
+    rows = []
+    for i in chosen:
+        lo, hi = max(0, i - window), min(len(sentence.tokens), i + window + 1)
+        left = surface_text(sentence.tokens[lo:i])
+        right = surface_text(sentence.tokens[i + 1 : hi])
+        text = " ".join(x for x in (left, f"« {sentence.tokens[i].form} »", right) if x)
+        rows.append({"text": text, "label": sentence.tokens[i].words[0].upos, "word": sentence.tokens[i].form})
+    return rows
+
+
 def _order(key: str) -> int:
     order = ("train", "train_labelled", "transfer", "validation", "test")
     return order.index(key) if key in order else len(order)
@@ -306,6 +347,36 @@ def build(conllu: Path, out: Path, labelled: int = 150, per_sentence: int = 4, s
         taken |= mine
     manifest["cls_proxy"]["dropped_as_seen_in_a_later_split"] = dropped
     manifest["cls_proxy"] = {k: manifest["cls_proxy"][k] for k in sorted(manifest["cls_proxy"], key=_order)}
+    # wic_pos: the UPOS of one marked word in its sentence; tags with < 5 training rows dropped
+    wic = out / "wic_pos"
+    wic.mkdir(parents=True, exist_ok=True)
+    ambiguous = ambiguous_forms(train)
+    rows_of = {name: [(pos_, r) for pos_, (i, s) in enumerate(items) for r in marked_examples(s, i, ambiguous, seed)]
+               for name, items in split.items()}
+    tag_counts = Counter(r["label"] for _, r in rows_of["train"])
+    kept = {t for t, n in tag_counts.items() if n >= 5}
+    by_word: dict[str, Counter] = {}
+    for _, r in rows_of["train"]:
+        by_word.setdefault(_plain(r["word"]), Counter())[r["label"]] += 1
+    majority_tag = tag_counts.most_common(1)[0][0]
+    manifest["wic_pos"] = {"ambiguous_forms": sorted(ambiguous), "labels": sorted(kept)}
+    for name, pairs in rows_of.items():
+        rows = [r for _, r in pairs if r["label"] in kept]
+        write_jsonl(wic / f"{name}.jsonl", [{"text": r["text"], "label": r["label"]} for r in rows])
+        info = {"rows": len(rows), "ambiguous": sum(_plain(r["word"]) in ambiguous for r in rows)}
+        if name == "test":
+            info["majority"] = sum(r["label"] == majority_tag for r in rows) / len(rows)
+            # the word's commonest training tag: what a model that ignores context can reach
+            lexical = [by_word.get(_plain(r["word"]), Counter({majority_tag: 1})).most_common(1)[0][0] for r in rows]
+            info["word_majority"] = sum(p == r["label"] for p, r in zip(lexical, rows)) / len(rows)
+            amb_rows = [(p, r) for p, r in zip(lexical, rows) if _plain(r["word"]) in ambiguous]
+            info["word_majority_on_ambiguous"] = sum(p == r["label"] for p, r in amb_rows) / max(1, len(amb_rows))
+        manifest["wic_pos"][name] = info
+        if name == "train":
+            write_jsonl(wic / "train_labelled.jsonl",
+                        [{"text": r["text"], "label": r["label"]} for p_, r in pairs if r["label"] in kept and p_ < labelled])
+            write_jsonl(wic / "transfer.jsonl", [{"text": r["text"]} for p_, r in pairs if p_ >= labelled])
+
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return manifest
 
@@ -323,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"make_evidence_data: {err}", file=sys.stderr)
         return 2
-    print(json.dumps({k: manifest[k] for k in ("pos_coser", "cls_proxy")}, indent=2, ensure_ascii=False))
+    print(json.dumps({k: manifest[k] for k in ("pos_coser", "cls_proxy", "wic_pos")}, indent=2, ensure_ascii=False))
     print(f"written under {args.out}")
     return 0
 

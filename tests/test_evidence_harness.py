@@ -191,7 +191,8 @@ def fake_results(spec: evidence.Spec, root: Path) -> None:
         (run.stage_dir / "log.jsonl").write_text(
             "".join(json.dumps({"step": i, "train/samples_per_s": v}) + "\n" for i, v in enumerate([sps, 1.0, sps]))
         )
-        record = {"command": evidence.portable(run.command), "returncode": 0, "wall_s": 10.0 * run.seed, "resumed": False}
+        record = {"command": evidence.portable(run.command), "recipe_sha256": evidence.recipe_hash(run),
+                  "returncode": 0, "wall_s": 10.0 * run.seed, "resumed": False}
         evidence._record_path(run).write_text(json.dumps(record))
 
 
@@ -269,6 +270,19 @@ def test_runner_records_wall_time_and_never_redoes_a_finished_cell(tmp_path):
     assert "was run with another command" in evidence.conflicts([changed])[0]
 
 
+def test_an_edited_recipe_is_another_run(tmp_path):
+    spec_path = write_spec(tmp_path, spec_dict(write_task(tmp_path)))
+    spec, root = evidence.load_spec(spec_path), tmp_path / "runs"
+    fake_results(spec, root)
+    teachers, cells = evidence.plan(spec, root)
+    assert all(evidence.is_done(r) for r in teachers + cells)
+    recipe = tmp_path / "task.yaml"
+    recipe.write_text(recipe.read_text() + "seed: 5\n")
+    assert not any(evidence.is_done(r) for r in teachers + cells)
+    problems = evidence.conflicts(teachers + cells)
+    assert len(problems) == 13 and "another version of" in problems[0] and "--overwrite" in problems[0]
+
+
 def test_failed_run_is_recorded_and_reported(tmp_path, capsys):
     run = evidence.Run("tiny", "student", 1, tmp_path / "cell", [sys.executable, "-c", "raise SystemExit(3)"], "logits", {})
     runner = evidence.Runner(jobs=1, overwrite=False, fail_fast=False)
@@ -325,6 +339,20 @@ def test_conllu_reading_words_text_and_labels(tmp_path):
     assert med.tense_label(second.tokens) == "sin_verbo"  # an infinitive is not finite
 
 
+def test_word_in_context_rows_mark_the_word_and_keep_its_tag(tmp_path):
+    path = tmp_path / "t.conllu"
+    path.write_text(CONLLU)
+    first, _ = med.read_conllu(path)
+    assert med.ambiguous_forms([first, first], min_count=2) == set()  # one tag per form here
+    rows = med.marked_examples(first, 0, {"hacia"}, seed=13, window=2)
+    marked = [r for r in rows if r["word"] == "hacía"]
+    assert marked == [{"text": ", y « hacía » frío", "label": "VERB", "word": "hacía"}]  # accents ignored, 2 tokens each side
+    assert len(rows) == 2  # and one other word, never punctuation nor a multiword token
+    other = next(r for r in rows if r["word"] != "hacía")
+    assert other["word"] not in (",", "Del") and f"« {other['word']} »" in other["text"]
+    assert rows == med.marked_examples(first, 0, {"hacia"}, seed=13, window=2)  # seeded
+
+
 @pytest.mark.skipif(not TREEBANK.exists(), reason="the shared UD COSER treebank is not in this checkout")
 def test_evidence_data_is_deterministic_and_splits_never_share_text(tmp_path):
     manifest = med.build(TREEBANK, tmp_path / "a")
@@ -342,13 +370,20 @@ def test_evidence_data_is_deterministic_and_splits_never_share_text(tmp_path):
     assert transfer and all(set(r) == {"text"} for r in transfer)
     # hard enough: neither the majority class nor a suffix rule comes near a solved task
     assert manifest["cls_proxy"]["test"]["majority"] < 0.6 and manifest["cls_proxy"]["test"]["suffix_rule"] < 0.75
+    wic = manifest["wic_pos"]
+    assert {"que", "la", "si"} <= set(wic["ambiguous_forms"])
+    assert wic["test"]["word_majority"] < 0.8 and wic["test"]["ambiguous"] > wic["test"]["rows"] / 2
+    wic_rows = {s: [json.loads(l) for l in (tmp_path / "a" / "wic_pos" / f"{s}.jsonl").read_text().splitlines()]
+                for s in ("train", "test")}
+    assert all(r["text"].count("«") == 1 for r in wic_rows["test"])
+    assert {r["label"] for r in wic_rows["test"]} <= {r["label"] for r in wic_rows["train"]}
 
 
 def test_evidence_recipes_validate_and_name_their_command():
     from distill.config import load_config
 
     recipes = sorted((REPO / "recipes" / "evidence").glob("*.yaml"))
-    assert {r.stem for r in recipes} >= {"pos_coser", "cls_proxy"}
+    assert {r.stem for r in recipes} >= {"pos_coser", "cls_proxy", "wic_pos"}
     for recipe in recipes:
         cfg = load_config(recipe)
         assert cfg.teacher.model == "all-minilm-l6-v2" and cfg.student.num_layers
