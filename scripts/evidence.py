@@ -837,8 +837,9 @@ def render_markdown(spec: Spec, header: dict, teachers: list[dict], cells: list[
         lines += ["", f"Not in the tables ({len(bad)} run(s)):", ""]
         for r in bad:
             where = r.get("log")
-            lines.append(f"- {r['task']} {r.get('mode') or 'teacher'} {r['axes'] or ''} seed {r['seed']}: "
-                         f"{r['status']} ({where})")
+            axes = " ".join(f"{k}={v}" for k, v in r["axes"].items())
+            lines.append(f"- {' '.join(x for x in (r['task'], axes, r.get('mode') or 'teacher') if x)} "
+                         f"seed {r['seed']}: {r['status']} ({where})")
     return "\n".join(lines) + "\n"
 
 

@@ -244,6 +244,7 @@ def test_report_lists_missing_runs_and_uses_what_exists(tmp_path):
     row = next(r for r in data["summary"] if r["mode"] == "logits" and r["axes"]["depth"] == "1")
     assert row["test"]["n"] == 2 and row["delta"]["n"] == 2  # only seeds with both modes pair
     assert "Not in the tables (1 run(s))" in out.read_text()
+    assert f"- tiny depth=1 logits seed 3: missing ({gone.dir}/harness.log)" in out.read_text()
 
 
 # --- running: resumable, timed ------------------------------------------------------------------
