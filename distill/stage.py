@@ -167,7 +167,8 @@ def check_writable(out: Path, keep: bool = True) -> None:
             target = target.parent
     probe = target / f".write-probe-{socket.gethostname()}-{os.getpid()}"
     try:
-        target.mkdir(parents=True, exist_ok=True)
+        if keep:
+            target.mkdir(parents=True, exist_ok=True)
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:

@@ -174,10 +174,24 @@ def test_keys_that_do_not_change_a_result_keep_a_finished_stage(setup, tmp_path)
         stage.check_stage_dir(changed, "teacher")
 
 
-def test_a_dry_writability_check_creates_nothing(tmp_path):
+def test_a_dry_writability_check_creates_nothing(tmp_path, monkeypatch):
+    """Preflight runs on every process of a launch at once: a dry check that created (and then
+    removed) the output folders could remove a folder another process was probing, failing it
+    with "not writable". The dry check creates no folder at all."""
     target = tmp_path / "a" / "b" / "c"
+    made = []
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        made.append(self)
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
     stage.check_writable(target, keep=False)
+    assert made == []
     assert list(tmp_path.iterdir()) == []
+    stage.check_writable(target)  # a real stage creates its folder
+    assert target.is_dir()
 
 
 def test_preprocessing_fingerprint_follows_the_code(monkeypatch):
