@@ -35,21 +35,28 @@ def check_stage(out: Path, metrics_keys: set[str]) -> dict:
 
 @pytest.mark.slow
 def test_tagging_run_with_different_tokenizers(tmp_path, tiny_roberta_dir, tiny_bert_dir):
+    """Scored on its own 15 training sentences (62.5 % of their words are O): the teacher must
+    learn them well beyond tagging everything O, and the student, taught at word level across
+    tokenizers, must learn them too (a word-alignment bug leaves it at the O rate or below)."""
+    train = DATA / "ner_es" / "train.conll"
     out = run(
         tmp_path,
         f"""task: {{family: tagging, name: ner}}
 data:
-  source: {DATA / "ner_es"}
-  splits: {{train: train, validation: validation, test: null}}
+  files: {{train: {train}, validation: {train}}}
+  format: conll
   max_length: 32
   doc_stride: 8
-teacher: {{model: {tiny_roberta_dir}, lr: 1e-3, epochs: 2}}
+teacher: {{model: {tiny_roberta_dir}, lr: 3e-3, epochs: 25}}
 student: {{model: {tiny_bert_dir}}}
 distill: {{kd_weight: 1.0, ce_weight: 0.5}}
-train: {{lr: 1e-3, batch_size: 8, epochs: 2, logging_steps: 1}}""",
+train: {{lr: 3e-3, batch_size: 8, epochs: 25, warmup_ratio: 0.0, logging_steps: 5}}""",
     )
     teacher = check_stage(out / "teacher", {"f1", "accuracy"})
     student = check_stage(out / "student", {"f1", "accuracy"})
+    print(f"teacher accuracy {teacher['validation']['accuracy']:.3f}, student {student['validation']['accuracy']:.3f} (O rate 0.625)")
+    assert teacher["validation"]["accuracy"] >= 0.85
+    assert student["validation"]["accuracy"] >= 0.8
     assert teacher["info"]["family"] == "tagging"
     labels = json.loads((out / "student/model/config.json").read_text())["id2label"].values()
     assert {"O", "B-PER", "I-PER", "B-LOC"} <= set(labels)
