@@ -2,7 +2,7 @@
 student of the best single one, over several student seeds, through the public CLI.
 
     python scripts/evidence_ensemble.py [--recipe recipes/evidence/wic_pos.yaml] [--rows 400]
-        [--teacher-seeds 1 2 3] [--seeds 1 2 3] [--teacher-epochs 5] [--epochs 6] [--baseline]
+        [--teacher-seeds 1 2 3] [--seeds 1 2 3] [--teacher-epochs 5] [--epochs 15] [--baseline]
         [--root runs/evidence/ensemble]
 
 1. `distill teacher` fine-tunes one teacher per teacher seed (stages teacher-<i> of one
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher-seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="student seeds")
     p.add_argument("--teacher-epochs", type=int, default=5)
-    p.add_argument("--epochs", type=int, default=6, help="student epochs")
+    p.add_argument("--epochs", type=int, default=15, help="student epochs")
     p.add_argument("--baseline", action="store_true", help="also the student fine-tuned alone")
     args = p.parse_args(argv)
     root = Path(args.root).resolve()
