@@ -172,7 +172,8 @@ def build_objective(task: Task, d: DistillConfig, student_config: Any, teacher_c
 
 
 def check_lengths(max_length: int, *configs: Any) -> None:
-    """data.max_length must fit every model's position table (else step 2 crashes on an index)."""
+    """data.max_length (and a QA teacher's teacher.max_length) must fit every model's position
+    table (else step 2 crashes on an index)."""
     for config in configs:
         table = getattr(config, "max_position_embeddings", None)
         if table is None:
@@ -295,6 +296,7 @@ def setup_stage(cfg: Config, stage: str, accelerator: Accelerator) -> Stage:
     model, tokenizer = models.build_trained_model(stage, main_teacher(cfg), cfg.student, head, kwargs)
     objective = build_objective(task, cfg.distill, model.config, main_config)
     check_lengths(cfg.data.max_length, model.config, *[m.config for m, _ in loaded])
+    check_lengths(cfg.teacher.max_length or 0, *[m.config for m, _ in loaded])  # QA teachers' own windows
     teacher_tok = shared_teacher_tokenizer(cfg, task, tokenizer, [tok for _, tok in loaded])
     bind_tokenizers(task, tokenizer, teacher_tok, [n for n in objective.terms if n in POSITION_TERMS])
     rows = {"labelled": len(raw["train"])}
@@ -386,6 +388,7 @@ def _check_model_setup(cfg: Config, stage: str, task: Task) -> None:
         tokenizer = models.load_tokenizer(t.model, t.revision, t.trust_remote_code)
     objective = build_objective(task, cfg.distill, student_config, teacher_config)
     check_lengths(cfg.data.max_length, student_config, *configs)
+    check_lengths(cfg.teacher.max_length or 0, *configs)
     teacher_tok = shared_teacher_tokenizer(cfg, task, tokenizer, toks)
     bind_tokenizers(get_task(cfg), tokenizer, teacher_tok, [n for n in objective.terms if n in POSITION_TERMS])
 

@@ -356,6 +356,7 @@ def finish(accelerator: Accelerator, cfg: Config, s: Stage, trainee: Any, eval_l
         "loss_weights": s.objective.weights,
         "train_rows": s.rows,
         "processes": accelerator.num_processes,
+        **s.info,  # several teachers: who they are and how their targets combine
     }
     accelerator.log({f"{k}/{m}": v for k, ms in results.items() if k != "info" for m, v in ms.items()}, step=state.global_step)
     save_model_folder(accelerator, trainee, out / "model", s.tokenizer)

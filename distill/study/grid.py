@@ -261,6 +261,9 @@ def expand(spec: GridSpec, root: str | Path) -> list[GridRun]:
             raise GridError(f"{recipe} and {tasks[task]} both have task.name={task}: their runs would "
                             "share folders; give each recipe its own task.name")
         tasks[task] = recipe
+        if base.teachers and any(not t.finetuned for t in base.teachers):
+            raise GridError(f"{recipe}: the grid fine-tunes one teacher per task; fine-tune the "
+                            "`teachers:` with `distill run` first and mark them finetuned: true")
         task_root = root / safe_name(task)
         students = spec.students or [None]
         first = student_overrides(students[0]) if students[0] else []

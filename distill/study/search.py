@@ -252,6 +252,9 @@ class Search:
         self.runner = runner or default_runner
         self.worker, self.echo = worker, echo
         self.team = Team()
+        if self.base.teachers and any(not t.finetuned for t in self.base.teachers):
+            raise SearchError("the search fine-tunes one teacher; fine-tune the `teachers:` with "
+                              "`distill run` first and mark them finetuned: true")
         self.has_teacher = bool(self.base.teacher.model) and not self.base.teacher.finetuned
         self.teacher_params = [p for p in self.params if p.key.startswith(TEACHER_PREFIXES) or p.key in TEACHER_EXACT]
         self._storage: Any = None
