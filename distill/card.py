@@ -431,8 +431,23 @@ def describe_losses(ev: RunEvidence) -> list[str]:
             f"used only in training (not part of this model); layer map "
             f"{list(d.layer_map) or 'uniform'}"
         ),
+        "attention": "the teacher's attention scores (pre-softmax Q·Kᵀ/√d) of mapped layers, MSE",
+        "relations": (
+            f"the teacher's self-attention relations (Q-Q, K-K, V-V; MiniLMv2), KL, teacher layer "
+            f"{d.relation_layer or 'last'}, {d.relation_heads or 'default'} relation heads"
+        ),
     }
     lines = [f"- `{name}` × {w:g}: {text.get(name, name)}" for name, w in weights.items()]
+    if d.intermediate_epochs and weights:
+        lines.append(f"- the first {d.intermediate_epochs} epochs trained the intermediate terms alone (two phases)")
+    rows = ev.info.get("train_rows") or {}
+    if len(rows) > 1:  # transfer sets or augmentation: the student saw more rows than the labels
+        lines.append(
+            f"- training rows: {rows.get('labelled', 0)} labelled, {rows.get('transfer', 0)} unlabelled "
+            f"(transfer sets), {rows.get('augmented', 0)} augmented copies; soft labels on all, gold "
+            f"loss on the labelled only; {rows.get('leaked_dropped', 0)} rows equal to validation or "
+            "test rows were dropped"
+        )
     return lines or ["- not recorded in metrics.json"]
 
 

@@ -154,3 +154,8 @@ def test_transfer_rows_join_the_student_and_leaks_are_dropped(tmp_path, tiny_ber
     assert info["train_rows"]["leaked_dropped"] == 1
     teacher = json.loads((tmp_path / "run" / "teacher" / "metrics.json").read_text())["info"]
     assert teacher["train_rows"] == {"labelled": 64}  # the teacher trains on the labels alone
+    from distill.export import export_student
+
+    card = (export_student(tmp_path / "run" / "student", tmp_path / "export") / "README.md").read_text()
+    assert "64 labelled, 20 unlabelled (transfer sets), 0 augmented copies" in card
+    assert "1 rows equal to validation or test rows were dropped" in card
