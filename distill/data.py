@@ -138,21 +138,22 @@ def read_file(path: str | Path, fmt: Optional[str] = None, column_names: list[st
         raise DataError(f"could not read {path} as {fmt}: {cause}") from None
 
 
+def hub_failure(err: Exception) -> str:
+    """Why a dataset could not be loaded from the Hub, in a few words."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return "HF_HUB_OFFLINE is set and the dataset is not in the local cache"
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
 def _from_hub(source: str, name: Optional[str], revision: Optional[str]) -> DatasetDict:
     try:
         loaded = load_dataset(source, name, revision=revision)
     except Exception as err:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        why = (
-            "HF_HUB_OFFLINE is set and the dataset is not in the local cache"
-            if offline
-            else f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        )
         raise DataError(
             f"cannot load dataset '{source}'"
             + (f" (config '{name}')" if name else "")
             + (f" at revision '{revision}'" if revision else "")
-            + f": {why}. Check data.source / data.name / data.revision, or use local files "
+            + f": {hub_failure(err)}. Check data.source / data.name / data.revision, or use local files "
             "with data.files.train=... (see the recipe's header comment)."
         ) from None
     if not isinstance(loaded, DatasetDict):

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distill.losses import checked_layer_map
+
 # large finite negative for masked keys: exp() gives exactly 0 and no inf - inf NaNs
 _MASKED = -1e9
 
@@ -49,18 +51,7 @@ def _mask(signals: Any, batch: dict, like: torch.Tensor) -> torch.Tensor:
 
 
 def _layers_map(num_student: int, num_teacher: int, layer_map: Sequence[int], term: str) -> list[int]:
-    from distill.losses import uniform_layer_map  # lazy: losses builds the terms
-
-    mapping = list(layer_map) or uniform_layer_map(num_student, num_teacher)
-    if len(mapping) != num_student:
-        raise ValueError(
-            f"{term}: distill.layer_map has {len(mapping)} entries for a {num_student}-layer student; "
-            f"give one teacher layer (1..{num_teacher}) per student layer"
-        )
-    bad = [j for j in mapping if not 1 <= j <= num_teacher]
-    if bad:
-        raise ValueError(f"{term}: distill.layer_map={mapping}: teacher layers {bad} are out of range 1..{num_teacher}")
-    return mapping
+    return checked_layer_map(num_student, num_teacher, layer_map, term)
 
 
 def _captured(signals: Any, layer: int, side: str, term: str):

@@ -106,6 +106,22 @@ def uniform_layer_map(num_student: int, num_teacher: int) -> list[int]:
     return [round(i * num_teacher / num_student) for i in range(1, num_student + 1)]
 
 
+def checked_layer_map(num_student: int, num_teacher: int, layer_map: Sequence[int] = (), term: str = "") -> list[int]:
+    """The teacher layer (1-based) of each student layer: `distill.layer_map` when given (one
+    entry per student layer, each in range), else the uniform map. `term` prefixes errors."""
+    where = f"{term}: " if term else ""
+    mapping = list(layer_map) or uniform_layer_map(num_student, num_teacher)
+    if len(mapping) != num_student:
+        raise ValueError(
+            f"{where}distill.layer_map has {len(mapping)} entries for a {num_student}-layer "
+            f"student; give one teacher layer (1..{num_teacher}) per student layer"
+        )
+    bad = [j for j in mapping if not 1 <= j <= num_teacher]
+    if bad:
+        raise ValueError(f"{where}distill.layer_map={mapping}: teacher layers {bad} are out of range 1..{num_teacher}")
+    return mapping
+
+
 class HiddenStateLoss(nn.Module):
     """Distance between mapped hidden states, averaged over the mapped layers and real tokens.
 
@@ -133,18 +149,7 @@ class HiddenStateLoss(nn.Module):
         super().__init__()
         if kind not in ("mse", "cosine"):
             raise ValueError(f"unknown hidden loss '{kind}' (mse or cosine)")
-        mapping = list(layer_map) or uniform_layer_map(student_layers, teacher_layers)
-        if len(mapping) != student_layers:
-            raise ValueError(
-                f"distill.layer_map has {len(mapping)} entries for a {student_layers}-layer "
-                f"student; give one teacher layer (1..{teacher_layers}) per student layer"
-            )
-        bad = [j for j in mapping if not 1 <= j <= teacher_layers]
-        if bad:
-            raise ValueError(
-                f"distill.layer_map={mapping}: teacher layers {bad} are out of range "
-                f"1..{teacher_layers}"
-            )
+        mapping = checked_layer_map(student_layers, teacher_layers, layer_map)
         self.pairs = [(i + 1, j) for i, j in enumerate(mapping)]
         if include_embeddings:
             self.pairs.insert(0, (0, 0))

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import unicodedata
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
@@ -209,17 +208,13 @@ def _read_hub(source: str, name: Optional[str], split: str, revision: Optional[s
     try:
         return load_dataset(source, name, split=split, revision=revision)
     except Exception as err:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        why = (
-            "HF_HUB_OFFLINE is set and the dataset is not in the local cache"
-            if offline
-            else f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        )
+        from distill.data import hub_failure
+
         raise DataError(
             f"{where}: cannot load split '{split}' of dataset '{source}'"
             + (f" (config '{name}')" if name else "")
             + (f" at revision '{revision}'" if revision else "")
-            + f": {why}. Check its source / name / split / revision, or use local files."
+            + f": {hub_failure(err)}. Check its source / name / split / revision, or use local files."
         ) from None
 
 
