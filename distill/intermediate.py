@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.losses import checked_layer_map
+from distill.losses import Term, checked_layer_map
 
 # large finite negative for masked keys: exp() gives exactly 0 and no inf - inf NaNs
 _MASKED = -1e9
@@ -72,7 +72,7 @@ def _same_positions(s: torch.Tensor, t: torch.Tensor, term: str) -> None:
         )
 
 
-class AttentionTerm(nn.Module):
+class AttentionTerm(Term):
     """TinyBERT attention distillation: MSE between student and teacher attention *scores*.
 
     For each student layer i and its teacher layer j = map(i), per head h:
@@ -173,7 +173,7 @@ def relation_kl(
     return (kl * rows).sum() / (heads * rows.sum()).clamp(min=1.0)
 
 
-class RelationTerm(nn.Module):
+class RelationTerm(Term):
     """MiniLMv2 self-attention relation distillation.
 
     For X ∈ {Q, K, V} of the student's last layer and the teacher's layer `relation_layer`,

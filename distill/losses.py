@@ -203,6 +203,7 @@ class Term(nn.Module):
 
     name = ""
     intermediate = False
+    reads_outputs = False  # whether the term uses the model's outputs (logits), not only its layers
 
     def student_layers(self) -> dict[str, set[int]]:
         return {}
@@ -219,6 +220,7 @@ class GoldTerm(Term):
     gold labels the task passed in (rows without a gold label carry the ignore index)."""
 
     name = "ce"
+    reads_outputs = True
 
     def forward(self, student: Signals, teacher: Optional[Signals], batch: dict) -> torch.Tensor:
         loss = student.outputs.loss
@@ -232,6 +234,7 @@ class SoftLabelTerm(Term):
     """Soft-label KD over the task's logit pairs (see `soft_label_loss`)."""
 
     name = "kd"
+    reads_outputs = True
 
     def __init__(self, task: Any, kind: str = "kl", temperature: float = 1.0):
         super().__init__()
@@ -308,6 +311,11 @@ class Objective(nn.Module):
             values[name] = term(student, teacher, batch)
             weighted = self.weights[name] * values[name]
             total = weighted if total is None else total + weighted
+        if not any(self.terms[n].reads_outputs for n in values) and student.outputs is not None:
+            # intermediate terms alone (TinyBERT's first phase): the head is not in the loss;
+            # a zero-weighted sum of the outputs keeps it in the graph for DDP, with zero gradient
+            outs = [v for v in student.outputs.values() if isinstance(v, torch.Tensor) and v.requires_grad]
+            total = total + 0.0 * sum(v.sum() for v in outs)
         return total, values
 
 

@@ -234,7 +234,7 @@ def train_stage(accelerator: Accelerator, cfg: Config, s: Stage, status: str, on
     main, out, stage = accelerator.is_main_process, s.out, s.name
     tcfg, task = s.train, s.task
     trainee, optimizer, scheduler, train_loader, eval_loaders, total_steps = prepare(accelerator, s)
-    sampler = train_loader.batch_sampler  # accelerate shards it and keeps our sampler inside
+    sampler = s.train_loader.batch_sampler  # ours: the prepared loader shards it, keeping it inside
 
     ckpt_root, best_dir, jlog = out / "checkpoints", out / "best", JsonlLog(out / "log.jsonl", main)
     state = restore(accelerator, status, stage, ckpt_root, best_dir, jlog)
