@@ -37,6 +37,9 @@ max_length, keep_words), the model's weights fingerprint and tokenizer, the task
 column roles and the content of the input rows; batch size and cache folder are not part of it.
 Rows are written batch by batch (never a list of all rows in memory) into a temporary folder
 renamed when complete, so an interrupted build is never read.
+
+One concern over ~500 lines: the two candidate sources (embedding, masked LM) share the word
+plan, the splice and the cache key that makes copies deterministic.
 """
 
 from __future__ import annotations

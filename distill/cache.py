@@ -19,6 +19,10 @@ target's axis 1 is cut to the row's value of a batch column (`task.kd_target_len
 `word_logits -> num_words`, `start_logits -> length`); the task's masks keep padding out of the
 loss. Hidden states (only with `distill.cache_hidden_states=true`) are trimmed to the row's real
 tokens.
+
+One concern over ~500 lines: the cache's on-disk format is written and read by the same code
+(key, build with its disk check and shard merge, memory-mapped reads); splitting writer from
+reader would let the two drift.
 """
 
 from __future__ import annotations

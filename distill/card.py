@@ -12,6 +12,8 @@ Everything comes from the files a run leaves behind (DESIGN: downstream tools re
 and, for an export with ONNX files, the parity gate's report (`distill.onnx_export`).
 The YAML header is built with huggingface_hub's `ModelCardData`/`EvalResult`, so the Hub reads
 the model-index (task, dataset, split, metric values for validation and test).
+
+One concern over ~500 lines: one document, whose sections read the same run evidence.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 A recipe YAML is merged over these dataclasses (OmegaConf structured configs), then
 `key=value` overrides are merged over the recipe. Unknown keys and wrong types stop the run
 before any work with a message naming the key and the closest valid one.
+
+One concern over ~500 lines: the schema and every check that can be made without data or
+models (a check next to its key, so none is forgotten).
 """
 
 from __future__ import annotations

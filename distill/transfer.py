@@ -22,6 +22,9 @@ key (numpy arrays, so 8M rows cost 64 MB, not a Python set of strings).
 `build_student_train_rows` is the one call the data pipeline makes; `mark_gold` then carries
 `has_gold` from raw rows to features and puts the ignore index in their gold targets, and
 `GoldCollate` puts it in every batch. `check_transfer` is the preflight check of the entries.
+
+One concern over ~500 lines: reading every kind of transfer source, the leak filter and the
+per-row gold mask must agree on the same row keys and columns.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ Fine-tuning block; students distilled from a teacher form the Task-specific Know
 Distillation block. Several runs of one (block, task, model), e.g. a learning-rate grid, are
 reduced to the best by the validation value of the run's `info.select_metric` (lower is better
 for loss), or taken from the best.json that `distill grid --select` wrote when it is current.
+
+One concern over ~500 lines: the study's two tables and the rules that pick each cell's run.
 """
 
 from __future__ import annotations

@@ -28,6 +28,10 @@ outright is detected by its heartbeat (or, on the same machine, by its missing p
 trial is retried the same way. Several workers (processes, machines) share one study through
 the storage. Under `accelerate launch`, the main process talks to the study and the others
 follow what it broadcasts, so a trial can itself run on several devices.
+
+One concern over ~500 lines: the study's life (trials as stages, resume, retries of dead
+trials, workers sharing one storage, outputs); the section's grammar lives in
+distill/search_space.py.
 """
 
 from __future__ import annotations

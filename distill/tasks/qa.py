@@ -44,6 +44,9 @@ is renormalised over the student positions that have a target: CLS and the conte
 inside the teacher window. So the teacher cache stores
 targets already in the student's positions (its key includes the student tokenizer); the loop
 and the loss do not change. See docs/qa-across-tokenizers.md for the rules and what they cost.
+
+One concern over ~500 lines: windows, answer alignment (also across tokenizers, through
+characters) and SQuAD scoring must use the same offsets.
 """
 
 from __future__ import annotations
