@@ -24,9 +24,14 @@ from distill.sampling import LengthGroupedBatchSampler
 from distill.tasks.base import Task
 
 
-def load_data(cfg: Config, task: Task) -> DatasetDict:
-    """The raw splits, subsampled; the task reads its label names from them."""
-    raw = data_mod.subsample(data_mod.load_raw(cfg), cfg)
+def read_raw(cfg: Config) -> DatasetDict:
+    """The recipe's raw splits, subsampled as a stage sees them."""
+    return data_mod.subsample(data_mod.load_raw(cfg), cfg)
+
+
+def load_data(cfg: Config, task: Task, raw: Optional[DatasetDict] = None) -> DatasetDict:
+    """The raw splits (read here unless `raw` is given); the task reads its label names from them."""
+    raw = read_raw(cfg) if raw is None else raw
     try:
         task.setup(raw)
     except ValueError as err:  # the task's own data checks (DataError is a ValueError too)
@@ -120,8 +125,7 @@ def data_fingerprint(features: Dataset) -> str:
     return sink.digest.hexdigest()[:16]
 
 
-def data_identity(cfg: Config) -> dict[str, str]:
-    """A content hash of every raw split the recipe reads (subsampled as the stage will see it):
-    a stage resumed or skipped as complete must have been trained on exactly this data."""
-    raw = data_mod.subsample(data_mod.load_raw(cfg), cfg)
+def data_identity(raw: DatasetDict) -> dict[str, str]:
+    """A content hash of every raw split (as `read_raw` gives them): a stage resumed or skipped as
+    complete must have been trained on exactly this data."""
     return {split: data_fingerprint(ds) for split, ds in raw.items()}

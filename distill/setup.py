@@ -273,15 +273,16 @@ def build_teachers(
     return EnsembleTeacher(built, task, d.teacher_combine, d.temperature, weights, main)
 
 
-def setup_stage(cfg: Config, stage: str, accelerator: Accelerator) -> Stage:
+def setup_stage(cfg: Config, stage: str, accelerator: Accelerator, raw: Optional[DatasetDict] = None) -> Stage:
     """Build the stage: every input (data, models, tokenizers, label names, layer maps, the
-    teacher cache) is checked here, before anything is written into the stage folder."""
+    teacher cache) is checked here, before anything is written into the stage folder. `raw`:
+    the splits when the caller has read them already (`features.read_raw`)."""
     out = stage_dir(cfg, stage)
     tcfg = stage_train(cfg, stage)
     check_writable(out)
     set_seed(cfg.seed)
     task = get_task(cfg)
-    raw = load_data(cfg, task)
+    raw = load_data(cfg, task, raw)
     check_metrics(task, tcfg.select_metric)
     head, kwargs = task.model_class(), task.model_kwargs()
     # the student's teachers (frozen, in the data's label order), in `config.teacher_list` order

@@ -38,7 +38,7 @@ from distill.errors import REQUEUE_EXIT_CODE, NonFiniteLoss, Preempted, StageErr
 from distill.evaluate import evaluate, is_better, write_predictions
 from distill.losses import Trainee
 from distill.setup import Stage, make_accelerator, setup_stage
-from distill.features import data_identity
+from distill.features import data_identity, read_raw
 from distill.stage import DATA_FILE, STAGES, JsonlLog, atomic_write, check_stage_dir, clear_stage_dir, locked, stage_dir
 
 log = logging.getLogger("distill")
@@ -209,7 +209,8 @@ def run_stage(cfg: Config, stage: str, on_evaluate: Optional[EvalCallback] = Non
         import datasets
 
         datasets.disable_progress_bars()
-    data = data_identity(cfg)  # a run on other data is never resumed into nor skipped as complete
+    raw = read_raw(cfg)  # read once: hashed here, set up below
+    data = data_identity(raw)  # a run on other data is never resumed into nor skipped as complete
     status = check_stage_dir(cfg, stage, data)  # every process reads it before anyone changes it
     accelerator.wait_for_everyone()
     if status == "complete":
@@ -218,7 +219,7 @@ def run_stage(cfg: Config, stage: str, on_evaluate: Optional[EvalCallback] = Non
         return json.loads((out / "metrics.json").read_text())
     with locked(accelerator, out):
         with SignalsRaise():  # SIGTERM while setting up (e.g. building the cache): exit 75, no temp folders
-            s = setup_stage(cfg, stage, accelerator)  # every check; nothing written yet
+            s = setup_stage(cfg, stage, accelerator, raw)  # every check; nothing written yet
         if main:  # every check passed: replace an old run (overwrite=true), record the config
             if status == "overwrite":
                 clear_stage_dir(out)
