@@ -11,7 +11,6 @@ import importlib
 import json
 import logging
 import sys
-from pathlib import Path
 from typing import Optional
 
 from distill.config import ConfigError, load_config

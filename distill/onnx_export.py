@@ -19,7 +19,6 @@ import contextlib
 import io
 import json
 import logging
-import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

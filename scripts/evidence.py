@@ -48,7 +48,6 @@ import datetime as dt
 import hashlib
 import itertools
 import json
-import math
 import os
 import platform
 import re

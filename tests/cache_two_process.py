@@ -24,7 +24,6 @@ from torch.utils.data import DataLoader  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
 from tests.conftest import SPANISH, minilm_path, online_teacher, pair, teacher_outputs, tiny_bert_config  # noqa: E402
-from distill import cache  # noqa: E402
 from distill.config import Config  # noqa: E402
 from distill.losses import SoftLabelLoss  # noqa: E402
 from distill.sampling import LengthGroupedBatchSampler  # noqa: E402

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 import distill.train as train
-from distill import setup, teachers
+from distill import teachers
 from distill.cli import main
 from tests.conftest import minilm_path, save_tiny, tiny_bert_config, write_keyword_data
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import SPANISH, minilm_path, save_tiny, tiny_bert_config
+from tests.conftest import minilm_path, save_tiny, tiny_bert_config
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 from transformers import (

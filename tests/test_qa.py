@@ -4,7 +4,6 @@ and the KD class mask (context + CLS) that the KD loss applies."""
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
