@@ -286,6 +286,9 @@ class SearchConfig:
     study_name: Optional[str] = None  # None = task.name
     seed: Optional[int] = None  # sampler seed (+ worker index); None = the recipe's seed
     heartbeat: int = 60  # seconds; a trial silent for 2 heartbeats is failed and retried
+    # the first trial of a new study runs the recipe's own values of the searched keys (those
+    # inside the space), so trials.md says what the search gained over the recipe as written
+    start_from_recipe: bool = True
     latency: SearchLatencyConfig = field(default_factory=SearchLatencyConfig)
 
 

@@ -149,6 +149,23 @@ class Param:
             return trial.suggest_categorical(self.key, list(self.choices))
         return self.choices[labels.index(trial.suggest_categorical(self.key, list(labels)))]
 
+    def stored_of(self, value: Any) -> Optional[Any]:
+        """A recipe value -> the value Optuna stores for it; None when it lies outside the space."""
+        if self.kind == "choice":
+            labels = self.labels
+            if labels is None:  # 1 and True are equal in Python, but not the same recipe value
+                same = [c for c in self.choices if c == value and isinstance(c, bool) == isinstance(value, bool)]
+                return same[0] if same else None
+            text = value_text(value)
+            return text if text in labels else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        if not self.low <= value <= self.high:
+            return None
+        if self.step and abs((value - self.low) / self.step - round((value - self.low) / self.step)) > 1e-9:
+            return None
+        return int(value) if self.kind == "int" else float(value)
+
     def value_of(self, stored: Any) -> Any:
         """A value as Optuna stores it -> the recipe value."""
         labels = self.labels

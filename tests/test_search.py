@@ -239,6 +239,58 @@ def test_resume_continues_the_count_and_never_reruns_a_trial(tmp_path: Path, no_
         S.Search(recipe, ["train.epochs=4", "search.trials=6"], root).run()
 
 
+def test_the_first_trial_runs_the_recipe_as_written(tmp_path: Path, no_preflight):
+    # train.lr=5e-5 lies outside the space: the sampler picks it; the other two keys keep the recipe's values
+    recipe = fake_recipe(tmp_path, SPACE + "trials: 4\npruner: none\n")
+    root = tmp_path / "search"
+    runner = FakeStage()
+    assert S.main([str(recipe), "distill.temperature=5", "distill.kd_loss=ce", "--root", str(root)], runner=runner) == 0
+    trials = study_of(root).trials
+    first = trials[0]
+    assert first.user_attrs["recipe_setting"] is True and not any(t.user_attrs.get("recipe_setting") for t in trials[1:])
+    assert (first.params["distill.temperature"], first.params["distill.kd_loss"]) == (5, "ce")
+    assert 1e-4 <= first.params["train.lr"] <= 1e-2
+    cfg = runner.configs["trial-0"]
+    assert (cfg.distill.temperature, cfg.distill.kd_loss) == (5, "ce")
+    info = json.loads((root / "search.json").read_text())
+    best = max(trials, key=lambda t: t.values[0])
+    assert info["recipe_setting"] == {"recipe_trial": 0, "recipe_value": pytest.approx(first.values[0]),
+                                      "best_trial": best.number, "best_value": pytest.approx(best.values[0]),
+                                      "gain": pytest.approx(best.values[0] - first.values[0])}
+    table = (root / "trials.md").read_text()
+    assert "| 0 | complete" in table and "the recipe's own setting |" in table
+    expected = ("The recipe's own setting (trial 0) is still the best: accuracy" if best.number == 0
+                else "The recipe's own setting (trial 0): accuracy")
+    assert expected in table
+    # a resumed study never queues it again
+    assert S.main([str(recipe), "distill.temperature=5", "distill.kd_loss=ce", "search.trials=6", "--root", str(root)],
+                  runner=FakeStage()) == 0
+    assert sum(bool(t.user_attrs.get("recipe_setting")) for t in study_of(root).trials) == 1
+
+
+def test_start_from_recipe_can_be_turned_off(tmp_path: Path, no_preflight):
+    recipe = fake_recipe(tmp_path, SPACE + "trials: 2\npruner: none\nstart_from_recipe: false\n")
+    root = tmp_path / "search"
+    assert S.main([str(recipe), "--root", str(root)], runner=FakeStage()) == 0
+    assert not any(t.user_attrs.get("recipe_setting") for t in study_of(root).trials)
+    assert "recipe's own setting" not in (root / "trials.md").read_text()
+
+
+def test_recipe_values_map_onto_the_space():
+    from distill.search_space import Param
+
+    assert Param("a", "float", 0.0, 1.0).stored_of(0.25) == 0.25
+    assert Param("a", "float", 0.0, 1.0).stored_of(1.5) is None
+    assert Param("a", "float", 0.0, 1.0, step=0.5).stored_of(0.25) is None
+    assert Param("a", "int", 1, 9, step=2).stored_of(5) == 5 and Param("a", "int", 1, 9, step=2).stored_of(4) is None
+    assert Param("t", "choice", choices=(1, 2, 5)).stored_of(2.0) == 2
+    assert Param("t", "choice", choices=(1, 2, 5)).stored_of(True) is None
+    assert Param("b", "choice", choices=(True, False)).stored_of(1) is None
+    layers = Param("l", "choice", choices=([0, 5], [0, 3, 5]))
+    assert layers.value_of(layers.stored_of([0, 3, 5])) == [0, 3, 5] and layers.stored_of([1]) is None
+    assert Param("a", "float", 0.0, 1.0).stored_of("x") is None
+
+
 def test_a_stopped_trial_is_retried_in_its_own_folder(tmp_path: Path, no_preflight):
     recipe = fake_recipe(tmp_path, SPACE + "trials: 3\npruner: none\n")
     root = tmp_path / "search"

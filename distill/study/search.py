@@ -218,6 +218,19 @@ def _file_lock(db: Optional[Path]) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _recipe_value(cfg: Any, key: str) -> Any:
+    """`train.lr` -> cfg.train.lr (sections are dataclasses, mappings or lists)."""
+    value = cfg
+    for part in key.split("."):
+        if isinstance(value, Mapping):
+            value = value.get(part)
+        elif isinstance(value, (list, tuple)) and part.isdigit():
+            value = value[int(part)] if int(part) < len(value) else None
+        else:
+            value = getattr(value, part, None)
+    return value
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -421,6 +434,41 @@ class Search:
                               f"not {self.objectives}; use another --root or search.study_name")
         return study
 
+    def recipe_setting(self) -> tuple[dict[str, Any], list[str]]:
+        """The recipe's own values of the searched keys, as Optuna stores them, and the keys whose
+        value lies outside the space (the sampler picks those)."""
+        params, outside = {}, []
+        for p in self.params:
+            stored = p.stored_of(_recipe_value(self.base, p.key))
+            if stored is None:
+                outside.append(p.key)
+            else:
+                params[p.key] = stored
+        return params, outside
+
+    def queue_recipe_setting(self, study: Any) -> None:
+        """search.start_from_recipe: a new study's first trial is the recipe as written, once for
+        all workers (the flag is set under the storage's lock)."""
+        if not self.cfg.start_from_recipe:
+            return
+        with _file_lock(self._sqlite_path()):
+            if study.user_attrs.get("recipe_setting_queued") or study.get_trials(deepcopy=False):
+                return
+            params, outside = self.recipe_setting()
+            if params:
+                study.enqueue_trial(params, user_attrs={"recipe_setting": True})
+                self.echo("[distill search] trial 0 runs the recipe's own setting: "
+                          + ", ".join(f"{k}={_fmt(self.param_of(k).value_of(v))}" for k, v in params.items())
+                          + (f" ({', '.join(outside)} outside the space: sampled)" if outside else ""))
+            study.set_user_attr("recipe_setting_queued", True)
+
+    def recipe_trial(self, study: Any) -> Optional[Any]:
+        """The finished trial that ran the recipe's own setting, if any."""
+        from optuna.trial import TrialState
+
+        return next((t for t in study.get_trials(deepcopy=False)
+                     if t.user_attrs.get("recipe_setting") and t.state == TrialState.COMPLETE), None)
+
     # --- checks before any training ------------------------------------------------------------
     def preflight(self) -> None:
         """Every endpoint of the space makes a valid recipe, and the stages' inputs (data,
@@ -618,6 +666,7 @@ class Search:
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
                 study = self.study()
+                self.queue_recipe_setting(study)
                 self.write_info(study)
                 self.preflight()
                 self.fail_dead_trials(study)
@@ -677,6 +726,8 @@ class Search:
             if state == "pruned" and t.intermediate_values:
                 step = max(t.intermediate_values)
                 note = f"at {'epoch' if self._by_epoch() else 'step'} {step}: {self.objectives[0]} {t.intermediate_values[step]:.4g}"
+            if t.user_attrs.get("recipe_setting"):
+                note = "the recipe's own setting" + ("; " + note if note else "")
             if t.user_attrs.get("folder", f"trial-{t.number}") != f"trial-{t.number}":
                 note = (note + "; " if note else "") + f"continues {t.user_attrs['folder']}"
             values = dict(zip(self.objectives, t.values or []))
@@ -699,11 +750,31 @@ class Search:
                  "",
                  f"Objectives: {', '.join(f'{o} ({d})' for o, d in zip(self.objectives, self.directions))}; "
                  f"sampler {self.cfg.sampler}, pruner {self.pruner}; storage {_redact(self.storage_url)}.",
-                 "",
+                 "", *self.gain_lines(study),
                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for row in rows:
             lines.append("| " + " | ".join(_fmt(row.get(h)).replace("|", "\\|") for h in head) + " |")
         return "\n".join(lines) + "\n"
+
+    def gain(self, study: Any) -> Optional[dict[str, Any]]:
+        """The recipe's own setting against the best trial (validation), one objective."""
+        own, best = self.recipe_trial(study), self.best_trials(study)
+        if own is None or not best or len(self.objectives) != 1:
+            return None
+        top = best[0]
+        return {"recipe_trial": own.number, "recipe_value": own.values[0], "best_trial": top.number,
+                "best_value": top.values[0], "gain": top.values[0] - own.values[0]}
+
+    def gain_lines(self, study: Any) -> list[str]:
+        g = self.gain(study)
+        if g is None:
+            return []
+        o = self.objectives[0]
+        if g["best_trial"] == g["recipe_trial"]:
+            return [f"The recipe's own setting (trial {g['recipe_trial']}) is still the best: {o} "
+                    f"{g['recipe_value']:.4g} on validation.", ""]
+        return [f"The recipe's own setting (trial {g['recipe_trial']}): {o} {g['recipe_value']:.4g} on validation; "
+                f"the best (trial {g['best_trial']}): {g['best_value']:.4g} ({g['gain']:+.4g}).", ""]
 
     def write_info(self, study: Any, extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
         from optuna.trial import TrialState
@@ -728,6 +799,7 @@ class Search:
                  "recipe": "best.yaml" if len(self.objectives) == 1 else f"pareto/trial-{t.number}.yaml"}
                 for t in self.best_trials(study)
             ],
+            "recipe_setting": self.gain(study),
             **(extra or {}),
         }
         _atomic_write(self.root / "search.json", json.dumps(info, indent=2, default=str))
