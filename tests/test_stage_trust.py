@@ -172,6 +172,14 @@ def test_keys_that_do_not_change_a_result_keep_a_finished_stage(setup, tmp_path)
     changed = load_config(recipe, [f"output_dir={reference}", "train.lr=1e-4"])
     with pytest.raises(stage.StageError, match="different config"):
         stage.check_stage_dir(changed, "teacher")
+    # a finished teacher folder copied elsewhere (teacher.dir) is the same teacher, still complete
+    copy = tmp_path / "shared-teacher"
+    shutil.copytree(reference / "teacher", copy)
+    moved = load_config(recipe, [f"output_dir={tmp_path / 'elsewhere'}", f"teacher.dir={copy}"])
+    assert stage.check_stage_dir(moved, "teacher") == "complete"
+    other_teacher = load_config(recipe, [f"output_dir={tmp_path / 'elsewhere'}", f"teacher.dir={copy}", "teacher.lr=1e-3"])
+    with pytest.raises(stage.StageError, match="different config"):
+        stage.check_stage_dir(other_teacher, "teacher")
 
 
 def test_a_dry_writability_check_creates_nothing(tmp_path, monkeypatch):
