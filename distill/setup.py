@@ -9,6 +9,7 @@ stage of a `distill run`, before the first one starts.
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 from dataclasses import dataclass, field
@@ -31,11 +32,11 @@ from distill.losses import GoldTerm, HiddenStateLoss, HiddenTerm, Objective, Sof
 from distill.stage import STAGES, check_stage_dir, check_writable, resolve_stage, stage_dir
 from distill.tasks import get_task
 from distill.tasks.base import Task
-from distill.teachers import EnsembleTeacher, Teacher, make_teacher, place_teacher
+from distill.teachers import CachedTeacher, EnsembleTeacher, Teacher, make_teacher, place_teacher
 
 log = logging.getLogger("distill")
 
-# terms that compare token positions: teacher and student must tokenize alike
+# terms that compare token positions: the (main) teacher and the student must tokenize alike
 POSITION_TERMS = ("hidden", "attention", "relations")
 
 
@@ -79,32 +80,109 @@ def teacher_source(cfg: Config, index: int = 0) -> str:
     return str(path)
 
 
-def shared_teacher_tokenizer(cfg: Config, task: Task, tokenizer: Any, teacher_toks: Sequence[Any]) -> Any:
-    """The one tokenizer of the stage's teachers (None without a teacher).
+def teachers_apart(cfg: Config, task: Task, tokenizer: Any, teacher_toks: Sequence[Any], main: int) -> list[int]:
+    """The teachers that tokenize unlike teacher `main` (in order; [] for one teacher).
 
-    Several teachers read one set of `teacher_` inputs, so they must tokenize alike; that
-    tokenizer may differ from the student's where one teacher's may (classification, tagging
-    at word level), and for QA several teachers must share the student's.
+    The training batches carry one teacher's inputs: the main teacher's (the one the hidden,
+    attention and relation terms follow), as `teacher_` columns when it tokenizes unlike the
+    student. Every other teacher of the main teacher's tokenizer reads them too; a teacher of
+    another tokenizer gets its own copy of the task and of the training features
+    (`teacher_inputs`), runs once into the teacher cache, and is read back by the batch's
+    feature ids. That works wherever one teacher across tokenizers does (classification;
+    tagging, whose targets are per word). Refused, before anything is built: QA with several
+    teachers unless they all share the student's tokenizer, and `distill.teacher_outputs=online`
+    with teachers apart (their targets exist only in the cache).
     """
     if len(teacher_toks) <= 1:
-        return teacher_toks[0] if teacher_toks else None
-    first = teacher_toks[0]
-    for i, tok in enumerate(teacher_toks[1:], start=1):
-        if not models.same_tokenizer(first, tok):
-            raise StageError(
-                f"teachers[0] ({cfg.teachers[0].model}: {type(first).__name__}, vocabulary {len(first)}) and "
-                f"teachers[{i}] ({cfg.teachers[i].model}: {type(tok).__name__}, vocabulary {len(tok)}) tokenize "
-                "differently; several teachers must share one tokenizer (which may differ from the "
-                "student's for classification and tagging). Distil from teachers of one tokenizer family"
-            )
-    if task.family == "qa" and not models.same_tokenizer(tokenizer, first):
+        return []
+    teachers = teacher_list(cfg)
+    if task.family == "qa":
+        for i, tok in enumerate(teacher_toks):
+            if not models.same_tokenizer(tokenizer, tok):
+                raise StageError(
+                    f"QA with several teachers needs teachers that share the student's tokenizer; "
+                    f"teachers[{i}] ({teachers[i].model}) uses {type(tok).__name__} of vocabulary "
+                    f"{len(tok)}, the student {type(tokenizer).__name__} of vocabulary {len(tokenizer)}. "
+                    "Use one teacher across tokenizers, or teachers of the student's tokenizer"
+                )
+        return []
+    apart = [
+        i for i, tok in enumerate(teacher_toks) if i != main and not models.same_tokenizer(teacher_toks[main], tok)
+    ]
+    if apart and cfg.distill.teacher_outputs == "online":
+        names = ", ".join(f"teachers[{i}] ({teachers[i].model})" for i in apart)
         raise StageError(
-            f"QA with several teachers needs teachers that share the student's tokenizer; "
-            f"teachers ({', '.join(t.model or '?' for t in cfg.teachers)}) use {type(first).__name__} of "
-            f"vocabulary {len(first)}, the student {type(tokenizer).__name__} of vocabulary "
-            f"{len(tokenizer)}. Use one teacher across tokenizers, or teachers of the student's tokenizer"
+            f"{names} tokenize{'s' if len(apart) == 1 else ''} unlike teachers[{main}] "
+            f"({teachers[main].model}), whose inputs the training batches carry "
+            f"(distill.intermediate_teacher={main}); a teacher of another tokenizer runs once on its "
+            "own tokenization into the teacher cache, so distill.teacher_outputs=online cannot serve "
+            "it. Set distill.teacher_outputs=auto (or cached), or distil from teachers of one tokenizer"
         )
-    return first
+    return apart
+
+
+def distinct_tokenizers(toks: Sequence[Any]) -> list[Any]:
+    """`toks` without repeats (by what they do), in order."""
+    seen: set[str] = set()
+    out = []
+    for tok in toks:
+        digest = models.tokenizer_digest(tok)
+        if digest not in seen:
+            seen.add(digest)
+            out.append(tok)
+    return out
+
+
+# the columns that say which student feature a row is: equal in every teacher's copy of the
+# training features, or one teacher's cached targets would be read for another's words
+ALIGNMENT_COLUMNS = ("feature_id", "example_id", "word_offset", "num_words", "input_ids")
+
+
+def _column(ds: Dataset, col: str) -> Any:
+    """One column's values as Arrow (zero-copy; compared by content, whatever the chunking)."""
+    return ds.select_columns([col]).with_format("arrow")[:].column(col)
+
+
+def check_aligned(main_features: Dataset, own: Dataset, who: str) -> None:
+    """A teacher's own copy of the training features names the same student features, row for
+    row, as the main copy (StageError otherwise: never train on misaligned targets)."""
+    if len(own) != len(main_features):
+        raise StageError(
+            f"{who}'s copy of the training features has {len(own)} features, the student's "
+            f"{len(main_features)}: its cached targets cannot be read by the student's feature ids"
+        )
+    for col in ALIGNMENT_COLUMNS:
+        present = (col in main_features.column_names, col in own.column_names)
+        if present == (False, False):
+            continue
+        if not all(present) or not _column(main_features, col).equals(_column(own, col)):
+            raise StageError(
+                f"{who}'s copy of the training features does not line up with the student's "
+                f"(column '{col}' differs): its cached targets would be read for other words. The "
+                "teachers' tokenizers must give the same windows; distil from teachers of one tokenizer"
+            )
+
+
+def teacher_inputs(
+    cfg: Config, task: Task, tokenizer: Any, teacher_toks: Sequence[Any], apart: Sequence[int],
+    raw_train: Dataset, train_features: Dataset, accelerator: Accelerator,
+) -> list[tuple[Task, Dataset]]:
+    """(task, training features) each teacher runs on, in teacher order: the stage's own for the
+    main teacher and those of its tokenizer; for each other tokenizer (`apart`), a copy of the
+    task bound to (student, that tokenizer) over the same planning tokenizers, whose features of
+    the same training rows are checked to name the same student features (`check_aligned`)."""
+    out = [(task, train_features)] * len(teacher_toks)
+    own: dict[str, tuple[Task, Dataset]] = {}
+    for i in apart:
+        digest = models.tokenizer_digest(teacher_toks[i])
+        if digest not in own:
+            copy_task = copy.copy(task)  # the labels and columns `setup` read, bound anew
+            bind_tokenizers(copy_task, tokenizer, teacher_toks[i], plan_tokenizers=task.plan_tokenizers)
+            features = prepare_data(copy_task, {"train": raw_train}, accelerator)["train"]
+            check_aligned(train_features, features, f"teachers[{i}] ({teacher_list(cfg)[i].model})")
+            own[digest] = (copy_task, features)
+        out[i] = own[digest]
+    return out
 
 
 def ensemble_info(cfg: Config, sources: Sequence[str]) -> dict[str, Any]:
@@ -120,10 +198,16 @@ def ensemble_info(cfg: Config, sources: Sequence[str]) -> dict[str, Any]:
     }
 
 
-def bind_tokenizers(task: Task, tokenizer: Any, teacher_tok: Any, position_terms: Sequence[str] = ()) -> None:
-    """Give the task its tokenizers; refuse a teacher/student pair the task or a term cannot align."""
+def bind_tokenizers(
+    task: Task, tokenizer: Any, teacher_tok: Any, position_terms: Sequence[str] = (), plan_tokenizers: Sequence[Any] = (),
+) -> None:
+    """Give the task its tokenizers (and the other teachers' to plan features over); refuse a
+    teacher/student pair the task or a term cannot align."""
     if teacher_tok is None or models.same_tokenizer(tokenizer, teacher_tok):
-        task.bind(tokenizer)
+        try:
+            task.bind(tokenizer, plan_tokenizers=plan_tokenizers)
+        except ValueError as err:
+            raise StageError(f"the teachers' tokenizers cannot be planned over for {task.family}: {err}") from None
         return
     if position_terms:
         names = ", ".join(f"distill.{'relation' if t == 'relations' else t}_weight" for t in position_terms)
@@ -134,7 +218,7 @@ def bind_tokenizers(task: Task, tokenizer: Any, teacher_tok: Any, position_terms
             f"set {names}=0 or pick a student that shares the teacher's tokenizer"
         )
     try:
-        task.bind(tokenizer, teacher_tok)
+        task.bind(tokenizer, teacher_tok, plan_tokenizers=plan_tokenizers)
     except ValueError as err:
         raise StageError(f"teacher and student tokenizers cannot be aligned for {task.family}: {err}") from None
 
@@ -235,13 +319,15 @@ def capture_factory(objective: Objective) -> Any:
 
 
 def build_teachers(
-    cfg: Config, task: Task, accelerator: Accelerator, train_features: Dataset, loaded: list[Any],
-    objective: Objective, main: int,
+    cfg: Config, inputs: Sequence[tuple[Task, Dataset]], accelerator: Accelerator, loaded: list[Any],
+    objective: Objective, main: int, apart: Sequence[int] = (),
 ) -> Teacher:
     """The stage's teacher from the loaded (model, tokenizer) pairs: one teacher as it is, several
-    as an `EnsembleTeacher`. Each is placed, made (online or cached: each teacher's cache is its
-    own, keyed by its weights) and, once cached, released before the next is placed, so cached
-    teachers never share the device. Only teacher `main` keeps the layers the terms read."""
+    as an `EnsembleTeacher`. Each is placed, made on its own (task, training features) of
+    `inputs` (online or cached: each teacher's cache is its own, keyed by its weights and
+    features) and, once cached, released before the next is placed, so cached teachers never
+    share the device. Only teacher `main` keeps the layers the terms read; the teachers `apart`
+    (another tokenizer than the main one's) are always read from their cache."""
     needs = objective.needs("teacher")
     d = cfg.distill
     built = []
@@ -250,6 +336,7 @@ def build_teachers(
         loaded[i] = None  # the list holds no reference once the teacher is released
         place_teacher(teacher_model, accelerator)
         layers = needs if i == main else {}
+        task, train_features = inputs[i]
         teacher, keep = make_teacher(
             teacher_model, task, accelerator, train_features,
             mode=d.teacher_outputs,
@@ -261,6 +348,8 @@ def build_teachers(
             # inference needs no activations for backward: batches 4x the training batch
             batch_size=max(4 * cfg.train.batch_size, cfg.train.eval_batch_size or 0),
         )
+        if i in apart and not isinstance(teacher, CachedTeacher):  # its inputs are not in the batch
+            raise StageError(f"teachers[{i}] tokenizes unlike teachers[{main}] and must be read from the teacher cache")
         built.append(teacher)
         if not keep:  # outputs are cached: the teacher need not stay resident while the student trains
             del teacher_model
@@ -270,7 +359,7 @@ def build_teachers(
     if len(built) == 1:
         return built[0]
     weights = list(d.teacher_weights) if d.teacher_combine == "weighted" else None
-    return EnsembleTeacher(built, task, d.teacher_combine, d.temperature, weights, main)
+    return EnsembleTeacher(built, inputs[main][0], d.teacher_combine, d.temperature, weights, main)
 
 
 def setup_stage(cfg: Config, stage: str, accelerator: Accelerator, raw: Optional[DatasetDict] = None) -> Stage:
@@ -298,8 +387,10 @@ def setup_stage(cfg: Config, stage: str, accelerator: Accelerator, raw: Optional
     objective = build_objective(task, cfg.distill, model.config, main_config)
     check_lengths(cfg.data.max_length, model.config, *[m.config for m, _ in loaded])
     check_lengths(cfg.teacher.max_length or 0, *[m.config for m, _ in loaded])  # QA teachers' own windows
-    teacher_tok = shared_teacher_tokenizer(cfg, task, tokenizer, [tok for _, tok in loaded])
-    bind_tokenizers(task, tokenizer, teacher_tok, [n for n in objective.terms if n in POSITION_TERMS])
+    toks = [tok for _, tok in loaded]
+    apart = teachers_apart(cfg, task, tokenizer, toks, main)
+    plan = distinct_tokenizers(toks) if apart else []  # the windows fit every teacher's tokenizer
+    bind_tokenizers(task, tokenizer, toks[main] if toks else None, [n for n in objective.terms if n in POSITION_TERMS], plan)
     rows = {"labelled": len(raw["train"])}
     if loaded and (cfg.data.transfer or cfg.augment.copies):
         rows = add_transfer_rows(cfg, raw, accelerator)  # raw["train"] becomes labelled ∪ transfer ∪ augmented
@@ -313,7 +404,8 @@ def setup_stage(cfg: Config, stage: str, accelerator: Accelerator, raw: Optional
     capture = capture_factory(objective)
     teacher = None
     if loaded:
-        teacher = build_teachers(cfg, task, accelerator, features["train"], loaded, objective, main)
+        inputs = teacher_inputs(cfg, task, tokenizer, toks, apart, raw["train"], features["train"], accelerator)
+        teacher = build_teachers(cfg, inputs, accelerator, loaded, objective, main, apart)
     on_gpu = accelerator.device.type == "cuda"
     loader_args = dict(seed=cfg.seed, group_by_length=tcfg.group_by_length, num_workers=tcfg.num_workers, pin_memory=on_gpu)
     eval_bs = tcfg.eval_batch_size or 2 * tcfg.batch_size
@@ -390,8 +482,11 @@ def _check_model_setup(cfg: Config, stage: str, task: Task) -> None:
     objective = build_objective(task, cfg.distill, student_config, teacher_config)
     check_lengths(cfg.data.max_length, student_config, *configs)
     check_lengths(cfg.teacher.max_length or 0, *configs)
-    teacher_tok = shared_teacher_tokenizer(cfg, task, tokenizer, toks)
-    bind_tokenizers(get_task(cfg), tokenizer, teacher_tok, [n for n in objective.terms if n in POSITION_TERMS])
+    apart = teachers_apart(cfg, task, tokenizer, toks, main)
+    plan = distinct_tokenizers(toks) if apart else []
+    bind_tokenizers(get_task(cfg), tokenizer, toks[main] if toks else None, [n for n in objective.terms if n in POSITION_TERMS], plan)
+    for i in apart:  # each teacher of another tokenizer on its own copy of the task
+        bind_tokenizers(get_task(cfg), tokenizer, toks[i], plan_tokenizers=plan)
 
 
 def make_accelerator(cfg: Config, stage: str, grad_accum: int) -> Accelerator:

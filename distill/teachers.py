@@ -8,7 +8,10 @@ the loss terms read), whether it runs online or reads the cache.
                     layer any term reads
     EnsembleTeacher several of the above (`teachers:`): their logit targets combined by
                     `distill.teacher_combine` (distill/ensemble.py), the layers the
-                    intermediate terms read taken from one of them
+                    intermediate terms read taken from one of them. A teacher whose tokenizer
+                    the batch does not carry is a CachedTeacher built on its own copy of the
+                    features (distill/setup.py `teacher_inputs`): the same feature ids, so its
+                    targets line up with the others'
 
 `make_teacher` decides which one a stage gets from what the loss terms need (told by the
 caller: the hidden layers and attention projections to keep), and builds the cache when needed.

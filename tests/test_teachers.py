@@ -365,16 +365,13 @@ distill: {{kd_weight: 1.0, ce_weight: 0.5, hidden_weight: 1.0, teacher_combine: 
     assert config["num_hidden_layers"] == 1
 
 
-@pytest.mark.parametrize("family", ["classification", "qa"])
-def test_teachers_that_tokenize_apart_are_refused_before_any_step(tmp_path, tiny_bert_dir, tiny_roberta_dir, family, capsys):
+def test_qa_teachers_of_another_tokenizer_than_the_student_are_refused_before_any_step(tmp_path, tiny_bert_dir, tiny_roberta_dir, capsys):
+    """QA: several teachers must share the student's tokenizer (teachers that tokenize apart
+    from each other elsewhere: tests/test_teachers_tokenizers.py)."""
     write_data(tmp_path)
-    if family == "classification":  # two teachers, two tokenizers
-        teachers, student = f"[{{model: {tiny_bert_dir}}}, {{model: {tiny_roberta_dir}}}]", tiny_bert_dir
-        message = "teachers[1] (" + str(tiny_roberta_dir)
-    else:  # QA: several teachers must share the student's tokenizer
-        teachers, student = f"[{{model: {tiny_roberta_dir}, seed: 1}}, {{model: {tiny_roberta_dir}, seed: 2}}]", tiny_bert_dir
-        message = "QA with several teachers needs teachers that share the student's tokenizer"
-    path = write_recipe(tmp_path, f"teachers: {teachers}\nstudent: {{model: {student}}}", family=family)
+    teachers, student = f"[{{model: {tiny_roberta_dir}, seed: 1}}, {{model: {tiny_roberta_dir}, seed: 2}}]", tiny_bert_dir
+    message = "QA with several teachers needs teachers that share the student's tokenizer; teachers[0] (" + str(tiny_roberta_dir)
+    path = write_recipe(tmp_path, f"teachers: {teachers}\nstudent: {{model: {student}}}", family="qa")
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err
     assert message in err

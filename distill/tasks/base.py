@@ -7,7 +7,11 @@ feature split), so cached teacher outputs, resume and sharding never depend on b
 
 Tokenizers: `tokenizer` belongs to the model being trained. When a distillation teacher uses a
 different tokenizer, features also carry the teacher's inputs under a `teacher_` prefix
-(`teacher_input_ids`, `teacher_attention_mask`, ...), and `kd_pairs` aligns the two.
+(`teacher_input_ids`, `teacher_attention_mask`, ...), and `kd_pairs` aligns the two. Features
+hold one teacher's inputs; with several teachers that tokenize apart, each other tokenizer gets
+its own copy of the task and of the training features (distill/setup.py), and `plan_tokenizers`
+names the tokenizers every copy must respect where a feature's extent depends on them (the word
+windows of tagging), so that a feature id means the same student feature in every copy.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -62,16 +66,20 @@ class Task:
         self.labels: list[str] = []
         self.tokenizer: Any = None
         self.teacher_tokenizer: Any = None
+        self.plan_tokenizers: list[Any] = []
 
     # --- data -----------------------------------------------------------------------------
     def setup(self, raw: DatasetDict) -> None:
         """Check columns and read label names from the raw splits (fails with a clear error)."""
         raise NotImplementedError
 
-    def bind(self, tokenizer: Any, teacher_tokenizer: Any = None) -> None:
-        """Tokenizer of the trained model, and the teacher's when it tokenizes differently."""
+    def bind(self, tokenizer: Any, teacher_tokenizer: Any = None, plan_tokenizers: Sequence[Any] = ()) -> None:
+        """Tokenizer of the trained model, and the teacher's when it tokenizes differently.
+        `plan_tokenizers`: further tokenizers (other teachers') whose lengths shape the features
+        as the two bound ones do, without their inputs being stored (see the module docstring)."""
         self.tokenizer = tokenizer
         self.teacher_tokenizer = teacher_tokenizer
+        self.plan_tokenizers = list(plan_tokenizers)
 
     def preprocess(self, raw: Dataset, split: str) -> Dataset:
         """Raw rows -> features (with `example_id`, `feature_id`, `length`, labels)."""
@@ -79,9 +87,9 @@ class Task:
 
     def features_fingerprint(self, raw: Dataset, split: str) -> str:
         """A name for `preprocess`'s output that covers everything it depends on: the raw split,
-        both tokenizers, the task and data settings and the label names. Given to
-        `Dataset.map(new_fingerprint=...)`, it lets datasets reuse cached features without
-        hashing the tokenizer object (seconds per split for a 30k vocabulary)."""
+        every tokenizer (bound or planned over), the task and data settings and the label names.
+        Given to `Dataset.map(new_fingerprint=...)`, it lets datasets reuse cached features
+        without hashing the tokenizer object (seconds per split for a 30k vocabulary)."""
         from distill.config import to_dict
 
         cfg = to_dict(self.cfg)
@@ -93,6 +101,8 @@ class Task:
             split,
             tokenizer_digest(self.tokenizer),
             tokenizer_digest(self.teacher_tokenizer),
+            # the further tokenizers the features were planned over (as a set: their order never matters)
+            *(sorted({tokenizer_digest(t) for t in self.plan_tokenizers}) if self.plan_tokenizers else ()),
             json.dumps([cfg["task"], cfg["data"], self.labels], sort_keys=True, default=str),
         ):
             h.update(str(part).encode())

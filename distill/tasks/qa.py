@@ -471,9 +471,17 @@ class QATask(Task):
         return f" (id {ds[i][self.id_col]!r})" if self.id_col in ds.column_names else ""
 
     # --- tokenizers -------------------------------------------------------------------------
-    def bind(self, tokenizer: Any, teacher_tokenizer: Any = None) -> None:
+    def bind(self, tokenizer: Any, teacher_tokenizer: Any = None, plan_tokenizers: Sequence[Any] = ()) -> None:
         """Tokenizer of the trained model, and the teacher's. A teacher that tokenizes
-        differently is aligned through the context's characters (see the module docstring)."""
+        differently is aligned through the context's characters (see the module docstring).
+        QA windows follow one teacher's tokenizer: further tokenizers to plan over are refused
+        (several QA teachers share the student's tokenizer)."""
+        if plan_tokenizers:
+            raise ValueError(
+                "QA windows follow the student's and one teacher's tokenizer; several teachers "
+                "must share the student's tokenizer"
+            )
+        self.plan_tokenizers = []
         if teacher_tokenizer is None or same_tokenizer(tokenizer, teacher_tokenizer):
             self.tokenizer, self.teacher_tokenizer = tokenizer, None  # one set of features serves both
             self.kd_target_keys = type(self).kd_target_keys

@@ -20,6 +20,9 @@ its first sub-tokens. Each feature carries:
     word_offset, num_words, example_id, feature_id, length
     teacher_input_ids, teacher_attention_mask[, teacher_token_type_ids], teacher_word_starts
                          only when the teacher tokenizes differently (same word windows)
+The windows fit every tokenizer's budget: the student's, the teacher's, and the other teachers'
+(`plan_tokenizers`, when several teachers tokenize apart), so each teacher's copy of the
+features has the same windows, hence the same feature ids.
 
 Distillation is word level: logits at each word's first sub-token, for student and teacher
 each through its own tokenizer's `word_starts`, compared on the words both tokenizations kept.
@@ -39,6 +42,7 @@ from distill.metrics import seqeval_metrics, token_accuracy
 from distill.data import column_list, is_null, label_problem, origin, refuse_or_drop
 from distill.errors import DataError
 from distill.labels import LabelSpace, label_space
+from distill.models import tokenizer_digest
 from distill.tasks.base import TEACHER_PREFIX, LogitPair, Task, column, require_columns
 
 logger = logging.getLogger(__name__)
@@ -232,9 +236,23 @@ class TaggingTask(Task):
 
     # --- features -------------------------------------------------------------------------
     def _tokenizers(self) -> list[Any]:
+        """The tokenizers whose inputs the features carry: the student's, then the teacher's."""
         tokenizers = [self.tokenizer]
         if self.teacher_tokenizer is not None:
             tokenizers.append(self.teacher_tokenizer)
+        return tokenizers
+
+    def _planning_tokenizers(self) -> list[Any]:
+        """The tokenizers whose budgets the word windows fit: the bound ones and the other
+        teachers' (`plan_tokenizers`), each once. `plan_windows` treats all but the first alike,
+        so every copy of the task bound with the same set plans the same windows."""
+        tokenizers = self._tokenizers()
+        seen = {tokenizer_digest(t) for t in tokenizers}
+        for tok in self.plan_tokenizers:
+            digest = tokenizer_digest(tok)
+            if digest not in seen:
+                seen.add(digest)
+                tokenizers.append(tok)
         return tokenizers
 
     def _max_length(self, tokenizer: Any) -> int:
@@ -243,14 +261,15 @@ class TaggingTask(Task):
     def preprocess(self, raw: Dataset, split: str) -> Dataset:
         if self.tokenizer is None:
             raise RuntimeError("TaggingTask.preprocess needs a tokenizer: call bind() first")
-        for tok in self._tokenizers():
+        planning = self._planning_tokenizers()
+        for tok in planning:
             if not getattr(tok, "is_fast", False):
                 raise DataError(
                     f"tagging needs a fast tokenizer (word ids); {type(tok).__name__} is not. "
                     "Load it with use_fast=True or convert it with the tokenizers library."
                 )
         tokenizers = self._tokenizers()
-        budgets = [self._max_length(t) - t.num_special_tokens_to_add(pair=False) for t in tokenizers]
+        budgets = [self._max_length(t) - t.num_special_tokens_to_add(pair=False) for t in planning]
         if min(budgets) < 2:
             raise DataError(f"data.max_length={self.cfg.data.max_length} leaves no room for words")
         overlap = min(self.cfg.data.doc_stride, min(budgets) // 2)
@@ -258,8 +277,8 @@ class TaggingTask(Task):
 
         def encode(rows: dict, idx: list[int]) -> dict:
             sentences = [[str(w) for w in words] for words in rows[self.tokens_col]]
-            counts = []  # per tokenizer: sub-tokens of every word of every sentence
-            for tok in tokenizers:
+            counts = []  # per planning tokenizer: sub-tokens of every word of every sentence
+            for tok in planning:
                 enc = tok(sentences, is_split_into_words=True, add_special_tokens=False)
                 per_sentence = []
                 for i, words in enumerate(sentences):
