@@ -33,6 +33,7 @@ from distill.card import (
     ExportError,
     RunEvidence,
     build_card,
+    hub_id_of,
     load_evidence,
     repo_name,
 )
@@ -127,18 +128,51 @@ class ParityError(ExportError):
 
 
 def results_json(ev: RunEvidence, onnx: Optional["ParityReport"] = None) -> dict[str, Any]:
-    """The scores behind the card, machine-readable, without local paths."""
+    """The scores behind the card, machine-readable, without local paths.
+
+    `teacher` holds the teacher's scores (with several teachers, the best one's, as the card's
+    comparison uses); with several teachers `teachers` also lists every one in recipe order
+    (stage, Hub id or null for a local model, whether it came fine-tuned, its scores, which is
+    best) and `teacher_combine` the rule that combined their soft targets."""
     out: dict[str, Any] = {"task": ev.cfg.task.name, "metric": ev.metric, "stage": ev.stage}
-    for name, metrics in (("teacher", ev.teacher), (ev.stage, ev.metrics), ("baseline", ev.baseline)):
-        if not metrics or name in out:
-            continue
-        row = next((r for r in ev.summary if r.get("stage") == name), {})
-        out[name] = {
+    # speedups are relative to the (first) teacher's timing: none without a teacher row
+    timed = any(str(r.get("stage", "")).startswith("teacher") for r in ev.summary)
+    several = len(ev.teachers) > 1
+    best = next((i for i, t in enumerate(ev.teachers) if ev.teacher is not None and t["metrics"] is ev.teacher), None)
+    teacher_stage = ev.teachers[best]["stage"] if several and best is not None else "teacher"
+
+    def scores(metrics: dict, stage: str) -> dict[str, Any]:
+        row = next((r for r in ev.summary if r.get("stage") == stage), {})
+        return {
             "validation": metrics.get("validation", {}),
             "test": metrics.get("test", {}),
             "parameters": (metrics.get("info") or {}).get("parameters"),
             "cpu_latency_ms": row.get("latency_ms"),
-            "speedup_vs_teacher": row.get("speedup") if any(r.get("stage") == "teacher" for r in ev.summary) else None,
+            "speedup_vs_teacher": row.get("speedup") if timed else None,
+        }
+
+    for name, stage, metrics in (("teacher", teacher_stage, ev.teacher), (ev.stage, ev.stage, ev.metrics), ("baseline", "baseline", ev.baseline)):
+        if not metrics or name in out:
+            continue
+        out[name] = scores(metrics, stage)
+    if several:
+        d = ev.cfg.distill
+        out["teachers"] = [
+            {
+                "index": i,
+                "stage": t["stage"],
+                "model": hub_id_of(t["model"]),  # None: a local model (its path stays out)
+                "finetuned": bool(t["finetuned"]),  # came fine-tuned (no stage of this run)
+                "best": i == best,
+                **scores(t["metrics"] or {}, t["stage"]),
+            }
+            for i, t in enumerate(ev.teachers)
+        ]
+        out["teacher_combine"] = {
+            "rule": d.teacher_combine,
+            "weights": list(d.teacher_weights) if d.teacher_combine == "weighted" else None,
+            "temperature": d.temperature,
+            "intermediate_teacher": d.intermediate_teacher,
         }
     out["loss_weights"] = ev.info.get("loss_weights")
     if onnx is not None:

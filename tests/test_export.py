@@ -153,6 +153,8 @@ def test_card_parses_back_with_the_runs_numbers(cls_run, tmp_path, capsys):
     assert str(cls_run) not in body  # local paths stay out of the published card
     results = json.loads((out / RESULTS_NAME).read_text())
     assert results["student"]["test"] == metrics["test"] and results["teacher"]["parameters"] > results["student"]["parameters"]
+    assert results["teacher"]["cpu_latency_ms"] == 9.0 and results["student"]["speedup_vs_teacher"] == 3.0
+    assert "teachers" not in results and "teacher_combine" not in results  # one teacher: the keys as before
 
 
 @pytest.mark.slow
@@ -273,6 +275,48 @@ def test_card_finds_the_teacher_through_teacher_dir(tmp_path):
     text = (export_student(stage, repo_id="org/tiny") / "README.md").read_text()
     assert "| teacher (fine-tuned) | 110.00M | 0.8765 | 0.8765 |" in text
     assert "66% of its teacher's accuracy (0.8765)" in text and "0.1111" not in text
+
+
+def test_results_list_every_teacher_and_the_combination_rule(tmp_path):
+    """Several teachers: `teacher` stays the best one's scores (as before), `teachers` lists each
+    in recipe order with its own scores and timing, and `teacher_combine` the rule; a local
+    teacher's path stays out of the file."""
+    local = tmp_path / "my-teacher"
+    teachers = (f"teachers=[{{model: dccuchile/bert-base-spanish-wwm-cased, seed: 1}}, {{model: {local}, seed: 2}}, "
+                "{model: PlanTL-GOB-ES/roberta-base-bne, finetuned: true}]")
+    stage = make_stage(tmp_path, "classification", [teachers, "distill.teacher_combine=weighted",
+                                                    "distill.teacher_weights=[1,3,1]", "distill.temperature=2",
+                                                    "distill.intermediate_teacher=1"])
+    metrics = json.loads((stage / "metrics.json").read_text())
+    metrics["info"].update(teacher=["t0", "t1", "t2"], loss_weights={"ce": 0.5, "kd": 0.5})
+    (stage / "metrics.json").write_text(json.dumps(metrics))
+    for i, (score, params) in enumerate(((0.70, 110_000_000), (0.80, 125_000_000))):
+        (stage.parent / f"teacher-{i}").mkdir()
+        metrics = {split: {"accuracy": score, "loss": 0.5} for split in ("validation", "test")}
+        (stage.parent / f"teacher-{i}" / "metrics.json").write_text(
+            json.dumps({**metrics, "info": {"stage": f"teacher-{i}", "parameters": params}}))
+    summary = [{"stage": "teacher-0", "latency_ms": 9.0, "speedup": 1.0}, {"stage": "teacher-1", "latency_ms": 12.0, "speedup": 0.75},
+               {"stage": "student", "latency_ms": 3.0, "speedup": 3.0}]
+    (stage.parent / "summary.json").write_text(json.dumps(summary))
+    out = export_student(stage, repo_id="org/tiny")
+    text = (out / RESULTS_NAME).read_text()
+    results = json.loads(text)
+    assert str(local) not in text and str(tmp_path) not in text
+    assert results["teacher"] == {"validation": {"accuracy": 0.80, "loss": 0.5}, "test": {"accuracy": 0.80, "loss": 0.5},
+                                  "parameters": 125_000_000, "cpu_latency_ms": 12.0, "speedup_vs_teacher": 0.75}
+    assert results["student"]["speedup_vs_teacher"] == 3.0 and results["student"]["test"]["accuracy"] == 0.58
+    listed = results["teachers"]
+    assert [(t["index"], t["stage"], t["model"], t["finetuned"], t["best"]) for t in listed] == [
+        (0, "teacher-0", "dccuchile/bert-base-spanish-wwm-cased", False, False),
+        (1, "teacher-1", None, False, True),
+        (2, "teacher-2", "PlanTL-GOB-ES/roberta-base-bne", True, False),
+    ]
+    assert [t["test"].get("accuracy") for t in listed] == [0.70, 0.80, None]
+    assert [t["parameters"] for t in listed] == [110_000_000, 125_000_000, None]
+    assert [t["cpu_latency_ms"] for t in listed] == [9.0, 12.0, None]
+    assert results["teacher_combine"] == {"rule": "weighted", "weights": [1.0, 3.0, 1.0], "temperature": 2.0, "intermediate_teacher": 1}
+    card = (out / "README.md").read_text()  # the card says the same
+    assert "- **Teachers** (3; soft targets combined as a weighted mean of their probabilities at temperature T (weights 1, 3, 1)):" in card
 
 
 def test_card_states_how_the_summary_timed_the_models(tmp_path, monkeypatch):
