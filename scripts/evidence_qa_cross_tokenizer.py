@@ -284,8 +284,8 @@ def distill_cli(*args: str, log: Path) -> None:
     print(f"  distill {args[0]}: {time.time() - start:.0f}s", flush=True)
 
 
-def recipe_text(data: Path, out: Path, quick: bool, student: str = "scratch") -> str:
-    epochs_t, epochs_s = (1, 1) if quick else (4, 12 if student == "scratch" else 10)
+def recipe_text(data: Path, out: Path, quick: bool, student: str = "scratch", teacher_epochs: int = 4) -> str:
+    epochs_t, epochs_s = (1, 1) if quick else (teacher_epochs, 12 if student == "scratch" else 10)
     lr = 5e-4 if student == "scratch" else 2e-4
     return f"""# QA across tokenizers, evidence run (written by scripts/evidence_qa_cross_tokenizer.py)
 #   python scripts/evidence_qa_cross_tokenizer.py
@@ -316,6 +316,7 @@ def main() -> None:
     parser.add_argument("--student", choices=("scratch", "pretrained"), default="scratch",
                         help="scratch: a small BERT from random weights; pretrained: MiniLM's first 3 layers "
                              "under the Unigram tokenizer (embeddings carried over piece by piece)")
+    parser.add_argument("--teacher-epochs", type=int, default=4, help="the teacher's fine-tuning epochs")
     parser.add_argument("--teacher-dir", type=Path, default=None,
                         help="a teacher stage this script fine-tuned before (same data), used instead of training one")
     args = parser.parse_args()
@@ -335,7 +336,7 @@ def main() -> None:
     texts = sorted({r["context"] for r in rows["train"]}) + [r["question"] for r in rows["train"]]
     tok = student_tokenizer(texts, out / "student_tokenizer")
     recipe = out / "recipe.yaml"
-    recipe.write_text(recipe_text(data, out, args.quick, args.student))
+    recipe.write_text(recipe_text(data, out, args.quick, args.student, args.teacher_epochs))
     limit = ["data.max_train_samples=48", "data.max_eval_samples=24"] if args.quick else []
 
     # the teacher: fine-tuned once, shared by every seed
