@@ -147,8 +147,23 @@ def questions_of(sentence: dict) -> list[dict]:
             )
             cues = [words[i]["form"] for i in cue_ids if i not in ids and not (case and i in case)][:7]
             question = " ".join([wh, verb["form"], *cues]).strip() + "?"
-            out.append({"question": question, "text": text[lo:hi], "start": lo, "end": hi})
+            out.append({"question": question, "text": text[lo:hi], "start": lo, "end": hi,
+                        "parts": (wh, verb["form"], cues)})
     return out
+
+
+def variants(parts: tuple, asked: str, most: int = 1) -> list[str]:
+    """Up to `most` other wordings of one templated question: the same wh-word and verb with the
+    first half, the last half, none or the first of its cues (those that differ from the
+    question asked, in that order)."""
+    wh, verb, cues = parts
+    half = (len(cues) + 1) // 2
+    out: list[str] = []
+    for chosen in (cues[:half], cues[half:], [], cues[:1]):
+        q = " ".join([wh, verb, *chosen]).strip() + "?"
+        if q != asked and q not in out:
+            out.append(q)
+    return out[:most]
 
 
 def build_qa(conllu: Path, out: Path, per_context: int = 4, seed: int = 0) -> dict:
@@ -156,6 +171,7 @@ def build_qa(conllu: Path, out: Path, per_context: int = 4, seed: int = 0) -> di
     sentences = read_conllu(conllu)
     rng = random.Random(seed)
     splits: dict[str, list] = {"train": [], "validation": [], "test": []}
+    transfer: list[dict] = []
     for c in range(0, len(sentences) - per_context + 1, per_context):
         group = sentences[c : c + per_context]
         context, offsets = "", []
@@ -166,7 +182,8 @@ def build_qa(conllu: Path, out: Path, per_context: int = 4, seed: int = 0) -> di
         qas = []
         for s, base in zip(group, offsets):
             for q in questions_of(s):
-                qas.append({"question": q["question"], "text": q["text"], "start": base + q["start"]})
+                qas.append({"question": q["question"], "text": q["text"], "start": base + q["start"],
+                            "parts": q["parts"]})
         rng.shuffle(qas)
         index = c // per_context
         split = "train" if index % 10 < 6 else "validation" if index % 10 < 8 else "test"
@@ -176,10 +193,14 @@ def build_qa(conllu: Path, out: Path, per_context: int = 4, seed: int = 0) -> di
                 "id": f"{split}-{index}-{k}", "title": f"coser-{index}", "context": context,
                 "question": q["question"], "answers": {"text": [q["text"]], "answer_start": [q["start"]]},
             })
+            if split == "train":  # unlabelled rewordings of the training questions (no answers kept)
+                for v, question in enumerate(variants(q["parts"], q["question"])):
+                    transfer.append({"id": f"transfer-{index}-{k}-{v}", "context": context, "question": question})
     out.mkdir(parents=True, exist_ok=True)
+    (out / "transfer.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in transfer))
     for split, rows in splits.items():
         (out / f"{split}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return {split: len(rows) for split, rows in splits.items()}
+    return {**{split: len(rows) for split, rows in splits.items()}, "transfer": len(transfer)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,6 +337,8 @@ def main() -> None:
     parser.add_argument("--student", choices=("scratch", "pretrained"), default="scratch",
                         help="scratch: a small BERT from random weights; pretrained: MiniLM's first 3 layers "
                              "under the Unigram tokenizer (embeddings carried over piece by piece)")
+    parser.add_argument("--transfer", action="store_true",
+                        help="also distil with unlabelled rewordings of the training questions as a transfer set")
     parser.add_argument("--teacher-epochs", type=int, default=4, help="the teacher's fine-tuning epochs")
     parser.add_argument("--teacher-dir", type=Path, default=None,
                         help="a teacher stage this script fine-tuned before (same data), used instead of training one")
@@ -350,15 +373,18 @@ def main() -> None:
     for seed in seeds:
         make = pretrained_student if args.student == "pretrained" else save_student
         init = make(tok, out / f"student_init_{seed}", seed)
-        common = [
-            f"teacher.model={teacher_dir / 'model'}", "teacher.finetuned=true", f"student.model={init}",
-            f"seed={seed}", f"output_dir={out / f'seed{seed}'}", *limit,
-        ]
+        models = [f"teacher.model={teacher_dir / 'model'}", "teacher.finetuned=true", f"student.model={init}", f"seed={seed}"]
+        common = [*models, f"output_dir={out / f'seed{seed}'}", *limit]
         distill_cli("student", str(recipe), *common, log=out / f"student_{seed}.log")
         distill_cli("baseline", str(recipe), *common, log=out / f"baseline_{seed}.log")
         results["seeds"][seed] = {
             stage: metrics_of(out / f"seed{seed}" / stage) for stage in ("student", "baseline")
         }
+        if args.transfer:  # the same student, plus the teacher's answers to unlabelled questions
+            rows = f'data.transfer=[{{"files": ["{data / "transfer.jsonl"}"]}}]'
+            distill_cli("student", str(recipe), *models, f"output_dir={out / f'seed{seed}-transfer'}", *limit, rows,
+                        log=out / f"student_transfer_{seed}.log")
+            results["seeds"][seed]["transfer"] = metrics_of(out / f"seed{seed}-transfer" / "student")
         s, b = (results["seeds"][seed][k]["test"] for k in ("student", "baseline"))
         print(f"  seed {seed}: distilled F1 {s['f1']:.4f} EM {s['exact_match']:.4f} | "
               f"alone F1 {b['f1']:.4f} EM {b['exact_match']:.4f}", flush=True)
@@ -378,13 +404,22 @@ def summary(results: dict) -> str:
     lines.append(f"| teacher: MiniLM-L6, WordPiece (fine-tuned) | {100 * t['f1']:.2f} | {100 * t['exact_match']:.2f} |")
     kind = ("MiniLM's first 3 layers, Unigram re-tokenized" if results.get("student_kind") == "pretrained"
             else "3-layer BERT from scratch, Unigram")
-    for stage, name in (("student", "student distilled across tokenizers"), ("baseline", "student fine-tuned alone")):
+    stages = [("student", "student distilled across tokenizers"), ("baseline", "student fine-tuned alone")]
+    if all("transfer" in r for r in results["seeds"].values()):
+        n = results.get("counts", {}).get("transfer", "")
+        stages.insert(1, ("transfer", f"student distilled + {n} unlabelled reworded questions"))
+    for stage, name in stages:
         f1 = [100 * r[stage]["test"]["f1"] for r in results["seeds"].values()]
         em = [100 * r[stage]["test"]["exact_match"] for r in results["seeds"].values()]
         lines.append(f"| {name} ({kind}, {len(f1)} seeds) | {fmt(f1)} | {fmt(em)} |")
-    diffs = [100 * (r["student"]["test"]["f1"] - r["baseline"]["test"]["f1"]) for r in results["seeds"].values()]
     lines.append("")
-    lines.append("distilled − alone, test F1 per seed: " + ", ".join(f"{d:+.2f}" for d in diffs) + f" (mean {fmt(diffs)})")
+    for stage, _ in stages:
+        if stage == "baseline":
+            continue
+        for split in ("test", "validation"):
+            diffs = [100 * (r[stage][split]["f1"] - r["baseline"][split]["f1"]) for r in results["seeds"].values()]
+            lines.append(f"{'distilled' if stage == 'student' else 'distilled + transfer'} − alone, {split} F1 per seed: "
+                         + ", ".join(f"{d:+.2f}" for d in diffs) + f" (mean {fmt(diffs)})  ")
     return "\n".join(lines) + "\n"
 
 
