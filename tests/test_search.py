@@ -307,7 +307,8 @@ def test_a_stopped_trial_is_retried_in_its_own_folder(tmp_path: Path, no_preflig
     assert runner.configs["trial-1"].train.lr == pytest.approx(trials[1].params["train.lr"])
     states = [t.state for t in study_of(root).trials]
     assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
-    assert "continues trial-1" in (root / "trials.md").read_text()
+    table = (root / "trials.md").read_text()
+    assert "continues trial-1" in table and "| stopped (signal or crash); continued by trial 2 |" in table
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the orphan is made by hand, outside optimize

@@ -720,9 +720,14 @@ class Search:
         mark = "best" if len(self.objectives) == 1 else "pareto"
         keys = [p.key for p in self.params]
         rows = []
-        for t in study.get_trials(deepcopy=False):
+        trials = study.get_trials(deepcopy=False)
+        folder_of = {t.number: t.user_attrs.get("folder", f"trial-{t.number}") for t in trials}
+        for t in trials:
             state = t.state.name.lower()
             note = t.user_attrs.get("error", "")
+            if state == "fail" and not note:
+                later = [u.number for u in trials if u.number > t.number and folder_of[u.number] == folder_of[t.number]]
+                note = f"stopped (signal or crash); continued by trial {later[0]}" if later else "stopped (signal or crash)"
             if state == "pruned" and t.intermediate_values:
                 step = max(t.intermediate_values)
                 note = f"at {'epoch' if self._by_epoch() else 'step'} {step}: {self.objectives[0]} {t.intermediate_values[step]:.4g}"
