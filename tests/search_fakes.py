@@ -35,13 +35,17 @@ class FakeStage:
         self.configs: dict[str, Any] = {}
 
     def __call__(self, cfg, stage: str, on_evaluate=None) -> dict:
-        out = Path(cfg.teacher.dir) if stage == "teacher" else Path(cfg.output_dir) / stage
-        name = out.name if stage == "teacher" else Path(cfg.output_dir).name
+        teacher = stage.startswith("teacher")
+        if teacher:  # `teacher`, or `teacher-<i>` for an entry of `teachers:`
+            out = Path((cfg.teacher if stage == "teacher" else cfg.teachers[int(stage.split("-")[1])]).dir)
+        else:
+            out = Path(cfg.output_dir) / stage
+        name = out.name if teacher else Path(cfg.output_dir).name
         if (out / "metrics.json").exists():
             return json.loads((out / "metrics.json").read_text())
         self.calls.append((stage, name))
         self.configs[name] = cfg
-        if stage == "teacher":
+        if teacher:
             results = {"validation": {"accuracy": 0.95}, "test": {"accuracy": 0.94}, "info": {"parameters": 10}}
         else:
             if self.preempt == name:

@@ -291,6 +291,41 @@ def test_recipe_values_map_onto_the_space():
     assert Param("a", "float", 0.0, 1.0).stored_of("x") is None
 
 
+def test_several_teachers_are_fine_tuned_once_and_shared(tmp_path: Path, no_preflight):
+    recipe = tmp_path / "ensemble.yaml"
+    mine = tmp_path / "my-teacher"
+    recipe.write_text(textwrap.dedent("""\
+        task: {family: classification, name: polarity}
+        data: {files: {train: t.jsonl, validation: v.jsonl}}
+        teachers:
+          - {model: some/teacher, seed: 1}
+          - {model: other/teacher, finetuned: true}
+          - {model: some/teacher, seed: 2, dir: %s}
+        student: {num_layers: 2}
+        train: {lr: 5e-5, epochs: 3}
+        tracking: {report_to: []}
+        output_dir: runs/x
+        search:
+        """ % mine) + textwrap.indent(SPACE + "trials: 3\npruner: none\n", "  "))
+    root = tmp_path / "search"
+    runner = FakeStage()
+    assert S.main([str(recipe), "--root", str(root)], runner=runner) == 0
+    # teachers[0] and [2] fine-tuned once, before any trial; teachers[1] is taken as it is
+    assert runner.calls[:2] == [("teacher-0", "teacher-0"), ("teacher-2", "my-teacher")]
+    assert [c for c in runner.calls if c[0].startswith("teacher")] == runner.calls[:2]
+    for name in ("trial-0", "trial-1", "trial-2"):
+        dirs = [t.dir for t in runner.configs[name].teachers]
+        assert dirs == [str(root / "teacher-0"), None, str(mine)]
+    best = load_config(root / "best.yaml")
+    assert [t.dir for t in best.teachers] == [str(root / "teacher-0"), None, str(mine)]
+    assert best.teachers[1].finetuned and best.search == S.SearchConfig()
+    # a teacher key in the space cannot mean one of several teachers
+    bad = recipe.read_text().replace("space:", "space:\n    teacher.lr: [1e-5, 2e-5]")
+    recipe.write_text(bad)
+    with pytest.raises(S.SearchError, match=r"teacher.lr set the single `teacher:`.*lists `teachers:`"):
+        S.Search(recipe, [], tmp_path / "other")
+
+
 def test_a_stopped_trial_is_retried_in_its_own_folder(tmp_path: Path, no_preflight):
     recipe = fake_recipe(tmp_path, SPACE + "trials: 3\npruner: none\n")
     root = tmp_path / "search"

@@ -269,11 +269,14 @@ class Search:
         self.runner = runner or default_runner
         self.worker, self.echo = worker, echo
         self.team = Team()
-        if self.base.teachers and any(not t.finetuned for t in self.base.teachers):
-            raise SearchError("the search fine-tunes one teacher; fine-tune the `teachers:` with "
-                              "`distill run` first and mark them finetuned: true")
         self.has_teacher = bool(self.base.teacher.model) and not self.base.teacher.finetuned
         self.teacher_params = [p for p in self.params if p.key.startswith(TEACHER_PREFIXES) or p.key in TEACHER_EXACT]
+        # with `teachers:`, each one not yet fine-tuned gets its shared stage <root>/teacher-<i>
+        self.own_teachers = [i for i, t in enumerate(self.base.teachers) if not t.finetuned]
+        if self.base.teachers and self.teacher_params:
+            raise SearchError(
+                f"search.space: {', '.join(p.key for p in self.teacher_params)} set the single `teacher:`, but "
+                "this recipe lists `teachers:`; search the student and distillation keys, or one teacher at a time")
         self._storage: Any = None
         make_sampler(s.sampler, s.sampler_options, 0)  # options that do not fit fail here, before any work
         make_pruner(self.pruner, s.pruner_options)
@@ -308,7 +311,14 @@ class Search:
         except ConfigError as err:
             raise TrialFailed(f"the trial's values {dict(params)} make an invalid recipe: {err}", str(err)) from None
         cfg.search = SearchConfig()  # not part of the trial's result, nor of its saved config
+        for i, folder_of in self.shared_teacher_dirs().items():  # list entries: no dotted override reaches them
+            cfg.teachers[i].dir = folder_of
         return cfg
+
+    def shared_teacher_dirs(self) -> dict[int, str]:
+        """`teachers:` entries to fine-tune once for every trial -> their shared folder (an entry
+        with its own `dir` keeps it)."""
+        return {i: str(self.root / f"teacher-{i}") for i in self.own_teachers if not self.base.teachers[i].dir}
 
     def teacher_config(self, params: Mapping[str, Any]) -> Config:
         """The base recipe with only the teacher-changing values of `params`."""
@@ -328,6 +338,8 @@ class Search:
             OmegaConf.update(node, key, value, merge=False)
         for key, value in params.items():
             OmegaConf.update(node, key, value, merge=False)
+        for i, folder in self.shared_teacher_dirs().items():
+            OmegaConf.update(node, f"teachers.{i}.dir", folder, merge=False)
         if "search" in node:
             node.pop("search")
         return header + OmegaConf.to_yaml(node)
@@ -491,7 +503,7 @@ class Search:
                                       f"{err.reason}") from None
                 if p.kind == "choice" and p.key.startswith(("student.", "teacher.", "data.", "task.")):
                     probes.append({p.key: value})
-        stages = ["teacher", "student"] if self.has_teacher else ["student"]
+        stages = ["teacher", "student"] if self.has_teacher else [*(f"teacher-{i}" for i in self.own_teachers), "student"]
         for probe in probes:
             cfg = self.config_for(probe, "trial-preflight")
             try:
@@ -523,6 +535,12 @@ class Search:
         """Fine-tune the shared teacher(s) once, before any trial."""
         for variant in self.teacher_variants() or []:
             self.ensure_teacher(variant)
+        if self.own_teachers:
+            cfg = self.config_for({}, ".")
+            for i in self.own_teachers:
+                if self.team.main:
+                    self.echo(f"[distill search] teachers[{i}] -> {cfg.teachers[i].dir}")
+                self.runner(cfg, f"teacher-{i}")
 
     # --- trials --------------------------------------------------------------------------------
     def _by_epoch(self) -> bool:
