@@ -339,6 +339,8 @@ def main() -> None:
                              "under the Unigram tokenizer (embeddings carried over piece by piece)")
     parser.add_argument("--transfer", action="store_true",
                         help="also distil with unlabelled rewordings of the training questions as a transfer set")
+    parser.add_argument("--long-baseline", type=int, default=0, metavar="EPOCHS",
+                        help="also fine-tune the student alone for this many epochs (a step-budget control)")
     parser.add_argument("--teacher-epochs", type=int, default=4, help="the teacher's fine-tuning epochs")
     parser.add_argument("--teacher-dir", type=Path, default=None,
                         help="a teacher stage this script fine-tuned before (same data), used instead of training one")
@@ -392,6 +394,10 @@ def main() -> None:
             distill_cli("student", str(recipe), *models, f"output_dir={out / f'seed{seed}-transfer'}", *limit, rows,
                         log=out / f"student_transfer_{seed}.log")
             results["seeds"][seed]["transfer"] = metrics_of(out / f"seed{seed}-transfer" / "student")
+        if args.long_baseline:  # the student alone given as many steps as the transfer run, and more
+            distill_cli("baseline", str(recipe), *models, f"output_dir={out / f'seed{seed}-long'}", *limit,
+                        f"train.epochs={args.long_baseline}", log=out / f"baseline_long_{seed}.log")
+            results["seeds"][seed]["long"] = metrics_of(out / f"seed{seed}-long" / "baseline")
         s, b = (results["seeds"][seed][k]["test"] for k in ("student", "baseline"))
         print(f"  seed {seed}: distilled F1 {s['f1']:.4f} EM {s['exact_match']:.4f} | "
               f"alone F1 {b['f1']:.4f} EM {b['exact_match']:.4f}", flush=True)
@@ -406,27 +412,35 @@ def main() -> None:
 
 def summary(results: dict) -> str:
     """Markdown: per-seed and mean ± standard deviation of test F1 / EM."""
-    lines = ["| model | test F1 | test EM |", "|---|---|---|"]
-    t = results["teacher"]["test"]
-    lines.append(f"| teacher: MiniLM-L6, WordPiece (fine-tuned) | {100 * t['f1']:.2f} | {100 * t['exact_match']:.2f} |")
+    lines = ["| model | test F1 | test EM | validation F1 |", "|---|---|---|---|"]
+    t, tv = results["teacher"]["test"], results["teacher"]["validation"]
+    lines.append(f"| teacher: MiniLM-L6, WordPiece (fine-tuned) | {100 * t['f1']:.2f} | {100 * t['exact_match']:.2f} "
+                 f"| {100 * tv['f1']:.2f} |")
     kind = ("MiniLM's first 3 layers, Unigram re-tokenized" if results.get("student_kind") == "pretrained"
             else "3-layer BERT from scratch, Unigram")
     stages = [("student", "student distilled across tokenizers"), ("baseline", "student fine-tuned alone")]
     if all("transfer" in r for r in results["seeds"].values()):
         n = results.get("counts", {}).get("transfer", "")
         stages.insert(1, ("transfer", f"student distilled + {n} unlabelled reworded questions"))
+    if all("long" in r for r in results["seeds"].values()):
+        epochs = next(iter(results["seeds"].values()))["long"]["info"].get("steps", "")
+        stages.append(("long", f"student fine-tuned alone, longer ({epochs} steps)"))
     for stage, name in stages:
         f1 = [100 * r[stage]["test"]["f1"] for r in results["seeds"].values()]
         em = [100 * r[stage]["test"]["exact_match"] for r in results["seeds"].values()]
-        lines.append(f"| {name} ({kind}, {len(f1)} seeds) | {fmt(f1)} | {fmt(em)} |")
+        vf1 = [100 * r[stage]["validation"]["f1"] for r in results["seeds"].values()]
+        lines.append(f"| {name} ({kind}, {len(f1)} seeds) | {fmt(f1)} | {fmt(em)} | {fmt(vf1)} |")
     lines.append("")
+    names = {"student": "distilled", "transfer": "distilled + transfer", "baseline": "alone", "long": "alone (longer)"}
+    references = [r for r in ("baseline", "long") if r in dict(stages)]
     for stage, _ in stages:
-        if stage == "baseline":
+        if stage in references:
             continue
-        for split in ("test", "validation"):
-            diffs = [100 * (r[stage][split]["f1"] - r["baseline"][split]["f1"]) for r in results["seeds"].values()]
-            lines.append(f"{'distilled' if stage == 'student' else 'distilled + transfer'} − alone, {split} F1 per seed: "
-                         + ", ".join(f"{d:+.2f}" for d in diffs) + f" (mean {fmt(diffs)})  ")
+        for ref in references:
+            for split in ("test", "validation"):
+                diffs = [100 * (r[stage][split]["f1"] - r[ref][split]["f1"]) for r in results["seeds"].values()]
+                lines.append(f"{names[stage]} − {names[ref]}, {split} F1 per seed: "
+                             + ", ".join(f"{d:+.2f}" for d in diffs) + f" (mean {fmt(diffs)})  ")
     return "\n".join(lines) + "\n"
 
 
