@@ -341,6 +341,8 @@ def main() -> None:
                         help="also distil with unlabelled rewordings of the training questions as a transfer set")
     parser.add_argument("--long-baseline", type=int, default=0, metavar="EPOCHS",
                         help="also fine-tune the student alone for this many epochs (a step-budget control)")
+    parser.add_argument("--long-student", type=int, default=0, metavar="EPOCHS",
+                        help="also distil on the labelled rows alone for this many epochs")
     parser.add_argument("--teacher-epochs", type=int, default=4, help="the teacher's fine-tuning epochs")
     parser.add_argument("--teacher-dir", type=Path, default=None,
                         help="a teacher stage this script fine-tuned before (same data), used instead of training one")
@@ -398,6 +400,10 @@ def main() -> None:
             distill_cli("baseline", str(recipe), *models, f"output_dir={out / f'seed{seed}-long'}", *limit,
                         f"train.epochs={args.long_baseline}", log=out / f"baseline_long_{seed}.log")
             results["seeds"][seed]["long"] = metrics_of(out / f"seed{seed}-long" / "baseline")
+        if args.long_student:  # the distilled student (labelled rows only) given the same longer budget
+            distill_cli("student", str(recipe), *models, f"output_dir={out / f'seed{seed}-long'}", *limit,
+                        f"train.epochs={args.long_student}", log=out / f"student_long_{seed}.log")
+            results["seeds"][seed]["long_student"] = metrics_of(out / f"seed{seed}-long" / "student")
         s, b = (results["seeds"][seed][k]["test"] for k in ("student", "baseline"))
         print(f"  seed {seed}: distilled F1 {s['f1']:.4f} EM {s['exact_match']:.4f} | "
               f"alone F1 {b['f1']:.4f} EM {b['exact_match']:.4f}", flush=True)
@@ -412,9 +418,10 @@ def main() -> None:
 
 def summary(results: dict) -> str:
     """Markdown: per-seed and mean ± standard deviation of test F1 / EM."""
-    lines = ["| model | test F1 | test EM | validation F1 |", "|---|---|---|---|"]
+    lines = ["| model | steps | test F1 | test EM | validation F1 |", "|---|---|---|---|---|"]
     t, tv = results["teacher"]["test"], results["teacher"]["validation"]
-    lines.append(f"| teacher: MiniLM-L6, WordPiece (fine-tuned) | {100 * t['f1']:.2f} | {100 * t['exact_match']:.2f} "
+    lines.append(f"| teacher: MiniLM-L6, WordPiece (fine-tuned) | {results['teacher']['info'].get('steps', '')} "
+                 f"| {100 * t['f1']:.2f} | {100 * t['exact_match']:.2f} "
                  f"| {100 * tv['f1']:.2f} |")
     kind = ("MiniLM's first 3 layers, Unigram re-tokenized" if results.get("student_kind") == "pretrained"
             else "3-layer BERT from scratch, Unigram")
@@ -422,16 +429,19 @@ def summary(results: dict) -> str:
     if all("transfer" in r for r in results["seeds"].values()):
         n = results.get("counts", {}).get("transfer", "")
         stages.insert(1, ("transfer", f"student distilled + {n} unlabelled reworded questions"))
+    if all("long_student" in r for r in results["seeds"].values()):
+        stages.append(("long_student", "student distilled across tokenizers, longer"))
     if all("long" in r for r in results["seeds"].values()):
-        epochs = next(iter(results["seeds"].values()))["long"]["info"].get("steps", "")
-        stages.append(("long", f"student fine-tuned alone, longer ({epochs} steps)"))
+        stages.append(("long", "student fine-tuned alone, longer"))
     for stage, name in stages:
         f1 = [100 * r[stage]["test"]["f1"] for r in results["seeds"].values()]
         em = [100 * r[stage]["test"]["exact_match"] for r in results["seeds"].values()]
         vf1 = [100 * r[stage]["validation"]["f1"] for r in results["seeds"].values()]
-        lines.append(f"| {name} ({kind}, {len(f1)} seeds) | {fmt(f1)} | {fmt(em)} | {fmt(vf1)} |")
+        steps = next(iter(results["seeds"].values()))[stage]["info"].get("steps", "")
+        lines.append(f"| {name} ({kind}, {len(f1)} seeds) | {steps} | {fmt(f1)} | {fmt(em)} | {fmt(vf1)} |")
     lines.append("")
-    names = {"student": "distilled", "transfer": "distilled + transfer", "baseline": "alone", "long": "alone (longer)"}
+    names = {"student": "distilled", "transfer": "distilled + transfer", "long_student": "distilled (longer)",
+             "baseline": "alone", "long": "alone (longer)"}
     references = [r for r in ("baseline", "long") if r in dict(stages)]
     for stage, _ in stages:
         if stage in references:
