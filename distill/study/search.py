@@ -218,19 +218,6 @@ def _file_lock(db: Optional[Path]) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _recipe_value(cfg: Any, key: str) -> Any:
-    """`train.lr` -> cfg.train.lr (sections are dataclasses, mappings or lists)."""
-    value = cfg
-    for part in key.split("."):
-        if isinstance(value, Mapping):
-            value = value.get(part)
-        elif isinstance(value, (list, tuple)) and part.isdigit():
-            value = value[int(part)] if int(part) < len(value) else None
-        else:
-            value = getattr(value, part, None)
-    return value
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -449,9 +436,12 @@ class Search:
     def recipe_setting(self) -> tuple[dict[str, Any], list[str]]:
         """The recipe's own values of the searched keys, as Optuna stores them, and the keys whose
         value lies outside the space (the sampler picks those)."""
+        from omegaconf import OmegaConf
+
+        recipe = OmegaConf.structured(self.base)
         params, outside = {}, []
         for p in self.params:
-            stored = p.stored_of(_recipe_value(self.base, p.key))
+            stored = p.stored_of(OmegaConf.select(recipe, p.key))
             if stored is None:
                 outside.append(p.key)
             else:
