@@ -64,21 +64,26 @@ seed: 5
     return root, recipe
 
 
-@pytest.fixture(scope="module")
-def runs(setup):
-    """(1-process run, 2-process run, the 2-process run's stdout)."""
-    root, recipe = setup
+def student_on_one_and_two_processes(root: Path, recipe: Path, timeout: int = 300) -> tuple[Path, Path, str]:
+    """The recipe's student stage under torchrun with 2 CPU processes (batch 8 each) into
+    root/two, and in this process with batch 16 into root/one: (one, two, the 2-process stdout)."""
     two = root / "two"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "distill", "student", str(recipe), f"output_dir={two}"],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     one = root / "one"
     assert main(["student", str(recipe), f"output_dir={one}", "train.batch_size=16"]) == 0
     return one, two, proc.stdout
+
+
+@pytest.fixture(scope="module")
+def runs(setup):
+    """(1-process run, 2-process run, the 2-process run's stdout)."""
+    return student_on_one_and_two_processes(*setup)
 
 
 def max_diff(a: Path, b: Path) -> float:

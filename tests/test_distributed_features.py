@@ -15,9 +15,6 @@ ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m distill student recipe.yaml
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +22,7 @@ from safetensors.torch import load_file
 
 from distill.cli import main
 from tests.conftest import minilm_path, save_tiny, tiny_bert_config, write_keyword_data
+from tests.test_distributed import student_on_one_and_two_processes
 from tests.test_resume import sigterm_at_forward
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,17 +67,7 @@ def weights(run: Path) -> dict:
 
 @pytest.mark.slow
 def test_two_processes_agree_with_one_with_intermediate_terms_and_transfer_rows(setup):
-    root, recipe = setup
-    two = root / "two"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "distill", "student", str(recipe), f"output_dir={two}"],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    one = root / "one"
-    assert main(["student", str(recipe), f"output_dir={one}", "train.batch_size=16"]) == 0
+    one, two, _ = student_on_one_and_two_processes(*setup, timeout=600)
     a, b = weights(one), weights(two)
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)
     print(f"max |weight difference|, 1 vs 2 processes (relations, attention, hidden, two phases, transfer rows): {diff:.3g}")
