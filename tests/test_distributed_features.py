@@ -25,7 +25,6 @@ from tests.conftest import minilm_path, save_tiny, tiny_bert_config, write_keywo
 from tests.test_distributed import student_on_one_and_two_processes
 from tests.test_resume import sigterm_at_forward
 
-ROOT = Path(__file__).resolve().parents[1]
 WORDS = {"pos": ["bueno", "genial"], "neg": ["malo", "roto"], "neu": ["normal", "regular"]}
 TOLERANCE = 0.05  # per-process averaging of token means (see above); measured 0.012
 
