@@ -17,9 +17,9 @@ from distill.config import ConfigError, load_config
 
 # Commands implemented in their own modules, each exposing `main(argv) -> int`.
 EXTERNAL = {
-    "export": ("distill.export", "write a Hub-ready folder for a trained student (model + card; "
+    "export": ("distill.ship.export", "write a Hub-ready folder for a trained student (model + card; "
                "--onnx/--int8 add parity-checked ONNX files)"),
-    "push": ("distill.hub", "upload an exported student to the Hugging Face Hub"),
+    "push": ("distill.ship.hub", "upload an exported student to the Hugging Face Hub"),
     "bench": ("distill.bench.cli", "measure parameters, MACs and latency of models (offline shapes too)"),
     "report": ("distill.study.report", "collect a tree of runs into the study's result tables"),
     "grid": ("distill.study.grid", "expand tasks x students x settings into runs; run or write launch scripts"),
@@ -77,9 +77,9 @@ def _parser() -> argparse.ArgumentParser:
 def run_stages(cfg, stages: list[str]) -> dict[str, dict]:
     """Run the named stages in order (a teacher stage `teacher-<i>` runs `teachers[i]` as its
     own `teacher` stage), each skipped when complete; results keyed by stage name."""
-    from distill.setup import preflight
-    from distill.stage import resolve_stage
-    from distill.train import run_stage
+    from distill.loop.setup import preflight
+    from distill.loop.folders import resolve_stage
+    from distill.loop.train import run_stage
 
     preflight(cfg, stages)  # every stage's checks before the first one trains
     return {stage: run_stage(*resolve_stage(cfg, stage)) for stage in stages}
@@ -88,7 +88,7 @@ def run_stages(cfg, stages: list[str]) -> dict[str, dict]:
 def stages_of(cfg) -> list[str]:
     """`distill run`'s stages: each teacher to fine-tune, the student, the baseline."""
     from distill.config import has_teacher
-    from distill.stage import teacher_stages
+    from distill.loop.folders import teacher_stages
 
     stages = teacher_stages(cfg)
     stages.append("student")
@@ -112,7 +112,7 @@ def teacher_command_stages(cfg, index: Optional[int]) -> list[str]:
         if cfg.teachers[index].finetuned:
             raise ConfigError(f"teachers[{index}] is finetuned=true: there is nothing to fine-tune")
         return [f"teacher-{index}"]
-    from distill.stage import teacher_stages
+    from distill.loop.folders import teacher_stages
 
     stages = teacher_stages(cfg)
     if not stages:
@@ -121,7 +121,7 @@ def teacher_command_stages(cfg, index: Optional[int]) -> list[str]:
 
 
 def cmd_eval(cfg) -> int:
-    from distill.evaluate import evaluate_checkpoint
+    from distill.loop.evaluate import evaluate_checkpoint
 
     if not cfg.checkpoint:
         raise ConfigError("distill eval needs checkpoint=PATH (a saved model folder, e.g. runs/x/student/model)")
@@ -172,7 +172,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
             print_summary(cfg, results)
             if cfg.hub.push:
-                from distill.hub import push_from_run
+                from distill.ship.hub import push_from_run
 
                 push_from_run(cfg)
             return 0
@@ -191,9 +191,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"distill: {err.message}", file=sys.stderr)
         raise
     except Exception as err:
-        from distill.card import ExportError
+        from distill.ship.card import ExportError
         from distill.errors import DataError
-        from distill.hub import PushError
+        from distill.ship.hub import PushError
         from distill.errors import ModelLoadError
         from distill.errors import StageError
 

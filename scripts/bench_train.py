@@ -8,7 +8,7 @@ for every mode:
   trainer   KD with the teacher online, as a `transformers.Trainer` subclass overriding
             `compute_loss` does it (written below the way users write it)
   online    our loop's step with the teacher online (`teachers.OnlineTeacher`)
-  cached    our loop's step reading the teacher cache (`distill.cache`)
+  cached    our loop's step reading the teacher cache (`distill.teachers.cache`)
   build     the cache build on its own, next to one plain teacher inference pass
 
 Each group runs in its own process, one after the other: build; plain, cached and online
@@ -128,7 +128,7 @@ def synchronize(accelerator) -> None:
 def on_device(teacher, accelerator):
     """The frozen teacher placed as a stage places it (device; bf16/fp16 weights when training
     in mixed precision)."""
-    from distill.teachers import place_teacher
+    from distill.teachers.teacher import place_teacher
 
     return place_teacher(teacher, accelerator)
 
@@ -171,7 +171,7 @@ def student_model():
 
 
 def batch_sampler(features, args: argparse.Namespace, group_by_length: bool = True):
-    from distill.sampling import LengthGroupedBatchSampler
+    from distill.data.sampling import LengthGroupedBatchSampler
 
     return LengthGroupedBatchSampler(features["length"], args.batch_size, shuffle=True, group_by_length=group_by_length, seed=args.seed)
 
@@ -222,9 +222,9 @@ def peak_rss_mb() -> float:
 
 
 def cached_teacher(cfg, task, teacher, features, accelerator):
-    """The cached teacher a stage builds (`distill.teachers.make_teacher`), built or found."""
-    from distill.setup import cache_settings
-    from distill.teachers import make_teacher
+    """The cached teacher a stage builds (`distill.teachers.teacher.make_teacher`), built or found."""
+    from distill.loop.setup import cache_settings
+    from distill.teachers.teacher import make_teacher
 
     fn, _ = make_teacher(
         teacher, task, accelerator, features, mode="cached", cache_root=Path(cfg.distill.cache_dir),
@@ -234,15 +234,15 @@ def cached_teacher(cfg, task, teacher, features, accelerator):
 
 
 class OurLoop:
-    """The training loop's own step (`distill.train.train_step`) with the objective the stage
-    builds (`distill.setup.build_objective`): teacher signals (online or cached) -> student
+    """The training loop's own step (`distill.loop.train.train_step`) with the objective the stage
+    builds (`distill.loop.setup.build_objective`): teacher signals (online or cached) -> student
     forward -> weighted loss terms -> backward -> clip -> step. Nothing here re-implements it."""
 
     def __init__(self, cfg, task, student, features, args, teacher_fn=None):
         from transformers import get_linear_schedule_with_warmup
 
-        from distill.losses import Trainee
-        from distill.setup import build_objective
+        from distill.objective.losses import Trainee
+        from distill.loop.setup import build_objective
 
         self.accelerator = make_accelerator(args)
         self.task, self.teacher_fn = task, teacher_fn
@@ -263,7 +263,7 @@ class OurLoop:
         return list(self.loader)
 
     def step(self, batch: dict) -> None:
-        from distill.train import train_step
+        from distill.loop.train import train_step
 
         result = train_step(
             self.accelerator, self.trainee, batch, self.task, self.teacher_fn, self.optimizer, self.scheduler, 1.0
@@ -403,8 +403,8 @@ def worker_students(workdir: Path, args: argparse.Namespace) -> dict:
     (the order rotating every batch) so that all three see the same machine load; a mode's
     epoch time is the sum of its steps over epoch 0's batches (collation, shared, excluded)."""
 
-    from distill import cache
-    from distill.teachers import CachedTeacher, OnlineTeacher
+    from distill.teachers import cache
+    from distill.teachers.teacher import CachedTeacher, OnlineTeacher
 
     features = open_features(workdir)
     cfg = make_cfg(workdir, args, workdir / "cache")
@@ -462,7 +462,7 @@ def worker_memory(workdir: Path, args: argparse.Namespace) -> dict:
         assert str(teacher_fn.cache.path) == args.cache_path, "the cache was not found"
         del teacher
     elif args.mode == "online":
-        from distill.teachers import OnlineTeacher
+        from distill.teachers.teacher import OnlineTeacher
 
         teacher_fn = OnlineTeacher(on_device(teacher_model(), accelerator), task, accelerator)
     loop = OurLoop(cfg, task, student_model(), features, args, teacher_fn)
@@ -524,7 +524,7 @@ def run_worker(name: str, workdir: Path, args: argparse.Namespace, **extra: str)
 
 
 def padding_report(args: argparse.Namespace, features) -> dict:
-    from distill.sampling import LengthGroupedBatchSampler, padding_ratio
+    from distill.data.sampling import LengthGroupedBatchSampler, padding_ratio
 
     report = {}
     big = pair_lengths(args.padding_examples, args.max_length, args.seed + 7)

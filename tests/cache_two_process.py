@@ -25,8 +25,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer  # no
 
 from tests.conftest import SPANISH, minilm_path, online_teacher, pair, teacher_outputs, tiny_bert_config  # noqa: E402
 from distill.config import Config  # noqa: E402
-from distill.losses import SoftLabelLoss  # noqa: E402
-from distill.sampling import LengthGroupedBatchSampler  # noqa: E402
+from distill.objective.losses import SoftLabelLoss  # noqa: E402
+from distill.data.sampling import LengthGroupedBatchSampler  # noqa: E402
 from distill.tasks.classification import ClassificationTask  # noqa: E402
 
 

@@ -193,8 +193,8 @@ def teacher_outputs(cfg, task, teacher, features, accelerator, hidden: bool):
     when the teacher runs online."""
     import copy
 
-    from distill.setup import build_objective, cache_settings
-    from distill.teachers import CachedTeacher, make_teacher
+    from distill.loop.setup import build_objective, cache_settings
+    from distill.teachers.teacher import CachedTeacher, make_teacher
 
     layers: set = set()
     if hidden:
@@ -217,6 +217,6 @@ def teacher_outputs(cfg, task, teacher, features, accelerator, hidden: bool):
 
 
 def online_teacher(teacher, task, accelerator, hidden: bool):
-    from distill.teachers import OnlineTeacher
+    from distill.teachers.teacher import OnlineTeacher
 
     return OnlineTeacher(teacher, task, accelerator, hidden_layers=range(teacher.config.num_hidden_layers + 1) if hidden else ())

@@ -12,10 +12,10 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertModel, BertTokenizerFast
 
-from distill import augment as aug
+from distill.data import augment as aug
 from distill.config import AugmentConfig
 from distill.errors import ModelLoadError
-from distill.transfer import HAS_GOLD, build_student_train_rows
+from distill.data.transfer import HAS_GOLD, build_student_train_rows
 
 WORDS = (
     "el la los las un una de en y con por para que se es está son come duerme corre lee vive canta "

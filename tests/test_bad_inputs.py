@@ -21,8 +21,9 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification
 
-import distill.train as train
-from distill import models, setup
+import distill.loop.train as train
+from distill import models
+from distill.loop import setup
 from distill.cli import main
 from tests.conftest import minilm_path, save_tiny, tiny_bert_config
 

@@ -19,7 +19,8 @@ from transformers import (
     RobertaConfig,
 )
 
-from distill.bench import backends, cli, flops, latency, shapes
+from distill import latency
+from distill.bench import backends, cli, flops, shapes
 
 # The study's speed table: GMACs at batch 1, seq 512, and the Speedup column (vs BETO, 43.53).
 STUDY_GMACS = {
@@ -244,7 +245,7 @@ def test_backends_side_by_side(tiny_bert_dir, tmp_path):
     assert all(r.available for r in results), [r.reason for r in results]
     assert by["eager"].agreement == 1.0 and by["eager"].max_logit_diff == 0.0
     assert by["onnx"].agreement == 1.0 and by["onnx"].max_logit_diff < 1e-4
-    # the conversion `distill export --onnx` ships (distill.onnx_export), padded batches included
+    # the conversion `distill export --onnx` ships (distill.ship.onnx), padded batches included
     assert by["onnx"].notes == ["exported with the torch.export exporter"]
     assert by["onnx"].accuracy == by["eager"].accuracy
     assert 0.0 <= by["onnx-int8"].agreement <= 1.0 and by["onnx-int8"].max_logit_diff > 0  # int8 rounds

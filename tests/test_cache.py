@@ -24,11 +24,11 @@ from transformers import (
 )
 
 from tests.conftest import SPANISH, online_teacher, pair, teacher_outputs, tiny_bert_config
-from distill import cache
-from distill.teachers import CachedTeacher
+from distill.teachers import cache
+from distill.teachers.teacher import CachedTeacher
 from distill.config import Config
-from distill.losses import HiddenStateLoss, SoftLabelLoss
-from distill.sampling import LengthGroupedBatchSampler
+from distill.objective.losses import HiddenStateLoss, SoftLabelLoss
+from distill.data.sampling import LengthGroupedBatchSampler
 from distill.tasks.classification import ClassificationTask
 from distill.tasks.qa import QATask
 from distill.tasks.tagging import TaggingTask

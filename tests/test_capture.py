@@ -18,8 +18,8 @@ from transformers import (
     RobertaConfig,
 )
 
-from distill.capture import Capture, deepest_layer, forward_capturing, num_layers, wanted_layers
-from distill.intermediate import attention_scores
+from distill.objective.capture import Capture, deepest_layer, forward_capturing, num_layers, wanted_layers
+from distill.objective.intermediate import attention_scores
 
 
 def make(family: str, layers: int = 3, attn: str = "sdpa", **kw):

@@ -6,7 +6,7 @@ import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
 from distill.config import load_config
-from distill.data import DataError, load_raw, origin, subsample
+from distill.data.read import DataError, load_raw, origin, subsample
 from distill.tasks.classification import ClassificationTask, label_names
 
 
@@ -210,7 +210,7 @@ def test_null_or_empty_rows_are_refused_naming_split_file_and_row(tmp_path, row,
 
 def test_drop_invalid_drops_and_says_how_many(tmp_path, caplog):
     rows = ROWS + [{"text": "x", "label": None}, {"text": "  ", "label": "a"}, {"text": "y", "label": "b"}]
-    with caplog.at_level("WARNING", logger="distill.data"):
+    with caplog.at_level("WARNING", logger="distill.data.read"):
         task, raw = setup_task(tmp_path, rows, drop_invalid=True)
     assert len(raw["train"]) == 11 and raw["train"]["text"][-1] == "y"
     assert task.labels == ["a", "b"]

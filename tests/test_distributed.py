@@ -20,8 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import distill.train as train
-from distill import teachers
+import distill.loop.train as train
+from distill.teachers import teacher as teachers
 from distill.cli import main
 from tests.conftest import minilm_path, save_tiny, tiny_bert_config, write_keyword_data
 
@@ -125,7 +125,7 @@ def test_evaluation_counts_every_row_once_and_matches_one_process(runs, setup):
     root, recipe = setup
     _, two, stdout = runs
     from distill.config import load_config
-    from distill.evaluate import evaluate_checkpoint
+    from distill.loop.evaluate import evaluate_checkpoint
 
     cfg = load_config(recipe, [f"output_dir={root / 'scratch'}"])
     again = evaluate_checkpoint(cfg, str(two / "student" / "model"))

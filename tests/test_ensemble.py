@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from distill.ensemble import MASKED_LOGIT, combine
-from distill.losses import soft_label_loss
+from distill.teachers.ensemble import MASKED_LOGIT, combine
+from distill.objective.losses import soft_label_loss
 
 LN3, LN9 = math.log(3.0), math.log(9.0)
 

@@ -21,9 +21,9 @@ from transformers import (
     pipeline,
 )
 
-from distill.card import CARD_CONFIG_NAME, ExportError, load_evidence, repo_name, student_name
+from distill.ship.card import CARD_CONFIG_NAME, ExportError, load_evidence, repo_name, student_name
 from distill.config import ConfigError, load_config, to_yaml
-from distill.export import RESULTS_NAME, export_student, main as export_main, safetensors_keys
+from distill.ship.export import RESULTS_NAME, export_student, main as export_main, safetensors_keys
 
 POSITIVE = ["Me encantó, volvería sin dudarlo.", "Excelente servicio y muy buena comida.", "Todo perfecto, lo recomiendo."]
 NEGATIVE = ["Llegó roto y nadie respondió.", "Muy mala experiencia, no vuelvo.", "Dejó de funcionar al segundo día."]
@@ -321,7 +321,7 @@ def test_results_list_every_teacher_and_the_combination_rule(tmp_path):
 
 def test_card_states_how_the_summary_timed_the_models(tmp_path, monkeypatch):
     """The speed sentence names the warm-up and run counts `distill run`'s summary really used."""
-    from distill.bench import latency
+    from distill import latency
     from distill.study.summary import summary_rows
 
     stage = make_stage(tmp_path, "classification", ["teacher.model=dccuchile/bert-base-spanish-wwm-cased"])

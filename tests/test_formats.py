@@ -9,7 +9,7 @@ import pytest
 from datasets import load_dataset
 
 from distill.errors import DataError
-from distill.formats import check_utf8, read_conll, read_conllu, read_squad
+from distill.data.formats import check_utf8, read_conll, read_conllu, read_squad
 
 DATA = Path(__file__).parent / "data"
 
@@ -101,7 +101,7 @@ def test_read_squad_errors(tmp_path):
 
 def test_shipped_spanish_mini_datasets_load_as_recipes_would():
     from distill.config import Config
-    from distill.data import load_raw
+    from distill.data.read import load_raw
 
     shipped = Path(__file__).parent.parent / "distill" / "sample_data"
     cfg = Config()
@@ -239,7 +239,7 @@ def texts_of_every_format(tmp_path) -> dict[str, tuple[Path, str]]:
 
 
 def test_every_text_format_reads_the_same_with_a_byte_order_mark(tmp_path):
-    from distill.data import read_file
+    from distill.data.read import read_file
 
     (tmp_path / "plain").mkdir()
     plain = texts_of_every_format(tmp_path / "plain")
@@ -256,7 +256,7 @@ def test_every_text_format_reads_the_same_with_a_byte_order_mark(tmp_path):
 
 
 def test_a_byte_that_is_not_utf8_names_the_file_and_line(tmp_path):
-    from distill.data import read_file
+    from distill.data.read import read_file
 
     for fmt, (path, _) in texts_of_every_format(tmp_path).items():
         path.write_bytes(path.read_bytes().replace("ñ".encode(), "ñ".encode("latin-1"), 1))

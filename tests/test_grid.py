@@ -118,7 +118,7 @@ def test_expand_refuses_clashes(tmp_path: Path):
 
 def finish(run: grid.GridRun, stage: str, cfg=None) -> None:
     """Make a stage folder look finished, as the training loop leaves it."""
-    from distill.train import stage_dir
+    from distill.loop.train import stage_dir
 
     out = stage_dir(cfg or run.cfg, stage)
     (out / "model").mkdir(parents=True, exist_ok=True)

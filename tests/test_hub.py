@@ -15,7 +15,7 @@ import pytest
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import HfHubHTTPError
 
-from distill import hub
+from distill.ship import hub
 from distill.config import load_config
 from tests.test_export import make_stage
 

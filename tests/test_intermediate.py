@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AlbertConfig, AutoModelForSequenceClassification, AutoTokenizer, BertConfig
 
-from distill.capture import QKV, Capture
+from distill.objective.capture import QKV, Capture
 from distill.errors import StageError
-from distill.intermediate import (
+from distill.objective.intermediate import (
     AttentionTerm,
     RelationTerm,
     attention_scores,
@@ -24,7 +24,7 @@ from distill.intermediate import (
 from tests.conftest import minilm_path, train_bpe_tokenizer
 
 try:
-    from distill.losses import Signals
+    from distill.objective.losses import Signals
 except ImportError:  # the loop's Signals: only qkv and attention_mask are read here
     def Signals(**kw):  # noqa: N802
         return SimpleNamespace(**{"qkv": None, "attention_mask": None, **kw})

@@ -111,7 +111,7 @@ def test_cached_logits_with_attention_terms_stop_the_teacher_early(tmp_path, tin
     write_data(tmp_path)
     body = "distill: {kd_weight: 1.0, relation_weight: 1.0, relation_layer: 1}"
     path = recipe(tmp_path, tiny_bert_dir, body)
-    from distill import capture
+    from distill.objective import capture
 
     stops: list = []
     original = capture.Capture.__init__
@@ -154,7 +154,7 @@ def test_transfer_rows_join_the_student_and_leaks_are_dropped(tmp_path, tiny_ber
     assert info["train_rows"]["leaked_dropped"] == 1
     teacher = json.loads((tmp_path / "run" / "teacher" / "metrics.json").read_text())["info"]
     assert teacher["train_rows"] == {"labelled": 64}  # the teacher trains on the labels alone
-    from distill.export import export_student
+    from distill.ship.export import export_student
 
     card = (export_student(tmp_path / "run" / "student", tmp_path / "export") / "README.md").read_text()
     assert "64 labelled, 20 unlabelled (transfer sets), 0 augmented copies" in card

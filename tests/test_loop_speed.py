@@ -54,7 +54,7 @@ def setup(tmp_path_factory, tiny_bert_dir):
 def test_host_reads_are_a_constant_per_optimizer_step(setup, tmp_path, monkeypatch):
     root, path = setup
     counts: dict[str, int] = {}
-    from distill import train
+    from distill.loop import train
 
     in_training = {"on": False}
     original_step = train.train_step

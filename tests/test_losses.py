@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from distill.losses import HiddenStateLoss, SoftLabelLoss, soft_label_loss, uniform_layer_map
+from distill.objective.losses import HiddenStateLoss, SoftLabelLoss, soft_label_loss, uniform_layer_map
 from distill.tasks.base import LogitPair
 
 

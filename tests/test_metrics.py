@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from distill.metrics import (
+from distill.tasks.metrics import (
     answer_start_mismatch,
     exact_match,
     is_bio,

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from distill import models
-from distill.losses import HiddenStateLoss
+from distill.objective.losses import HiddenStateLoss
 from distill.errors import StageError
 from distill.models import align_labels
 

@@ -20,10 +20,10 @@ from huggingface_hub import ModelCard
 from onnx import numpy_helper
 from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
 
-from distill import onnx_export as ox
-from distill.card import ExportError
+from distill.ship import onnx as ox
+from distill.ship.card import ExportError
 from distill.config import ConfigError, load_config, to_yaml
-from distill.export import ParityError, export_student, main as export_main
+from distill.ship.export import ParityError, export_student, main as export_main
 from tests.conftest import minilm_path, save_tiny, tiny_bert_config, write_keyword_data
 
 DATA = Path(__file__).parent.parent / "distill" / "sample_data"
@@ -58,7 +58,7 @@ def trained(tmp_path_factory) -> Path:
 def random_stage(root: Path, family: str, overrides: list[str]) -> Path:
     """A finished-looking stage folder holding a random tiny model whose head matches the data's
     labels (read as training reads them), and metrics.json without a validation score."""
-    from distill.features import load_data
+    from distill.data.features import load_data
     from distill.tasks import get_task
 
     cfg = load_config(None, [f"task.family={family}", f"task.name={family}-mini", f"output_dir={root / 'run'}",
@@ -96,7 +96,7 @@ def run_snippet(code: str, repo_id: str, folder: Path, monkeypatch, capsys) -> s
 
 def evaluated_scores(stage: Path) -> dict[str, float]:
     """The validation metrics the training-side evaluation gives the stage's PyTorch model."""
-    from distill.evaluate import evaluate_checkpoint
+    from distill.loop.evaluate import evaluate_checkpoint
 
     cfg = load_config(stage / "config.yaml")
     return {k: v for k, v in evaluate_checkpoint(cfg, str(stage / "model"))["validation"].items() if k != "loss"}

@@ -13,9 +13,9 @@ from transformers import AutoTokenizer
 
 from tests.conftest import tiny_bert_config
 from distill.config import Config
-from distill.formats import read_squad
-from distill.losses import SoftLabelLoss, soft_label_loss
-from distill.metrics import squad_v2_metrics
+from distill.data.formats import read_squad
+from distill.objective.losses import SoftLabelLoss, soft_label_loss
+from distill.tasks.metrics import squad_v2_metrics
 from distill.tasks.qa import QATask, answer_tokens, best_spans, locate_answer
 
 DATA = Path(__file__).parent / "data"

@@ -18,7 +18,7 @@ from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from distill.config import Config
-from distill.losses import SoftLabelLoss
+from distill.objective.losses import SoftLabelLoss
 from distill.tasks.qa import (
     LOG_ZERO,
     QATask,

@@ -21,8 +21,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import distill.train as train
-from distill.losses import GoldTerm
+import distill.loop.train as train
+from distill.objective.losses import GoldTerm
 from distill.cli import main
 from tests.conftest import write_keyword_data
 
@@ -171,7 +171,7 @@ def test_sigterm_to_a_real_process_exits_75_and_resumes(setup, tmp_path):
     run = tmp_path / "run"
     slow = (
         "import sys, time\n"
-        "import distill.train as t\n"
+        "import distill.loop.train as t\n"
         "from distill.cli import main\n"
         "f = t.Trainee.forward\n"
         "def slow(self, *a, **k):\n"

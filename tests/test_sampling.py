@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from distill.sampling import LengthGroupedBatchSampler, padding_ratio, sorted_batches
+from distill.data.sampling import LengthGroupedBatchSampler, padding_ratio, sorted_batches
 
 
 def long_tailed_lengths(n: int, seed: int = 0) -> list[int]:

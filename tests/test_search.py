@@ -277,7 +277,7 @@ def test_start_from_recipe_can_be_turned_off(tmp_path: Path, no_preflight):
 
 
 def test_recipe_values_map_onto_the_space():
-    from distill.search_space import Param
+    from distill.config.search_space import Param
 
     assert Param("a", "float", 0.0, 1.0).stored_of(0.25) == 0.25
     assert Param("a", "float", 0.0, 1.0).stored_of(1.5) is None

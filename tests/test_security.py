@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForSequenceClassification
 
-import distill.train as train
+import distill.loop.train as train
 from distill import models
 from distill.cli import main
 from tests.conftest import minilm_path, save_tiny, tiny_bert_config

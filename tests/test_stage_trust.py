@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from distill import cache, stage
-from distill.checkpoints import latest_checkpoint, verify
+from distill.teachers import cache
+from distill.loop import folders as stage
+from distill.loop.checkpoints import latest_checkpoint, verify
 from distill.cli import main
 from distill.config import load_config
 from tests.test_resume import max_diff, sigterm_at_forward, weights, write_data, write_recipe

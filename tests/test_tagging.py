@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForTokenClassification, AutoTokeni
 
 from tests.conftest import tiny_bert_config
 from distill.config import Config
-from distill.losses import SoftLabelLoss, soft_label_loss
+from distill.objective.losses import SoftLabelLoss, soft_label_loss
 from distill.tasks.tagging import TaggingTask, plan_windows, scoring_windows
 
 NAMES = ["O", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-PER", "I-PER"]
@@ -307,7 +307,7 @@ def tagging_cfg(**columns) -> Config:
 
 @pytest.mark.skipif(not COSER.is_file(), reason="the UD COSER treebank is not in ../shared/data")
 def test_conllu_treebank_trains_on_upos_by_default_and_xpos_on_request(bert_tok, caplog):
-    from distill.data import RawSplits, read_file
+    from distill.data.read import RawSplits, read_file
 
     # a deterministic split of the real treebank: every 5th sentence is validation
     full = read_file(COSER)  # .conllu: the format comes from the extension
@@ -344,7 +344,7 @@ def test_conllu_treebank_trains_on_upos_by_default_and_xpos_on_request(bert_tok,
         TaggingTask(cfg).setup(raw())
     cfg.task.labels = sorted({t for s in full["xpos"] for t in s if t is not None})
     xpos = raw()
-    with caplog.at_level("WARNING", logger="distill.data"):
+    with caplog.at_level("WARNING", logger="distill.data.read"):
         task = TaggingTask(cfg)
         task.setup(xpos)
     kept = [s for s in full.select(train_rows)["xpos"] if None not in s]

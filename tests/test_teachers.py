@@ -15,9 +15,9 @@ import torch
 
 from distill.cli import main
 from distill.config import ConfigError, load_config
-from distill.ensemble import MASKED_LOGIT
-from distill.losses import Signals
-from distill.teachers import EnsembleTeacher, combine_targets
+from distill.teachers.ensemble import MASKED_LOGIT
+from distill.objective.losses import Signals
+from distill.teachers.teacher import EnsembleTeacher, combine_targets
 from tests.conftest import minilm_path, save_tiny, tiny_bert_config
 from tests.test_resume import write_data
 
@@ -191,7 +191,7 @@ def test_an_override_into_one_entry_of_the_list_says_to_give_the_whole_list(tmp_
 
 def test_teacher_stages_and_their_one_teacher_configs(tmp_path):
     from distill.cli import stages_of
-    from distill.stage import resolve_stage, stage_dir
+    from distill.loop.folders import resolve_stage, stage_dir
 
     path = tmp_path / "recipe.yaml"
     path.write_text(BASE + "teachers: [{model: m, seed: 1}, {model: n, dir: elsewhere}, {model: f, finetuned: true}]\n"
@@ -241,7 +241,7 @@ seed: 5
 def classification_run(tmp_path_factory, tiny_bert_dir):
     """Two seeds of one tiny teacher, each fine-tuned in its own stage, then the student of
     their mean; every call of the ensemble's combination is recorded."""
-    import distill.teachers as teachers_mod
+    import distill.teachers.teacher as teachers_mod
 
     root = tmp_path_factory.mktemp("two-teachers")
     write_data(root)
@@ -313,7 +313,7 @@ def test_a_rerun_skips_every_complete_stage(classification_run, capsys):
 
 def test_a_changed_combination_rule_is_a_new_student_not_new_teachers(classification_run, capsys):
     root, path, _ = classification_run
-    from distill.stage import check_stage_dir, resolve_stage
+    from distill.loop.folders import check_stage_dir, resolve_stage
 
     cfg = load_config(path, ["distill.teacher_combine=confident"])
     assert check_stage_dir(*resolve_stage(cfg, "teacher-0")) == "complete"
@@ -323,7 +323,7 @@ def test_a_changed_combination_rule_is_a_new_student_not_new_teachers(classifica
 
 def test_the_card_lists_every_teacher_and_its_score(classification_run):
     root, _, _ = classification_run
-    from distill.card import card_body, load_evidence
+    from distill.ship.card import card_body, load_evidence
 
     ev = load_evidence(root / "run" / "student")
     assert [t["stage"] for t in ev.teachers] == ["teacher-0", "teacher-1"]

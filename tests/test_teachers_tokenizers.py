@@ -27,12 +27,12 @@ from transformers import (
     AutoTokenizer,
 )
 
-from distill import setup
+from distill.loop import setup
 from distill.cli import main
 from distill.config import load_config
 from distill.errors import StageError
 from distill.tasks import get_task
-from distill.teachers import CachedTeacher, EnsembleTeacher
+from distill.teachers.teacher import CachedTeacher, EnsembleTeacher
 from tests.conftest import minilm_path, tiny_bert_config, write_keyword_data
 
 WORDS = {"pos": ["bueno", "genial", "rápido", "barato"], "neg": ["malo", "lento", "roto", "caro"],

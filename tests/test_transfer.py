@@ -15,7 +15,7 @@ from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClas
 
 from distill.config import Config, ConfigError, TransferSource, load_config
 from distill.errors import DataError
-from distill.transfer import (
+from distill.data.transfer import (
     HAS_GOLD,
     IGNORE_INDEX,
     IGNORE_POSITION,
@@ -26,7 +26,7 @@ from distill.transfer import (
     mark_gold,
     normalize,
 )
-from distill.rows import split_words
+from distill.data.rows import split_words
 from tests.conftest import tiny_bert_config
 
 

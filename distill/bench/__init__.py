@@ -7,7 +7,7 @@ Command line: `distill bench` / `python -m distill.bench` (see distill/bench/cli
 """
 
 from distill.bench.flops import Counts, count, speedup
-from distill.bench.latency import Timing, measure
+from distill.latency import Timing, measure
 from distill.bench.shapes import STUDY_MODELS, BenchModel, resolve_model, shape_config
 
 __all__ = ["BenchModel", "Counts", "STUDY_MODELS", "Timing", "count", "measure", "resolve_model",

@@ -2,7 +2,7 @@
 
 For a saved model folder: PyTorch eager, torch.compile, ONNX Runtime fp32 (exported with
 torch.onnx) and ONNX Runtime int8 (onnxruntime's dynamic quantization); the conversion is
-`distill.onnx_export`'s, the same that `distill export --onnx --int8` ships. Each back-end gets the
+`distill.ship.onnx`'s, the same that `distill export --onnx --int8` ships. Each back-end gets the
 same random inputs for latency and the same evaluation texts for accuracy and for agreement
 with eager (fraction of equal predictions, largest logit difference). A back-end that cannot be
 built on the installed versions is reported as unavailable with the reason, never a crash.
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from distill.bench.latency import (
+from distill.latency import (
     Timing,
     device_name,
     fixed_threads,
@@ -29,7 +29,7 @@ from distill.bench.latency import (
     summarize,
     time_calls,
 )
-from distill.onnx_export import INPUT_NAMES, OnnxExportError, OnnxModel, export_onnx, quantize_int8
+from distill.ship.onnx import INPUT_NAMES, OnnxExportError, OnnxModel, export_onnx, quantize_int8
 
 BACKENDS = ("eager", "compile", "onnx", "onnx-int8")
 

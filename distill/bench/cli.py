@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import torch
 
 from distill.bench import flops
-from distill.bench.latency import DTYPES, Timing, device_name, measure, measure_interleaved
+from distill.latency import DTYPES, Timing, device_name, measure, measure_interleaved
 from distill.bench.shapes import EXTRA_MODELS, STUDY_MODELS, BenchModel, ModelNotFound, resolve_model
 
 COLUMNS = [

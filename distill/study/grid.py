@@ -180,7 +180,7 @@ class GridRun:
 
     @property
     def folder(self) -> Path:
-        from distill.stage import stage_dir
+        from distill.loop.folders import stage_dir
 
         return stage_dir(self.cfg, "teacher") if self.kind == "teacher" else Path(self.cfg.output_dir)
 
@@ -188,7 +188,7 @@ class GridRun:
         """Each stage's state as the training loop sees it: fresh, resume, complete, overwrite, or
         conflict (the folder holds a run with another config)."""
         from distill.errors import StageError
-        from distill.stage import check_stage_dir
+        from distill.loop.folders import check_stage_dir
 
         states = {}
         for stage in self.stages:
@@ -316,7 +316,7 @@ def run_plan(plan: Sequence[GridRun]) -> list[tuple[GridRun, str]]:
     A failed teacher skips its task's students; any other failure is recorded and the grid goes
     on. A stop signal (the loop's checkpoint-and-exit) ends the grid: re-run it to resume.
     """
-    from distill.train import run_stage
+    from distill.loop.train import run_stage
 
     failures: list[tuple[GridRun, str]] = []
     failed_teachers: set[str] = set()

@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from distill.config import Config, ConfigError, SearchConfig, load_config
-from distill.search_space import (  # the section's grammar, shared with the config's checks
+from distill.config.search_space import (  # the section's grammar, shared with the config's checks
     MODEL_OBJECTIVES,
     SAMPLERS,
     TEACHER_PREFIXES,
@@ -183,8 +183,8 @@ class Pruning:
 
 
 def default_runner(cfg: Config, stage: str, on_evaluate: Optional[Callable] = None) -> dict:
-    """distill.train.run_stage, with the pruning callback when this build's loop takes one."""
-    from distill.train import run_stage
+    """distill.loop.train.run_stage, with the pruning callback when this build's loop takes one."""
+    from distill.loop.train import run_stage
 
     if on_evaluate is not None and "on_evaluate" in inspect.signature(run_stage).parameters:
         return run_stage(cfg, stage, on_evaluate=on_evaluate)
@@ -475,7 +475,7 @@ class Search:
     def preflight(self) -> None:
         """Every endpoint of the space makes a valid recipe, and the stages' inputs (data,
         tokenizers, model configs) check out for the base values and every model choice."""
-        from distill.setup import preflight
+        from distill.loop.setup import preflight
 
         if not self.base.data.splits.validation and not self.base.data.validation_from_train:
             raise SearchError("a search scores trials on the validation split, and this recipe has none: set "
@@ -557,7 +557,7 @@ class Search:
 
     def measure(self, cfg: Config, results: Mapping[str, Any], trial: Any) -> list[float]:
         """The objective values of a finished trial; its metrics go to the trial's attributes."""
-        from distill.stage import stage_dir
+        from distill.loop.folders import stage_dir
 
         validation = results.get("validation") or {}
         values = []
@@ -980,11 +980,11 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> set[str]:
 # --- model objectives ----------------------------------------------------------------------------
 def trial_latency(model_dir: Path, settings: Any) -> dict[str, Any]:
     """Median forward latency (ms) of the saved encoder at the set batch and length, timed by the
-    bench code (distill.bench.latency.measure)."""
+    bench code (distill.latency.measure)."""
     import torch
     from transformers import AutoModel
 
-    from distill.bench.latency import measure
+    from distill.latency import measure
 
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = AutoModel.from_pretrained(str(model_dir))

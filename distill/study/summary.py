@@ -7,7 +7,7 @@ from pathlib import Path
 
 from distill.config import Config
 from distill.tasks import get_task
-from distill.stage import stage_dir
+from distill.loop.folders import stage_dir
 
 LABELS = {"teacher": "teacher (fine-tuned)", "student": "student (distilled)", "baseline": "student (fine-tuned alone)"}
 
@@ -15,7 +15,7 @@ LABELS = {"teacher": "teacher (fine-tuned)", "student": "student (distilled)", "
 def summary_rows(cfg: Config, results: dict[str, dict]) -> list[dict]:
     """Per stage: headline score, parameters, and CPU latency measured round-robin over the
     stages' saved models (batch 1, the recipe's max length), so machine load hits all alike."""
-    from distill.bench.latency import measure_interleaved
+    from distill.latency import measure_interleaved
 
     task = get_task(cfg)
     metric = task.metric

@@ -15,13 +15,13 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
-from distill.data import column_list, invalid_rows, label_problem, origin, refuse_or_drop, text_problem
-from distill.labels import LabelSpace, label_space
+from distill.data.read import column_list, invalid_rows, label_problem, origin, refuse_or_drop, text_problem
+from distill.data.labels import LabelSpace, label_space
 from distill.tasks.base import TEACHER_PREFIX, LogitPair, Task, column, require_columns
 
 
 def label_space_of(raw: DatasetDict, label_col: str, declared: list[str] = ()) -> LabelSpace:
-    """The label names of `label_col` (`distill.labels`): a ClassLabel's names, integer ids in
+    """The label names of `label_col` (`distill.data.labels`): a ClassLabel's names, integer ids in
     numeric order, or sorted names; `declared` (task.labels) overrides names and order.
 
     A label present in an evaluation split but never seen in training is an error: the model

@@ -1,7 +1,7 @@
 """Extractive question answering (MLQA, SQAC, TAR/XQuAD), SQuAD format (v1.1, or v2.0 with
 unanswerable questions when `task.version_2_with_negative=true`).
 
-Example row (flat SQuAD layout; `distill.formats.read_squad` turns nested files into it):
+Example row (flat SQuAD layout; `distill.data.formats.read_squad` turns nested files into it):
     {"id": "q1", "title": "Madrid", "context": "Madrid es la capital de España.",
      "question": "¿Cuál es la capital de España?",
      "answers": {"text": ["Madrid"], "answer_start": [0]}}
@@ -65,7 +65,7 @@ from datasets import Dataset, DatasetDict, Features, List, Value
 from transformers import AutoModelForQuestionAnswering
 
 from distill.errors import DataError
-from distill.metrics import answer_start_mismatch, squad_metrics, squad_v2_metrics
+from distill.tasks.metrics import answer_start_mismatch, squad_metrics, squad_v2_metrics
 from distill.models import same_tokenizer
 from distill.tasks.base import TEACHER_PREFIX, LogitPair, Task, column, require_columns
 from distill.tasks.tagging import pad_lists
@@ -767,7 +767,7 @@ class QATask(Task):
     ) -> dict[str, float]:
         """SQuAD exact_match / f1 (normalization from task.normalization) and the number of
         examples whose answer_start does not point at the answer text; with
-        `version_2_with_negative`, SQuAD v2's metrics (see `distill.metrics.squad_v2_metrics`)."""
+        `version_2_with_negative`, SQuAD v2's metrics (see `distill.tasks.metrics.squad_v2_metrics`)."""
         spans = self._spans(outputs, features, raw)
         references = [[t for t in a["text"] if t.strip()] for a in raw[self.answers_col]]
         norm = self.cfg.task.normalization

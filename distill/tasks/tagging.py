@@ -38,10 +38,10 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict
 from transformers import AutoModelForTokenClassification
 
-from distill.metrics import seqeval_metrics, token_accuracy
-from distill.data import column_list, is_null, label_problem, origin, refuse_or_drop
+from distill.tasks.metrics import seqeval_metrics, token_accuracy
+from distill.data.read import column_list, is_null, label_problem, origin, refuse_or_drop
 from distill.errors import DataError
-from distill.labels import LabelSpace, label_space
+from distill.data.labels import LabelSpace, label_space
 from distill.models import tokenizer_digest
 from distill.tasks.base import TEACHER_PREFIX, LogitPair, Task, column, require_columns
 
@@ -51,7 +51,7 @@ IGNORE = -100  # label of positions the cross-entropy skips
 
 
 def tag_space(raw: DatasetDict, tags_col: str, declared: list[str] = ()) -> LabelSpace:
-    """The tag names of `tags_col` (`distill.labels`): a ClassLabel sequence's names, integer
+    """The tag names of `tags_col` (`distill.data.labels`): a ClassLabel sequence's names, integer
     ids "0".."max" in numeric order, or the sorted tags of the training split; `declared`
     (task.labels) overrides names and order. A tag in an evaluation split that training never
     saw is an error: the model would have no output for it.

@@ -269,7 +269,7 @@ def measure_files(
     """Median latency ({"pytorch": Timing, "onnx": Timing, ...}) of the PyTorch model and each
     ONNX file on the same random inputs [batch, seq], timed round-robin (run i of every file
     before run i+1 of any), so a changing machine load hits all of them alike."""
-    from distill.bench.latency import device_name, fixed_threads, random_inputs, summarize, time_calls
+    from distill.latency import device_name, fixed_threads, random_inputs, summarize, time_calls
 
     inputs = {k: v for k, v in random_inputs(model.config, settings.batch, settings.seq).items() if k in names}
     numpy_inputs = {k: v.numpy() for k, v in inputs.items()}  # [batch, seq] each
@@ -353,7 +353,7 @@ def validation_split(cfg: Any, tokenizer: Any) -> tuple[Any, Any, Any]:
     training: the recipe's data, subsampling and preprocessing, with the model's tokenizer."""
     from datasets import DatasetDict
 
-    from distill.features import load_data, prepare_data
+    from distill.data.features import load_data, prepare_data
     from distill.tasks import get_task
 
     task = get_task(cfg)
@@ -422,7 +422,7 @@ def check_parity(
     recomputed PyTorch score differs from it, e.g. because the data changed since training.
     `split`: what `validation_split(cfg, tokenizer)` returned, when the caller already has it.
     """
-    from distill.features import make_loader
+    from distill.data.features import make_loader
 
     task, features, raw = split or validation_split(cfg, tokenizer)
     check_labels(model, task)

@@ -17,10 +17,10 @@ import torch
 from datasets import Dataset, DatasetDict
 from torch.utils.data import DataLoader
 
-from distill import data as data_mod
+from distill.data import read as data_mod
 from distill.config import Config
 from distill.errors import DataError
-from distill.sampling import LengthGroupedBatchSampler
+from distill.data.sampling import LengthGroupedBatchSampler
 from distill.tasks.base import Task
 
 

@@ -62,7 +62,7 @@ from datasets import Dataset, Features, Value
 from datasets.arrow_writer import ArrowWriter
 
 from distill.errors import DataError, ModelLoadError
-from distill.rows import task_columns, word_spans
+from distill.data.rows import task_columns, word_spans
 
 log = logging.getLogger("distill")
 

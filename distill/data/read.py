@@ -2,7 +2,7 @@
 
 Sources: a Hub dataset id (+ config name, revision), a local file or folder, or one local file per
 split (`data.files`). Local formats: jsonl, json, csv, tsv, parquet (via `datasets`), CoNLL text,
-CoNLL-U and SQuAD JSON (nested or flat; via `distill.formats`). Text files are read as UTF-8
+CoNLL-U and SQuAD JSON (nested or flat; via `distill.data.formats`). Text files are read as UTF-8
 (a byte-order mark is fine); a byte that is not UTF-8 stops the run naming the file and line.
 
 The splits come back as `RawSplits`, which remembers where each split came from, so that a
@@ -75,7 +75,7 @@ def _looks_like_squad(path: Path) -> bool:
 
 def _first_bad_json_line(path: Path) -> Optional[str]:
     """`path:line: reason` of the first jsonl line that is not a JSON object, if any."""
-    from distill.formats import text_lines
+    from distill.data.formats import text_lines
 
     for number, line in text_lines(path):
         if not line.strip():
@@ -91,7 +91,7 @@ def _first_bad_json_line(path: Path) -> Optional[str]:
 
 def read_file(path: str | Path, fmt: Optional[str] = None, column_names: list[str] = ()) -> Dataset:
     """One local file as a Dataset, in the declared format or the one its extension names."""
-    from distill import formats
+    from distill.data import formats
 
     path = Path(path)
     if not path.exists():
@@ -286,7 +286,7 @@ def text_problem(value: Any) -> Optional[str]:
 
 def label_problem(value: Any) -> Optional[str]:
     """Why `value` cannot be a class label (None when it can). Types are checked across the
-    whole column later (`distill.labels`); a negative id is a row without a gold label."""
+    whole column later (`distill.data.labels`); a negative id is a row without a gold label."""
     if is_null(value):
         return "is null"
     if isinstance(value, str):

@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader
 
 from distill import models
 from distill.config import Config
-from distill.features import load_data, make_loader, prepare_data
-from distill.losses import Trainee
+from distill.data.features import load_data, make_loader, prepare_data
+from distill.objective.losses import Trainee
 from distill.tasks import get_task
 from distill.tasks.base import Task
 

@@ -27,10 +27,10 @@ from accelerate import Accelerator
 from datasets import Dataset
 from torch import nn
 
-from distill import cache as cache_mod
-from distill.ensemble import MASKED_LOGIT, combine
+from distill.teachers import cache as cache_mod
+from distill.teachers.ensemble import MASKED_LOGIT, combine
 from distill.errors import CacheError
-from distill.losses import Signals
+from distill.objective.losses import Signals
 from distill.tasks.base import Task
 
 Teacher = Callable[[dict], Signals]
@@ -58,7 +58,7 @@ class OnlineTeacher:
         self.hidden_layers, self.qkv_layers = sorted(hidden_layers), sorted(qkv_layers)
         self.targets = targets
         if self.qkv_layers:
-            from distill.capture import forward_capturing
+            from distill.objective.capture import forward_capturing
 
             self.capture_fn = forward_capturing
 

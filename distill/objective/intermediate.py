@@ -1,6 +1,6 @@
 """Intermediate-layer loss terms: TinyBERT attention scores and MiniLMv2 self-attention relations.
 
-Both read the Q/K/V projections that `distill.capture.Capture` keeps (never attention weights,
+Both read the Q/K/V projections that `distill.objective.capture.Capture` keeps (never attention weights,
 so SDPA stays on) and compare token positions, so teacher and student must share a tokenizer
 (`check_compatible`). Each term says which layers it reads (`student_layers` /
 `teacher_layers`) so only those are captured, and the teacher can stop after the deepest one.
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.losses import Term, checked_layer_map
+from distill.objective.losses import Term, checked_layer_map
 
 # large finite negative for masked keys: exp() gives exactly 0 and no inf - inf NaNs
 _MASKED = -1e9
@@ -59,7 +59,7 @@ def _captured(signals: Any, layer: int, side: str, term: str):
     if layer not in qkv:
         raise RuntimeError(
             f"{term}: the {side}'s layer {layer} Q/K/V were not captured; capture what "
-            f"{side}_layers() returns (distill.capture.Capture)"
+            f"{side}_layers() returns (distill.objective.capture.Capture)"
         )
     return qkv[layer]
 

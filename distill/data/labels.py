@@ -12,7 +12,7 @@ Refused, with the values and where they are: a column that mixes kinds (`1` and 
 fractional values (a regression target), names that differ only by case or surrounding spaces
 (`"Pos"`, `"pos "`), and labels of an evaluation split that training never saw (the model would
 have no output for them). Null and empty values are row problems, found before this runs
-(`distill.data.invalid_rows`).
+(`distill.data.read.invalid_rows`).
 """
 
 from __future__ import annotations

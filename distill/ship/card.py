@@ -9,7 +9,7 @@ Everything comes from the files a run leaves behind (DESIGN: downstream tools re
                                  with `teachers:` each one's (`teachers[i].dir`, else <run>/teacher-<i>)
     <run>/baseline/metrics.json  the student fine-tuned alone (when run.baseline=true)
     <run>/summary.json           parameters and CPU latency measured at the end of `distill run`
-and, for an export with ONNX files, the parity gate's report (`distill.onnx_export`).
+and, for an export with ONNX files, the parity gate's report (`distill.ship.onnx`).
 The YAML header is built with huggingface_hub's `ModelCardData`/`EvalResult`, so the Hub reads
 the model-index (task, dataset, split, metric values for validation and test).
 
@@ -31,9 +31,9 @@ from distill import models
 from distill.config import Config, ConfigError, has_teacher, load_config, main_teacher, stage_train, teacher_list
 
 if TYPE_CHECKING:
-    from distill.onnx_export import ParityReport
+    from distill.ship.onnx import ParityReport
 
-log = logging.getLogger("distill.card")
+log = logging.getLogger("distill.ship.card")
 
 CARD_CONFIG_NAME = "distill_config.yaml"  # the resolved recipe, shipped beside the weights
 # How `distill run`'s closing table (distill.study.summary) times each stage, for summary.json
@@ -171,7 +171,7 @@ def teacher_folder(cfg: Config, stage_dir: Path, index: int = 0) -> Path:
     """Teacher `index`'s stage folder, by the stage-folder rule: its `dir` when the recipe sets
     it, else `teacher/` (with `teachers:`, `teacher-<i>/`) beside this stage (= under
     `<output_dir>`, and still right when the whole run folder was moved)."""
-    from distill.stage import stage_dir as folder_of
+    from distill.loop.folders import stage_dir as folder_of
 
     name = f"teacher-{index}" if cfg.teachers else "teacher"
     t = teacher_list(cfg)[index] if has_teacher(cfg) else cfg.teacher

@@ -8,7 +8,7 @@ tokenizer; `config.json` with `id2label`/`label2id`; the resolved recipe as
 
 With `--onnx` (or the recipe's `hub.export.onnx`) it also holds `model.onnx`, and with `--int8`
 (`hub.export.int8`) `model.int8.onnx`, both checked by the parity gate of
-`distill.onnx_export` on the validation split before anything is written; the gate's numbers go
+`distill.ship.onnx` on the validation split before anything is written; the gate's numbers go
 to `onnx_parity.json` and the card.
 """
 
@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoTokenizer
 
-from distill.card import (
+from distill.ship.card import (
     CARD_CONFIG_NAME,
     ExportError,
     RunEvidence,
@@ -40,9 +40,9 @@ from distill.card import (
 from distill.tasks import get_task
 
 if TYPE_CHECKING:
-    from distill.onnx_export import ParityReport
+    from distill.ship.onnx import ParityReport
 
-log = logging.getLogger("distill.export")
+log = logging.getLogger("distill.ship.export")
 
 RESULTS_NAME = "distill_results.json"
 PLACEHOLDER_ORG = "ORG"  # stands in for the Hub namespace when none is known at export time
@@ -204,7 +204,7 @@ def write_onnx(
     """Write model.onnx (and model.int8.onnx) into `folder`, run the parity gate on the
     validation split, time each file, and save onnx_parity.json. A failed gate raises
     ParityError unless `force`, which keeps the files and marks the report (and card) forced."""
-    from distill import onnx_export as ox
+    from distill.ship import onnx as ox
 
     if margin < 0 or atol < 0 or threads < 1:
         raise ExportError(
@@ -295,7 +295,7 @@ def export_student(
     CPU threads the card's latencies are measured with (default 1). `force` writes ONNX files
     that fail the parity gate, with a warning on the card.
     """
-    from distill import onnx_export as ox
+    from distill.ship import onnx as ox
 
     stage_dir = stage_folder(stage_dir)
     ev = load_evidence(stage_dir)
@@ -384,7 +384,7 @@ def format_files(folder: Path) -> str:
 
 def add_onnx_arguments(p: argparse.ArgumentParser) -> None:
     """--onnx/--int8 and the gate's settings, shared by `distill export` and `distill push`."""
-    from distill.onnx_export import FP32_ATOL, LATENCY_THREADS
+    from distill.ship.onnx import FP32_ATOL, LATENCY_THREADS
 
     p.add_argument(
         "--onnx", action=argparse.BooleanOptionalAction, default=None,

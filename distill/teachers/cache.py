@@ -49,10 +49,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from distill import models
-from distill.sampling import sorted_batches
+from distill.data.sampling import sorted_batches
 from distill.tasks.base import Task
 from distill.errors import CacheError
-from distill.features import data_fingerprint
+from distill.data.features import data_fingerprint
 
 log = logging.getLogger("distill")
 

@@ -39,7 +39,7 @@ import numpy as np
 from datasets import Dataset, DatasetDict, Features, List, Value, concatenate_datasets, load_dataset
 
 from distill.errors import DataError
-from distill.rows import GOLD_ROLE, split_words, task_columns
+from distill.data.rows import GOLD_ROLE, split_words, task_columns
 
 log = logging.getLogger("distill")
 
@@ -179,7 +179,7 @@ def _conll_tokens(path: str, stamp: Any) -> Iterator[dict]:
 
 def read_transfer_file(path: str | Path, fmt: Optional[str], where: str) -> Dataset:
     """A local file of unlabelled rows: `text` (one example per line; the default for .txt),
-    `conll` (tokens, tags optional) or any format `distill.data.read_file` reads."""
+    `conll` (tokens, tags optional) or any format `distill.data.read.read_file` reads."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{where}: file not found: {path}")
@@ -197,7 +197,7 @@ def read_transfer_file(path: str | Path, fmt: Optional[str], where: str) -> Data
             if stat.st_size == 0 or "corresponds to no data" in str(err) or "empty" in str(err).lower():
                 return Dataset.from_dict({k: [] for k in features}, features=features)
             raise DataError(f"{where}: could not read {path} as {fmt}: {err}") from None
-    from distill import data as data_mod
+    from distill.data import read as data_mod
 
     try:
         return data_mod.read_file(path, fmt)
@@ -211,7 +211,7 @@ def _read_hub(source: str, name: Optional[str], split: str, revision: Optional[s
     try:
         return load_dataset(source, name, split=split, revision=revision)
     except Exception as err:
-        from distill.data import hub_failure
+        from distill.data.read import hub_failure
 
         raise DataError(
             f"{where}: cannot load split '{split}' of dataset '{source}'"
@@ -450,7 +450,7 @@ def build_student_train_rows(
         parts.append(rows)
 
     if augment is not None and augment.copies > 0:
-        from distill.augment import augment_rows
+        from distill.data.augment import augment_rows
 
         inputs = concatenate_datasets(parts) if augment.include_transfer and len(parts) > 1 else labelled
         model = augment.model or augment_model

@@ -24,7 +24,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 
 from distill.errors import ConfigError
-from distill.search_space import check_section, leaf_types
+from distill.config.search_space import check_section, leaf_types
 
 
 @dataclass

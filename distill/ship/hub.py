@@ -23,9 +23,9 @@ from huggingface_hub import HfApi, ModelCard, get_token
 from huggingface_hub.errors import HFValidationError, HfHubHTTPError, OfflineModeIsEnabled
 from huggingface_hub.utils import validate_repo_id
 
-from distill.card import CARD_CONFIG_NAME, ExportError, card_repo_id, repo_name
+from distill.ship.card import CARD_CONFIG_NAME, ExportError, card_repo_id, repo_name
 from distill.config import Config, ConfigError, load_config
-from distill.export import (
+from distill.ship.export import (
     PLACEHOLDER_ORG,
     add_onnx_arguments,
     export_student,
@@ -35,7 +35,7 @@ from distill.export import (
     stage_folder,
 )
 
-log = logging.getLogger("distill.hub")
+log = logging.getLogger("distill.ship.hub")
 
 T = TypeVar("T")
 RETRY_STATUS = {408, 429}  # plus every 5xx

@@ -30,16 +30,16 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from distill import models
-from distill.checkpoints import (
+from distill.loop.checkpoints import (
     LoopState, SignalsRaise, StopFlag, checkpoint_bytes, latest_checkpoint, load_model_weights, resume_from, save_checkpoint, save_model_folder,
 )
 from distill.config import Config, stage_train, to_dict, to_yaml
 from distill.errors import REQUEUE_EXIT_CODE, NonFiniteLoss, Preempted, StageError
-from distill.evaluate import evaluate, is_better, write_predictions
-from distill.losses import Trainee
-from distill.setup import Stage, make_accelerator, setup_stage
-from distill.features import data_identity, read_raw
-from distill.stage import DATA_FILE, STAGES, JsonlLog, atomic_write, check_stage_dir, clear_stage_dir, locked, stage_dir
+from distill.loop.evaluate import evaluate, is_better, write_predictions
+from distill.objective.losses import Trainee
+from distill.loop.setup import Stage, make_accelerator, setup_stage
+from distill.data.features import data_identity, read_raw
+from distill.loop.folders import DATA_FILE, STAGES, JsonlLog, atomic_write, check_stage_dir, clear_stage_dir, locked, stage_dir
 
 log = logging.getLogger("distill")
 

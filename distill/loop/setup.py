@@ -27,12 +27,12 @@ from distill.config import (
     TEACHER_STAGE, Config, DistillConfig, TrainConfig, main_teacher, stage_train, teacher_list, teacher_stage_name,
 )
 from distill.errors import StageError
-from distill.features import load_data, make_loader, prepare_data
-from distill.losses import GoldTerm, HiddenStateLoss, HiddenTerm, Objective, SoftLabelTerm, Term
-from distill.stage import STAGES, check_stage_dir, check_writable, resolve_stage, stage_dir
+from distill.data.features import load_data, make_loader, prepare_data
+from distill.objective.losses import GoldTerm, HiddenStateLoss, HiddenTerm, Objective, SoftLabelTerm, Term
+from distill.loop.folders import STAGES, check_stage_dir, check_writable, resolve_stage, stage_dir
 from distill.tasks import get_task
 from distill.tasks.base import Task
-from distill.teachers import CachedTeacher, EnsembleTeacher, Teacher, make_teacher, place_teacher
+from distill.teachers.teacher import CachedTeacher, EnsembleTeacher, Teacher, make_teacher, place_teacher
 
 log = logging.getLogger("distill")
 
@@ -247,7 +247,7 @@ def build_objective(task: Task, d: DistillConfig, student_config: Any, teacher_c
             )
             terms.append(HiddenTerm(loss))
         if "attention" in weights or "relations" in weights:
-            from distill.intermediate import intermediate_terms
+            from distill.objective.intermediate import intermediate_terms
 
             terms.extend(intermediate_terms(d, student_config, teacher_config, weights))
     except ValueError as err:
@@ -294,7 +294,7 @@ def cache_settings(cfg: Config) -> dict[str, Any]:
 def add_transfer_rows(cfg: Config, raw: DatasetDict, accelerator: Accelerator) -> dict[str, int]:
     """Replace raw["train"] by the student's rows: labelled ∪ transfer sets ∪ augmented copies
     (leak-filtered against validation and test); returns how many of each it holds."""
-    from distill.transfer import build_student_train_rows
+    from distill.data.transfer import build_student_train_rows
 
     with accelerator.main_process_first():  # the main process builds (and caches) the augmented rows
         train, counts = build_student_train_rows(
@@ -313,7 +313,7 @@ def capture_factory(objective: Objective) -> Any:
     """The student's attention-projection capture, when a term reads Q/K/V (imported only then)."""
     if not objective.needs("student").get("qkv"):
         return None
-    from distill.capture import Capture
+    from distill.objective.capture import Capture
 
     return Capture
 
@@ -397,7 +397,7 @@ def setup_stage(cfg: Config, stage: str, accelerator: Accelerator, raw: Optional
     features = prepare_data(task, raw, accelerator)
     collate = None
     if len(rows) > 1:
-        from distill.transfer import GoldCollate, mark_gold
+        from distill.data.transfer import GoldCollate, mark_gold
 
         features["train"] = mark_gold(features["train"], raw["train"])  # no gold loss on transfer rows
         collate = GoldCollate(task.collate)
@@ -437,7 +437,7 @@ def preflight(cfg: Config, stages: Sequence[str]) -> None:
     task = get_task(cfg)
     raw = load_data(cfg, task)
     if "student" in stages and cfg.data.transfer:
-        from distill.transfer import check_transfer
+        from distill.data.transfer import check_transfer
 
         check_transfer(raw, cfg.task.family, cfg.data.columns, cfg.data.transfer)
     for name in stages:
