@@ -160,10 +160,11 @@ def load_model(
         log.warning("trust_remote_code is on for %s: code from the model repo will run", name)
     source, _ = resolve(name)
     config = load_config(name, revision, trust_remote_code, **(config_overrides or {}))
+    saved_labels = dict(getattr(config, "id2label", None) or {})  # the checkpoint's own order
     for key, value in task_kwargs.items():
         setattr(config, key, value)
     try:
-        return model_class.from_pretrained(
+        model = model_class.from_pretrained(
             source,
             config=config,
             revision=revision,
@@ -173,6 +174,25 @@ def load_model(
         )
     except Exception as err:
         raise _explain_load_error(name, source, err) from None
+    if new_head and "id2label" in task_kwargs:
+        _keep_head_rows_in_data_order(model, saved_labels, list(task_kwargs["id2label"].values()), name)
+    return model
+
+
+def _keep_head_rows_in_data_order(model: nn.Module, saved: dict, labels: list[str], name: str) -> None:
+    """A fine-tuned checkpoint trained on further (a student cut from a `finetuned` teacher, or
+    a fine-tuned student) keeps its head: its rows follow the checkpoint's label names, which the
+    task's `id2label` has just replaced by the data's. Put the rows back in the data's order."""
+    theirs = [saved.get(i, saved.get(str(i))) for i in range(len(saved))]
+    if len(theirs) != len(labels) or theirs == labels or sorted(map(str, theirs)) != sorted(labels):
+        return  # a new head, generic names (LABEL_0, ...) or another label set: nothing to follow
+    order = torch.tensor([theirs.index(label) for label in labels])
+    out = output_layer(model, len(labels))
+    with torch.no_grad():
+        out.weight.copy_(out.weight[order])  # [labels, hidden], rows in the data's order
+        if out.bias is not None:
+            out.bias.copy_(out.bias[order])
+    log.warning("%s: reordered output labels %s -> dataset order %s", name, theirs, labels)
 
 
 def uniform_layers(num_teacher: int, num_student: int) -> list[int]:
