@@ -23,7 +23,7 @@ EXTERNAL = {
     "bench": ("distill.bench.cli", "measure parameters, MACs and latency of models (offline shapes too)"),
     "report": ("distill.study.report", "collect a tree of runs into the study's result tables"),
     "grid": ("distill.study.grid", "expand tasks x students x settings into runs; run or write launch scripts"),
-    "search": ("distill.study.search", "Optuna search over recipe keys (the recipe's search: section); trials are stages"),
+    "search": ("distill.study.search.command", "Optuna search over recipe keys (the recipe's search: section); trials are stages"),
 }
 
 STAGE_HELP = {
@@ -75,20 +75,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def run_stages(cfg, stages: list[str]) -> dict[str, dict]:
-    """Run the named stages in order (a teacher stage `teacher-<i>` runs `teachers[i]` as its
-    own `teacher` stage), each skipped when complete; results keyed by stage name."""
-    from distill.loop.setup import preflight
-    from distill.loop.folders import resolve_stage
+    """Run the named stages in order, each skipped when complete; results keyed by stage name."""
+    from distill.loop.preflight import preflight
     from distill.loop.train import run_stage
 
     preflight(cfg, stages)  # every stage's checks before the first one trains
-    return {stage: run_stage(*resolve_stage(cfg, stage)) for stage in stages}
+    return {stage: run_stage(cfg, stage) for stage in stages}
 
 
 def stages_of(cfg) -> list[str]:
     """`distill run`'s stages: each teacher to fine-tune, the student, the baseline."""
     from distill.config import has_teacher
-    from distill.loop.folders import teacher_stages
+    from distill.loop.plan import teacher_stages
 
     stages = teacher_stages(cfg)
     stages.append("student")
@@ -112,7 +110,7 @@ def teacher_command_stages(cfg, index: Optional[int]) -> list[str]:
         if cfg.teachers[index].finetuned:
             raise ConfigError(f"teachers[{index}] is finetuned=true: there is nothing to fine-tune")
         return [f"teacher-{index}"]
-    from distill.loop.folders import teacher_stages
+    from distill.loop.plan import teacher_stages
 
     stages = teacher_stages(cfg)
     if not stages:
@@ -191,7 +189,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"distill: {err.message}", file=sys.stderr)
         raise
     except Exception as err:
-        from distill.ship.card import ExportError
+        from distill.ship.evidence import ExportError
         from distill.errors import DataError
         from distill.ship.hub import PushError
         from distill.errors import ModelLoadError

@@ -150,7 +150,7 @@ def make_cfg(workdir: Path, args: argparse.Namespace, cache_dir: Path):
 def make_task(cfg):
     from distill.tasks.classification import ClassificationTask
 
-    task = ClassificationTask(cfg)
+    task = ClassificationTask(cfg.task, cfg.data)
     task.labels = ["entailment", "neutral", "contradiction"]
     task.bind(make_tokenizer())
     return task
@@ -223,12 +223,13 @@ def peak_rss_mb() -> float:
 
 def cached_teacher(cfg, task, teacher, features, accelerator):
     """The cached teacher a stage builds (`distill.teachers.teacher.make_teacher`), built or found."""
+    from distill.loop.plan import plan_stage
     from distill.loop.setup import cache_settings
     from distill.teachers.teacher import make_teacher
 
     fn, _ = make_teacher(
         teacher, task, accelerator, features, mode="cached", cache_root=Path(cfg.distill.cache_dir),
-        cache_settings=cache_settings(cfg), batch_size=max(4 * cfg.train.batch_size, cfg.train.eval_batch_size or 0),
+        cache_settings=cache_settings(plan_stage(cfg, "student")), batch_size=max(4 * cfg.train.batch_size, cfg.train.eval_batch_size or 0),
     )
     return fn
 

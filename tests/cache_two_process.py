@@ -41,7 +41,7 @@ def main(out: Path) -> None:
     cfg.train.batch_size = 4
     texts = [f"{a} {b}" if i % 2 else a for i, (a, b) in enumerate(zip(SPANISH * 5, SPANISH[3:] * 6))]
     raw = DatasetDict(train=Dataset.from_dict({"text": texts, "label": [i % 3 for i in range(len(texts))]}))
-    task = ClassificationTask(cfg)
+    task = ClassificationTask(cfg.task, cfg.data)
     task.setup(raw)
     task.bind(AutoTokenizer.from_pretrained(minilm_path()))
     with accelerator.main_process_first():

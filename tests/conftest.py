@@ -193,6 +193,7 @@ def teacher_outputs(cfg, task, teacher, features, accelerator, hidden: bool):
     when the teacher runs online."""
     import copy
 
+    from distill.loop.plan import plan_stage
     from distill.loop.setup import build_objective, cache_settings
     from distill.teachers.teacher import CachedTeacher, make_teacher
 
@@ -208,7 +209,7 @@ def teacher_outputs(cfg, task, teacher, features, accelerator, hidden: bool):
         teacher, task, accelerator, features,
         mode=cfg.distill.teacher_outputs,
         cache_root=Path(cfg.distill.cache_dir) if cfg.distill.cache_dir else Path(cfg.output_dir) / "teacher_cache",
-        cache_settings=cache_settings(cfg),
+        cache_settings=cache_settings(plan_stage(cfg, "student")),
         hidden_layers=sorted(layers),
         cache_hidden_states=cfg.distill.cache_hidden_states,
         batch_size=max(4 * cfg.train.batch_size, cfg.train.eval_batch_size or 0),

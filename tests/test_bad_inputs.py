@@ -22,6 +22,7 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification
 
 import distill.loop.train as train
+from distill.loop.preflight import preflight
 from distill import models
 from distill.loop import setup
 from distill.cli import main
@@ -171,7 +172,7 @@ CASES = {
         "teacher", ["output_dir={root}/a-file/run"], ["output_dir is not writable", "{root}/a-file/run/teacher"]
     ),
     "not-enough-disk-for-cache": Case(
-        "student", ["distill.teacher_outputs=cached"], ["not enough disk space for the teacher cache", "distill.cache_dir"],
+        "student", ["distill.teacher_outputs=cached"], ["not enough disk space to write the teacher cache", "distill.cache_dir"],
         patch=tiny_disk,
     ),
     "overwrite-with-bad-data-deletes-nothing": Case(
@@ -290,7 +291,7 @@ def test_preflight_fails_before_the_teacher_trains(name, world, tmp_path):
     run = tmp_path / "fresh"
     cfg = load_config(world.recipe, [f"output_dir={run}", *(o.format(**fill) for o in overrides)])
     with pytest.raises((train.StageError, DataError, ModelLoadError)) as info:
-        setup.preflight(cfg, ["teacher", "student"])
+        preflight(cfg, ["teacher", "student"])
     assert message in str(info.value)
     written = [p for p in run.rglob("*") if p.is_file()]
     assert written == []
@@ -304,8 +305,8 @@ def test_preflight_passes_a_good_recipe_and_refuses_a_different_student_config(w
     (run / "student").mkdir()
     (run / "student" / "config.yaml").write_text((run / "teacher" / "config.yaml").read_text())
     good = load_config(world.recipe, [f"output_dir={tmp_path / 'fresh'}"])
-    setup.preflight(good, ["teacher", "student", "baseline"])  # no error, no file written
+    preflight(good, ["teacher", "student", "baseline"])  # no error, no file written
     assert not [p for p in (tmp_path / "fresh").rglob("*") if p.is_file()]
     other = load_config(world.recipe, [f"output_dir={run}", "distill.temperature=4.0"])
     with pytest.raises(train.StageError, match="holds a run with a different config"):
-        setup.preflight(other, ["teacher", "student"])
+        preflight(other, ["teacher", "student"])

@@ -100,7 +100,7 @@ def roberta_config(tokenizer, **kw) -> RobertaConfig:
 def classification(cfg: Config, tok, teacher_tok=None, texts=None) -> tuple[ClassificationTask, Dataset]:
     texts = texts or [f"{a} {b}" if i % 3 else a for i, (a, b) in enumerate(zip(SPANISH * 4, SPANISH[1:] * 5))]
     raw = DatasetDict(train=Dataset.from_dict({"text": texts, "label": [i % 3 for i in range(len(texts))]}))
-    task = ClassificationTask(cfg)
+    task = ClassificationTask(cfg.task, cfg.data)
     task.setup(raw)
     task.bind(tok, teacher_tok)
     return task, task.preprocess(raw["train"], "train")
@@ -112,7 +112,7 @@ def tagging(cfg: Config, tok, teacher_tok=None) -> tuple[TaggingTask, Dataset]:
     rows = {"tokens": sentences, "tags": [rng.integers(0, len(TAGS), len(s)).tolist() for s in sentences]}
     raw = DatasetDict(train=Dataset.from_dict(rows, features=Features({"tokens": List(Value("string")), "tags": List(ClassLabel(names=TAGS))})))
     cfg.data.columns = {"tokens": "tokens", "tags": "tags"}
-    task = TaggingTask(cfg)
+    task = TaggingTask(cfg.task, cfg.data)
     task.setup(raw)
     task.bind(tok, teacher_tok)
     return task, task.preprocess(raw["train"], "train")
@@ -128,7 +128,7 @@ def qa(cfg: Config, tok) -> tuple[QATask, Dataset]:
             "answers": {"text": [word], "answer_start": [context.index(sentence) + len(sentence.split()[0]) + 1]},
         })
     raw = DatasetDict(train=Dataset.from_list(rows))
-    task = QATask(cfg)
+    task = QATask(cfg.task, cfg.data)
     task.setup(raw)
     task.bind(tok)
     return task, task.preprocess(raw["train"], "train")
@@ -243,7 +243,7 @@ def test_cache_is_reused_when_nothing_changed_and_rebuilt_when_anything_did(tmp_
     # tokenizer (same features, another definition)
     other_tok = AutoTokenizer.from_pretrained(tok.name_or_path)
     other_tok.add_tokens(["madrileño"])
-    task_tok = ClassificationTask(cfg)
+    task_tok = ClassificationTask(cfg.task, cfg.data)
     task_tok.setup(DatasetDict(train=Dataset.from_dict({"text": ["a"], "label": [0]})))
     task_tok.labels = task.labels
     task_tok.bind(other_tok)

@@ -29,10 +29,10 @@ def test_local_jsonl_splits_and_subsets(tmp_path):
     train = jsonl(tmp_path / "train.jsonl", ROWS)
     val = jsonl(tmp_path / "val.jsonl", ROWS[:4])
     cfg = cfg_for(tmp_path, train=train, validation=val)
-    raw = load_raw(cfg)
+    raw = load_raw(cfg.data, cfg.seed)
     assert set(raw) == {"train", "validation"} and len(raw["train"]) == 10
     cfg.data.max_train_samples, cfg.data.max_eval_samples = 3, 2
-    small = subsample(raw, cfg)
+    small = subsample(raw, cfg.data, cfg.seed)
     assert (len(small["train"]), len(small["validation"])) == (3, 2)
     assert small["train"]["text"] == ["frase 0", "frase 1", "frase 2"]
 
@@ -42,7 +42,7 @@ def test_headerless_tsv_like_mldoc(tmp_path):
     path.write_text('CCAT\tEl "mercado" sube.\nGCAT\tElecciones en mayo.\n')
     cfg = cfg_for(tmp_path, train=path)
     cfg.data.format, cfg.data.column_names = "tsv", ["label", "text"]
-    raw = load_raw(cfg)
+    raw = load_raw(cfg.data, cfg.seed)
     assert raw["train"]["label"] == ["CCAT", "GCAT"]
     assert raw["train"]["text"][0] == 'El "mercado" sube.'
 
@@ -52,20 +52,20 @@ def test_folder_with_split_files(tmp_path):
     jsonl(tmp_path / "test.jsonl", ROWS[:2])
     cfg = cfg_for(tmp_path)
     cfg.data.source = str(tmp_path)
-    raw = load_raw(cfg)
+    raw = load_raw(cfg.data, cfg.seed)
     assert set(raw) == {"train", "test"}
 
 
 def test_validation_from_train(tmp_path):
     cfg = cfg_for(tmp_path, train=jsonl(tmp_path / "t.jsonl", ROWS))
     cfg.data.validation_from_train = 0.2
-    raw = load_raw(cfg)
+    raw = load_raw(cfg.data, cfg.seed)
     assert (len(raw["train"]), len(raw["validation"])) == (8, 2)
 
 
 def test_missing_file(tmp_path):
     with pytest.raises(DataError, match="data file not found: .*nope.jsonl"):
-        load_raw(cfg_for(tmp_path, train=tmp_path / "nope.jsonl"))
+        _raw_of(cfg_for(tmp_path, train=tmp_path / "nope.jsonl"))
 
 
 def test_empty_split(tmp_path):
@@ -73,7 +73,7 @@ def test_empty_split(tmp_path):
     empty.write_text("text,label\n")
     cfg = cfg_for(tmp_path, train=jsonl(tmp_path / "t.jsonl", ROWS), validation=empty)
     with pytest.raises(DataError, match="split 'validation' is empty"):
-        load_raw(cfg)
+        load_raw(cfg.data, cfg.seed)
 
 
 def test_hub_offline_is_explained(tmp_path, monkeypatch):
@@ -81,21 +81,21 @@ def test_hub_offline_is_explained(tmp_path, monkeypatch):
     cfg = cfg_for(tmp_path)
     cfg.data.source, cfg.data.name = "no-org/no-dataset", "es"
     with pytest.raises(DataError, match="cannot load dataset 'no-org/no-dataset' \\(config 'es'\\)"):
-        load_raw(cfg)
+        load_raw(cfg.data, cfg.seed)
 
 
 def test_missing_column_names_split_and_fix(tmp_path):
     cfg = cfg_for(tmp_path, train=jsonl(tmp_path / "t.jsonl", ROWS))
     cfg.data.columns = {"text": "premise", "text_pair": "hypothesis"}
     with pytest.raises(DataError, match=r"split 'train' has no column 'premise' \(needed as text\).*data.columns.text="):
-        ClassificationTask(cfg).setup(load_raw(cfg))
+        ClassificationTask(cfg.task, cfg.data).setup(load_raw(cfg.data, cfg.seed))
 
 
 def test_unseen_eval_label(tmp_path):
     test_rows = ROWS[:2] + [{"text": "otra", "label": "c"}]
     cfg = cfg_for(tmp_path, train=jsonl(tmp_path / "t.jsonl", ROWS), test=jsonl(tmp_path / "x.jsonl", test_rows))
     with pytest.raises(DataError, match=r"split 'test' has labels never seen in training: \['c'\]"):
-        ClassificationTask(cfg).setup(load_raw(cfg))
+        ClassificationTask(cfg.task, cfg.data).setup(load_raw(cfg.data, cfg.seed))
 
 
 def test_label_names_from_classlabel_keep_dataset_order():
@@ -113,7 +113,7 @@ def test_split_sources_take_one_split_from_elsewhere(tmp_path):
         f"task: {{family: classification, name: t}}\nstudent: {{model: x}}\n"
         f"data:\n  files: {{train: {train}}}\n  split_sources:\n    test: {{source: {other}}}\n"
     )
-    raw = load_raw(load_config(recipe))
+    raw = _raw_of(load_config(recipe))
     assert set(raw) == {"train", "test"} and len(raw["test"]) == 3
 
 
@@ -126,38 +126,38 @@ def test_conllu_by_extension_and_wrong_declared_formats_refused(tmp_path):
     conllu = tmp_path / "train.conllu"
     conllu.write_text(CONLLU)
     cfg = cfg_for(tmp_path, train=conllu)
-    raw = load_raw(cfg)
+    raw = load_raw(cfg.data, cfg.seed)
     assert raw["train"][0]["tokens"] == ["Hola", "mundo"] and raw["train"][0]["tags"] == ["INTJ", "NOUN"]
     cfg.data.format = "conll"  # a .conllu declared as conll: would train on the ID column
     with pytest.raises(DataError, match=r"train.conllu:2: this is CoNLL-U .*Set data.format=conllu"):
-        load_raw(cfg)
+        load_raw(cfg.data, cfg.seed)
     conll = tmp_path / "train.conll"
     conll.write_text("Hola O\nmundo O\n")
     cfg = cfg_for(tmp_path, train=conll)
     cfg.data.format = "conllu"
     with pytest.raises(DataError, match=r"train.conll:1: expected 10 tab-separated CoNLL-U columns.*data.format=conll"):
-        load_raw(cfg)
+        load_raw(cfg.data, cfg.seed)
 
 
 def test_jsonl_syntax_error_names_the_line(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "y"\n')
     with pytest.raises(DataError, match=r"t.jsonl:2: not valid JSON"):
-        load_raw(cfg_for(tmp_path, train=path))
+        _raw_of(cfg_for(tmp_path, train=path))
 
 
 def test_json_syntax_error_names_the_line(tmp_path):
     path = tmp_path / "t.json"
     path.write_text('[\n  {"text": "a", "label": "x"},\n  {"text": "b" "label": "y"}\n]\n')
     with pytest.raises(DataError, match=r"t.json:3: not valid JSON"):
-        load_raw(cfg_for(tmp_path, train=path))
+        _raw_of(cfg_for(tmp_path, train=path))
 
 
 def test_splits_remember_their_files(tmp_path):
     train, val = jsonl(tmp_path / "train.jsonl", ROWS), jsonl(tmp_path / "val.jsonl", ROWS[:4])
     cfg = cfg_for(tmp_path, train=train, validation=val)
     cfg.data.max_train_samples = 5
-    raw = subsample(load_raw(cfg), cfg)
+    raw = subsample(load_raw(cfg.data, cfg.seed), cfg.data, cfg.seed)
     assert raw.origins == {"train": str(train), "validation": str(val)}
     assert origin(raw, "train") == f"split 'train' ({train})"
 
@@ -165,13 +165,13 @@ def test_splits_remember_their_files(tmp_path):
 def test_validation_from_train_as_a_row_count(tmp_path):
     cfg = cfg_for(tmp_path, train=jsonl(tmp_path / "t.jsonl", ROWS))
     cfg.data.validation_from_train = 3.0  # a whole number: rows, not a fraction
-    raw = load_raw(cfg)
+    raw = load_raw(cfg.data, cfg.seed)
     assert (len(raw["train"]), len(raw["validation"])) == (7, 3)
     assert sorted(list(raw["train"]["text"]) + list(raw["validation"]["text"])) == sorted(r["text"] for r in ROWS)
     assert raw.origins["validation"] == f"held out from {tmp_path / 't.jsonl'}"
     cfg.data.validation_from_train = 10.0  # all of train
     with pytest.raises(DataError, match="would hold out 10 of the 10 training rows"):
-        load_raw(cfg)
+        load_raw(cfg.data, cfg.seed)
 
 
 # --- rows that cannot be used, and labels read one way ----------------------------------------
@@ -184,8 +184,8 @@ def setup_task(tmp_path, train_rows, test_rows=None, **overrides):
     cfg = cfg_for(tmp_path, **files)
     for key, value in overrides.items():
         setattr(cfg.data if key in ("drop_invalid", "columns") else cfg.task, key, value)
-    raw = load_raw(cfg)
-    task = ClassificationTask(cfg)
+    raw = load_raw(cfg.data, cfg.seed)
+    task = ClassificationTask(cfg.task, cfg.data)
     task.setup(raw)
     return task, raw
 
@@ -223,10 +223,10 @@ def test_null_in_a_csv_label_column_is_caught(tmp_path):
     path.write_text("text,label\nuno,0\ndos,1\ntres,\ncuatro,1\n")
     cfg = cfg_for(tmp_path, train=path)
     with pytest.raises(DataError, match=r"t.csv\): row 2: column 'label' is null"):
-        ClassificationTask(cfg).setup(load_raw(cfg))
+        ClassificationTask(cfg.task, cfg.data).setup(load_raw(cfg.data, cfg.seed))
     cfg.data.drop_invalid = True
-    task = ClassificationTask(cfg)
-    raw = load_raw(cfg)
+    task = ClassificationTask(cfg.task, cfg.data)
+    raw = load_raw(cfg.data, cfg.seed)
     task.setup(raw)
     assert task.labels == ["0", "1"] and task.label_space.kind == "ids"
     assert [task.label_space.id_of(v) for v in raw["train"]["label"]] == [0, 1, 1]
@@ -285,23 +285,23 @@ def test_task_labels_reorder_a_classlabel():
     raw = DatasetDict(train=Dataset.from_dict({"text": ["a", "b"], "label": [0, 1]}, features=features))
     cfg = cfg_for_family()
     cfg.task.labels = ["pos", "neg"]
-    task = ClassificationTask(cfg)
+    task = ClassificationTask(cfg.task, cfg.data)
     task.setup(raw)
     assert task.labels == ["pos", "neg"] and [task.label_space.id_of(v) for v in (0, 1)] == [1, 0]
     cfg.task.labels = ["pos", "other"]
     with pytest.raises(DataError, match=r"task.labels \['pos', 'other'\] lacks labels of column 'label': \['neg'\]"):
-        ClassificationTask(cfg).setup(raw)
+        ClassificationTask(cfg.task, cfg.data).setup(raw)
     # a ClassLabel id out of its range (-1: no gold label) is a row problem
     raw["test"] = Dataset.from_dict({"text": ["c"], "label": [-1]}, features=features)
     with pytest.raises(DataError, match=r"split 'test': row 0: column 'label' is -1, not one of the 2 classes"):
-        ClassificationTask(cfg_for_family()).setup(raw)
+        ClassificationTask(*_sections(cfg_for_family())).setup(raw)
 
 
 def test_every_mapped_column_must_exist(tmp_path):
     cfg = cfg_for(tmp_path, train=jsonl(tmp_path / "t.jsonl", ROWS))
     cfg.data.columns = {"label": "label", "text_pair": "hypothesis"}
     with pytest.raises(DataError, match=r"has no column 'hypothesis' \(needed as text_pair\)"):
-        ClassificationTask(cfg).setup(load_raw(cfg))
+        ClassificationTask(cfg.task, cfg.data).setup(load_raw(cfg.data, cfg.seed))
 
 
 def cfg_for_family(family="classification"):
@@ -310,3 +310,12 @@ def cfg_for_family(family="classification"):
     cfg = Config()
     cfg.task.family = family
     return cfg
+
+
+def _raw_of(cfg):
+    return load_raw(cfg.data, cfg.seed)
+
+
+def _sections(cfg):
+    """The task and data sections a task is built from."""
+    return cfg.task, cfg.data

@@ -106,14 +106,14 @@ def test_shipped_spanish_mini_datasets_load_as_recipes_would():
     shipped = Path(__file__).parent.parent / "distill" / "sample_data"
     cfg = Config()
     cfg.data.source = str(shipped / "ner_es")
-    ner = load_raw(cfg)
+    ner = load_raw(cfg.data, cfg.seed)
     assert {k: len(v) for k, v in ner.items()} == {"train": 16, "validation": 8}
     train_tags = {t for tags in ner["train"]["tags"] for t in tags}
     assert {t for tags in ner["validation"]["tags"] for t in tags} <= train_tags
     assert train_tags == {"O"} | {f"{p}-{k}" for p in "BI" for k in ("PER", "ORG", "LOC", "MISC")}
 
     cfg.data.source = str(shipped / "qa_es")
-    qa = load_raw(cfg)
+    qa = load_raw(cfg.data, cfg.seed)
     assert {k: len(v) for k, v in qa.items()} == {"train": 15, "validation": 6}
     for split in qa.values():
         for row in split:

@@ -118,11 +118,12 @@ def test_expand_refuses_clashes(tmp_path: Path):
 
 def finish(run: grid.GridRun, stage: str, cfg=None) -> None:
     """Make a stage folder look finished, as the training loop leaves it."""
-    from distill.loop.train import stage_dir
+    from distill.loop.plan import plan_stage
 
-    out = stage_dir(cfg or run.cfg, stage)
+    plan = plan_stage(cfg or run.cfg, stage)
+    out = plan.folder
     (out / "model").mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(to_yaml(cfg or run.cfg))
+    (out / "config.yaml").write_text(to_yaml(plan.recipe))
     (out / "metrics.json").write_text("{}")
 
 

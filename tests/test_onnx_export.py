@@ -21,7 +21,7 @@ from onnx import numpy_helper
 from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
 
 from distill.ship import onnx as ox
-from distill.ship.card import ExportError
+from distill.ship.evidence import ExportError
 from distill.config import ConfigError, load_config, to_yaml
 from distill.ship.export import ParityError, export_student, main as export_main
 from tests.conftest import minilm_path, save_tiny, tiny_bert_config, write_keyword_data
@@ -63,8 +63,8 @@ def random_stage(root: Path, family: str, overrides: list[str]) -> Path:
 
     cfg = load_config(None, [f"task.family={family}", f"task.name={family}-mini", f"output_dir={root / 'run'}",
                              f"student.model={root / 'init'}", *overrides])
-    task = get_task(cfg)
-    load_data(cfg, task)
+    task = get_task(cfg.task, cfg.data)
+    load_data(cfg.data, cfg.seed, task)
     stage = root / "run" / "student"
     save_tiny(tiny_bert_config(**task.model_kwargs()), stage / "model", minilm_path(), model_class=task.model_class())
     (stage / "config.yaml").write_text(to_yaml(cfg))

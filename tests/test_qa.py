@@ -16,7 +16,9 @@ from distill.config import Config
 from distill.data.formats import read_squad
 from distill.objective.losses import SoftLabelLoss, soft_label_loss
 from distill.tasks.metrics import squad_v2_metrics
-from distill.tasks.qa import QATask, answer_tokens, best_spans, locate_answer
+from distill.data.rows import locate_answer
+from distill.tasks.qa import QATask
+from distill.tasks.qa_spans import answer_tokens, best_spans
 
 DATA = Path(__file__).parent / "data"
 QUESTION = "¿qué?"
@@ -33,7 +35,7 @@ def make_task(raw: DatasetDict, max_length: int, stride: int, **task_kw) -> QATa
     cfg.data.max_length, cfg.data.doc_stride = max_length, stride
     for key, value in task_kw.items():
         setattr(cfg.task, key, value)
-    task = QATask(cfg)
+    task = QATask(cfg.task, cfg.data)
     task.setup(raw)
     return task
 
@@ -87,7 +89,7 @@ def test_windows_over_a_context_longer_than_three_windows(windows_setup, tok):
     assert spans == [WORDS[0:14], WORDS[10:24], WORDS[20:34], WORDS[30:40]]  # 4 windows, 4 shared
     q_ids = tok(QUESTION, add_special_tokens=False)["input_ids"]
     for f in first:
-        assert len(f["input_ids"]) <= task.cfg.data.max_length
+        assert len(f["input_ids"]) <= task.data.max_length
         assert f["input_ids"][1 : 1 + len(q_ids)] == q_ids  # the question is never truncated
         assert f["cls_index"] == 0 and f["length"] == len(f["input_ids"])
     assert feats["feature_id"] == list(range(len(feats)))
@@ -280,7 +282,7 @@ def test_answers_missing_from_their_context_are_dropped_when_train_comes_from_sp
     rows = qa_rows(context, [span_of(3, 4), ("no está", 0)])
     raw = DatasetDict(train=Dataset.from_list(rows))
     task = make_task(raw, max_length=64, stride=16)
-    task.cfg.data.splits.train = None
+    task.data.splits.train = None
     task.bind(tok)
     feats = task.preprocess(raw["train"], "train")
     assert feats["example_id"] == [0]

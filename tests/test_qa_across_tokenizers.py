@@ -19,9 +19,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from distill.config import Config
 from distill.objective.losses import SoftLabelLoss
-from distill.tasks.qa import (
+from distill.tasks.qa import QATask
+from distill.tasks.qa_spans import (
     LOG_ZERO,
-    QATask,
     answer_tokens,
     map_positions,
     move_probabilities,
@@ -85,7 +85,7 @@ def make_task(raw: DatasetDict, max_length: int, stride: int, **distill) -> QATa
     cfg.data.max_length, cfg.data.doc_stride = max_length, stride
     for key, value in distill.items():
         setattr(cfg.distill, key, value)
-    task = QATask(cfg)
+    task = QATask(cfg.task, cfg.data)
     task.setup(raw)
     return task
 
@@ -405,10 +405,13 @@ def test_slow_tokenizers_and_mse_are_refused_across_tokenizers(tokenizers):
         task.bind(tokenizers["wordpiece"], SlowTokenizer())
     with pytest.raises(ValueError, match=r"student's SlowTokenizer is a slow tokenizer"):
         task.bind(SlowTokenizer(), tokenizers["bpe"])
+    from distill.errors import StageError
+    from distill.loop.setup import bind_tokenizers
+
     task = make_task(raw, 64, 16, kd_loss="mse")
-    with pytest.raises(ValueError, match=r"kd_loss=mse .* use distill.kd_loss=kl or ce"):
-        task.bind(tokenizers["wordpiece"], tokenizers["bpe"])
-    task.bind(tokenizers["wordpiece"], AutoTokenizer.from_pretrained(minilm_path()))  # same: mse is fine
+    with pytest.raises(StageError, match=r"kd_loss=mse .* use distill.kd_loss=kl or ce"):
+        bind_tokenizers(task, tokenizers["wordpiece"], tokenizers["bpe"], kd_loss="mse")
+    bind_tokenizers(task, tokenizers["wordpiece"], AutoTokenizer.from_pretrained(minilm_path()), kd_loss="mse")  # same: fine
 
 
 @pytest.mark.parametrize("recipe", ["mlqa", "sqac", "tar_xquad"])

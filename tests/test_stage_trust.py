@@ -20,8 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from distill import files
 from distill.teachers import cache
 from distill.loop import folders as stage
+from distill.loop.plan import plan_stage
 from distill.loop.checkpoints import latest_checkpoint, verify
 from distill.cli import main
 from distill.config import load_config
@@ -153,7 +155,7 @@ def test_a_full_disk_fails_with_a_message_and_keeps_the_last_checkpoint(setup, t
                 return usage(10**9, 10**9, 1024)
         return real(path)
 
-    monkeypatch.setattr(stage.shutil, "disk_usage", disk_usage)
+    monkeypatch.setattr(files.shutil, "disk_usage", disk_usage)
     assert main(["teacher", str(recipe), f"output_dir={run}"]) == 2
     err = capsys.readouterr().err
     assert "not enough disk space to write a checkpoint" in err and "MiB free" in err
@@ -164,23 +166,23 @@ def test_a_full_disk_fails_with_a_message_and_keeps_the_last_checkpoint(setup, t
 def test_keys_that_do_not_change_a_result_keep_a_finished_stage(setup, tmp_path):
     _, recipe, reference = setup
     same = load_config(recipe, [f"output_dir={reference}"])
-    assert stage.check_stage_dir(same, "teacher") == "complete"
+    assert stage.check_stage_dir(plan_stage(same, "teacher")) == "complete"
     other = load_config(recipe, [
         f"output_dir={reference}", "run.baseline=true", "train.logging_steps=7", "train.checkpoint_steps=0",
         "train.keep_checkpoints=5", "distill.teacher_outputs=online", "tracking.project=x",
     ])
-    assert stage.check_stage_dir(other, "teacher") == "complete"
+    assert stage.check_stage_dir(plan_stage(other, "teacher")) == "complete"
     changed = load_config(recipe, [f"output_dir={reference}", "train.lr=1e-4"])
     with pytest.raises(stage.StageError, match="different config"):
-        stage.check_stage_dir(changed, "teacher")
+        stage.check_stage_dir(plan_stage(changed, "teacher"))
     # a finished teacher folder copied elsewhere (teacher.dir) is the same teacher, still complete
     copy = tmp_path / "shared-teacher"
     shutil.copytree(reference / "teacher", copy)
     moved = load_config(recipe, [f"output_dir={tmp_path / 'elsewhere'}", f"teacher.dir={copy}"])
-    assert stage.check_stage_dir(moved, "teacher") == "complete"
+    assert stage.check_stage_dir(plan_stage(moved, "teacher")) == "complete"
     other_teacher = load_config(recipe, [f"output_dir={tmp_path / 'elsewhere'}", f"teacher.dir={copy}", "teacher.lr=1e-3"])
     with pytest.raises(stage.StageError, match="different config"):
-        stage.check_stage_dir(other_teacher, "teacher")
+        stage.check_stage_dir(plan_stage(other_teacher, "teacher"))
 
 
 def test_a_dry_writability_check_creates_nothing(tmp_path, monkeypatch):
@@ -215,7 +217,7 @@ def test_preprocessing_fingerprint_follows_the_code(monkeypatch):
 
     assert base._code_digest(ClassificationTask) == base._code_digest(ClassificationTask)
     assert base._code_digest(ClassificationTask) != base._code_digest(TaggingTask)
-    task = ClassificationTask(Config())
+    task = ClassificationTask(Config().task, Config().data)
     raw = Dataset.from_dict({"text": ["hola"], "label": [0]})
     before = task.features_fingerprint(raw, "train")
     assert task.features_fingerprint(raw, "train") == before

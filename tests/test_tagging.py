@@ -29,7 +29,7 @@ def make_task(raw: DatasetDict, max_length: int = 32, stride: int = 8, label_all
     cfg.data.columns = {"tokens": "tokens", "tags": "ner_tags"}
     cfg.data.max_length, cfg.data.doc_stride = max_length, stride
     cfg.task.family, cfg.task.label_all_tokens = "tagging", label_all
-    task = TaggingTask(cfg)
+    task = TaggingTask(cfg.task, cfg.data)
     task.setup(raw)
     return task
 
@@ -211,7 +211,7 @@ def test_teacher_tokenizer_that_splits_words_differently(bert_tok, bpe_tok):
 def test_kd_pairs_fit_cached_rows_and_ignore_masked_words():
     batch = {"word_starts": torch.tensor([[1, 2, -1], [1, 3, 4]])}
     s = {"word_logits": torch.randn(2, 3, 4), "word_mask": batch["word_starts"] >= 0}
-    task = TaggingTask(Config())
+    task = TaggingTask(Config().task, Config().data)
     # a cached teacher padded to 5 words, with word 2 of row 1 missing for the teacher
     t_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]], dtype=torch.bool)
     t = {"word_logits": torch.randn(2, 5, 4), "word_mask": t_mask}
@@ -240,17 +240,17 @@ def test_setup_label_names_and_errors():
         validation=Dataset.from_dict({"tokens": [["a"]], "tags": [["B-Y"]]}),
     )
     with pytest.raises(ValueError, match=r"split 'validation' has tags never seen in training: \['B-Y'\]"):
-        TaggingTask(cfg).setup(strings)
+        TaggingTask(cfg.task, cfg.data).setup(strings)
     strings["validation"] = Dataset.from_dict({"tokens": [["a"]], "tags": [["O"]]})
-    task = TaggingTask(cfg)
+    task = TaggingTask(cfg.task, cfg.data)
     task.setup(strings)
     assert task.labels == ["B-X", "O"]
     ids = DatasetDict(train=Dataset.from_dict({"tokens": [["a", "b"]], "tags": [[2, 0]]}))
-    task = TaggingTask(cfg)
+    task = TaggingTask(cfg.task, cfg.data)
     task.setup(ids)
     assert task.labels == ["0", "1", "2"]
     with pytest.raises(ValueError, match=r"no column 'tags'.*data\.columns\.tags"):
-        TaggingTask(cfg).setup(ner_raw([(WORDS, TAGS)]))
+        TaggingTask(cfg.task, cfg.data).setup(ner_raw([(WORDS, TAGS)]))
     assert make_task(ner_raw([(WORDS, TAGS)])).labels == NAMES
 
 
@@ -258,7 +258,7 @@ def test_tokens_and_tags_of_different_lengths():
     raw = DatasetDict(train=Dataset.from_dict({"tokens": [["a", "b"], ["c"]], "tags": [["O", "O"], ["O"]]}))
     raw["validation"] = Dataset.from_dict({"tokens": [["a", "b"]], "tags": [["O"]]})
     with pytest.raises(ValueError, match=r"split 'validation': row 0: 2 words \('tokens'\) but 1 tags \('tags'\)"):
-        TaggingTask(Config()).setup(raw)
+        TaggingTask(Config().task, Config().data).setup(raw)
 
 
 def test_forward_kd_and_metrics_with_tiny_models(bert_tok, bpe_tok, tiny_roberta_dir):
@@ -318,7 +318,7 @@ def test_conllu_treebank_trains_on_upos_by_default_and_xpos_on_request(bert_tok,
     def raw():
         return RawSplits({"train": full.select(train_rows), "validation": full.select(val_rows)}, origins)
 
-    task = TaggingTask(tagging_cfg())
+    task = TaggingTask(*_sections(tagging_cfg()))
     upos = raw()
     task.setup(upos)
     train_upos = {t for s in upos["train"]["upos"] for t in s}
@@ -332,7 +332,7 @@ def test_conllu_treebank_trains_on_upos_by_default_and_xpos_on_request(bert_tok,
     # XPOS on request: this treebank leaves XPOS unspecified ('_') on some words, which are
     # refused naming the file and row, or dropped when the recipe says so
     with pytest.raises(ValueError) as err:
-        TaggingTask(tagging_cfg(tags="xpos")).setup(raw())
+        TaggingTask(*_sections(tagging_cfg(tags="xpos"))).setup(raw())
     first_bad = next(i for i, s in enumerate(full.select(train_rows)["xpos"]) if None in s)
     assert f"split 'train' ({COSER}): row {first_bad}: column 'xpos': tag" in str(err.value)
     assert "is null" in str(err.value)
@@ -341,11 +341,11 @@ def test_conllu_treebank_trains_on_upos_by_default_and_xpos_on_request(bert_tok,
     # XPOS tags are many and rare: validation has some that training lacks, refused unless the
     # recipe names every tag (then the model has an output for each)
     with pytest.raises(ValueError, match="split 'validation' has tags never seen in training"):
-        TaggingTask(cfg).setup(raw())
+        TaggingTask(cfg.task, cfg.data).setup(raw())
     cfg.task.labels = sorted({t for s in full["xpos"] for t in s if t is not None})
     xpos = raw()
     with caplog.at_level("WARNING", logger="distill.data.read"):
-        task = TaggingTask(cfg)
+        task = TaggingTask(cfg.task, cfg.data)
         task.setup(xpos)
     kept = [s for s in full.select(train_rows)["xpos"] if None not in s]
     assert len(xpos["train"]) == len(kept) and f"dropped {len(train_rows) - len(kept)} of {len(train_rows)}" in caplog.text
@@ -356,7 +356,7 @@ def test_conllu_treebank_trains_on_upos_by_default_and_xpos_on_request(bert_tok,
 def test_a_tag_column_without_any_tag_is_refused():
     raw = DatasetDict(train=Dataset.from_dict({"tokens": [["a", "b"]], "xpos": [[None, None]]}))
     with pytest.raises(ValueError, match=r"column 'xpos' of split 'train' holds no tags.*data.columns.tags=<column>"):
-        TaggingTask(tagging_cfg(tags="xpos")).setup(raw)
+        TaggingTask(*_sections(tagging_cfg(tags="xpos"))).setup(raw)
 
 
 @pytest.mark.parametrize(
@@ -376,27 +376,32 @@ def test_null_or_empty_words_and_tags_are_refused(tokens, tags, problem):
     data = {"tokens": [good[0], tokens, good[0]], "tags": [good[1], tags, good[1]]}
     raw = DatasetDict(train=Dataset.from_dict(data))
     with pytest.raises(ValueError) as err:
-        TaggingTask(tagging_cfg()).setup(raw)
+        TaggingTask(*_sections(tagging_cfg())).setup(raw)
     assert f"split 'train': row 1: {problem}" in str(err.value)
     cfg = tagging_cfg()
     cfg.data.drop_invalid = True
-    TaggingTask(cfg).setup(raw)
+    TaggingTask(cfg.task, cfg.data).setup(raw)
     assert raw["train"]["tokens"] == [good[0], good[0]]
 
 
 def test_tag_ids_ordered_numerically_and_named_by_task_labels():
     ids = DatasetDict(train=Dataset.from_dict({"tokens": [["a"] * 12], "tags": [[10, 2, 0, 11, 1, 3, 4, 5, 6, 7, 8, 9]]}))
-    task = TaggingTask(tagging_cfg())
+    task = TaggingTask(*_sections(tagging_cfg()))
     task.setup(ids)
     assert task.labels == [str(i) for i in range(12)]
     assert task._tag_ids([10, 2, 11]) == [10, 2, 11]
     cfg = tagging_cfg(tags="ner_tags")
     cfg.task.labels = ["O", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-PER", "I-PER"]  # another order
-    task = TaggingTask(cfg)
+    task = TaggingTask(cfg.task, cfg.data)
     task.setup(ner_raw([(WORDS, TAGS)]))
     assert task.labels == cfg.task.labels
     # ClassLabel ids 1 (B-ORG) and 3 (B-LOC) of the dataset map by name into the recipe's order
     assert task._tag_ids([0, 1, 3]) == [0, 3, 1]
     mixed = DatasetDict(train=Dataset.from_dict({"tokens": [["a", "b"]], "tags": [["O", "o"]]}))
     with pytest.raises(ValueError, match=r"differ only by case or surrounding spaces: 'O' .* vs 'o'"):
-        TaggingTask(tagging_cfg()).setup(mixed)
+        TaggingTask(*_sections(tagging_cfg())).setup(mixed)
+
+
+def _sections(cfg):
+    """The task and data sections a task is built from."""
+    return cfg.task, cfg.data

@@ -42,7 +42,7 @@ def flat(rows: list) -> list:
 def task_of(family: str):
     from distill.tasks import get_task
 
-    return get_task(load_config(overrides=[f"task.family={family}", "student.model=x"]))
+    return _task_of(load_config(overrides=[f"task.family={family}", "student.model=x"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,7 +191,7 @@ def test_an_override_into_one_entry_of_the_list_says_to_give_the_whole_list(tmp_
 
 def test_teacher_stages_and_their_one_teacher_configs(tmp_path):
     from distill.cli import stages_of
-    from distill.loop.folders import resolve_stage, stage_dir
+    from distill.loop.plan import plan_stage, stage_dir
 
     path = tmp_path / "recipe.yaml"
     path.write_text(BASE + "teachers: [{model: m, seed: 1}, {model: n, dir: elsewhere}, {model: f, finetuned: true}]\n"
@@ -200,12 +200,18 @@ def test_teacher_stages_and_their_one_teacher_configs(tmp_path):
     assert stages_of(cfg) == ["teacher-0", "teacher-1", "student", "baseline"]
     assert stage_dir(cfg, "teacher-0") == tmp_path / "run" / "teacher-0"
     assert stage_dir(cfg, "teacher-1") == Path("elsewhere")
-    one, stage = resolve_stage(cfg, "teacher-0")
-    assert stage == "teacher" and one.teachers == [] and one.teacher.model == "m" and one.seed == 1
-    assert Path(one.teacher.dir) == tmp_path / "run" / "teacher-0"
-    one, _ = resolve_stage(cfg, "teacher-1")
-    assert one.teacher.model == "n" and one.seed == 7  # the recipe's seed when the teacher has none
-    assert resolve_stage(cfg, "student") == (cfg, "student")
+    plan = plan_stage(cfg, "teacher-0")
+    one = plan.recipe
+    assert plan.kind == "teacher" and one.teachers == [] and one.teacher.model == "m" and one.seed == plan.seed == 1
+    assert Path(one.teacher.dir) == plan.folder == tmp_path / "run" / "teacher-0"
+    plan = plan_stage(cfg, "teacher-1")
+    assert plan.recipe.teacher.model == "n" and plan.seed == 7  # the recipe's seed when the teacher has none
+    assert plan.folder == Path("elsewhere")
+    student = plan_stage(cfg, "student")
+    assert student.recipe is cfg and student.kind == "student" and student.seed == 7
+    assert [(t.stage, t.folder, t.finetuned) for t in student.teachers] == [
+        ("teacher-0", tmp_path / "run" / "teacher-0", False), ("teacher-1", Path("elsewhere"), False), ("teacher-2", tmp_path / "run" / "teacher-2", True)]
+    assert student.teachers[2].source == "f" and student.teachers[0].source == str(tmp_path / "run" / "teacher-0" / "model")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,12 +319,13 @@ def test_a_rerun_skips_every_complete_stage(classification_run, capsys):
 
 def test_a_changed_combination_rule_is_a_new_student_not_new_teachers(classification_run, capsys):
     root, path, _ = classification_run
-    from distill.loop.folders import check_stage_dir, resolve_stage
+    from distill.loop.folders import check_stage_dir
+    from distill.loop.plan import plan_stage
 
     cfg = load_config(path, ["distill.teacher_combine=confident"])
-    assert check_stage_dir(*resolve_stage(cfg, "teacher-0")) == "complete"
-    with pytest.raises(Exception, match="different config"):
-        check_stage_dir(cfg, "student")
+    assert check_stage_dir(plan_stage(cfg, "teacher-0")) == "complete"
+    with pytest.raises(Exception, match=r"different config \(differs in: distill.teacher_combine\)"):
+        check_stage_dir(plan_stage(cfg, "student"))
 
 
 def test_the_card_lists_every_teacher_and_its_score(classification_run):
@@ -376,3 +383,9 @@ def test_qa_teachers_of_another_tokenizer_than_the_student_are_refused_before_an
     err = capsys.readouterr().err
     assert message in err
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("config.yaml"))
+
+
+def _task_of(cfg):
+    from distill.tasks import get_task
+
+    return get_task(cfg.task, cfg.data)

@@ -27,6 +27,8 @@ from transformers import (
     AutoTokenizer,
 )
 
+from distill.loop.preflight import preflight
+from distill.loop.plan import plan_stage
 from distill.loop import setup
 from distill.cli import main
 from distill.config import load_config
@@ -130,7 +132,7 @@ def test_classification_targets_are_each_teacher_on_its_own_tokenization(
     teacher reads its own copy. Main teacher 1 (BPE): the batch carries the BPE inputs, and the
     WordPiece teacher's copy holds the student's inputs only."""
     cfg = load_config(cls_recipe(tmp_path, cls_data, teachers, tiny_bert_dir, main_teacher))
-    stage = setup.setup_stage(cfg, "student", Accelerator(cpu=True))
+    stage = setup.setup_stage(plan_stage(cfg, "student"), Accelerator(cpu=True))
     ensemble = stage.teacher
     assert isinstance(ensemble, EnsembleTeacher) and ensemble.main == main_teacher
     apart = 1 - main_teacher
@@ -231,12 +233,12 @@ def word_logits(path: Path, windows: list[list[str]]) -> list[tuple[torch.Tensor
 def test_tagging_windows_fit_every_teacher_and_word_targets_combine_by_hand(tmp_path, tag_data, teachers, tiny_bert_dir):
     cfg = load_config(tag_recipe(tmp_path, tag_data, teachers, tiny_bert_dir))
     accelerator = Accelerator(cpu=True)
-    stage = setup.setup_stage(cfg, "student", accelerator)
+    stage = setup.setup_stage(plan_stage(cfg, "student"), accelerator)
     features, raw = stage.features["train"], stage.raw["train"]
     bert, bpe = (AutoTokenizer.from_pretrained(teachers[k]) for k in ("tag_bert", "tag_bpe"))
 
     # the long sentence: one window for WordPiece alone, several once the BPE budget binds
-    alone = get_task(cfg)
+    alone = get_task(cfg.task, cfg.data)
     alone.setup(stage.raw)
     alone.bind(bert)
     assert alone.preprocess(raw, "train")["example_id"].count(0) == 1
@@ -248,7 +250,7 @@ def test_tagging_windows_fit_every_teacher_and_word_targets_combine_by_hand(tmp_
         setup.check_aligned(features, alone.preprocess(raw, "train"), "a plan without the BPE teacher")
 
     # the BPE teacher's own copy: its inputs, the student's feature ids and windows
-    inputs = setup.teacher_inputs(cfg, stage.task, stage.tokenizer, [bert, bpe], [1], raw, features, accelerator)
+    inputs = setup.teacher_inputs(plan_stage(cfg, "student"), stage.task, stage.tokenizer, [bert, bpe], [1], raw, features, accelerator)
     assert inputs[0] == (stage.task, features)
     own_task, own = inputs[1]
     assert own_task is not stage.task and own_task.teacher_tokenizer is not None and stage.task.teacher_tokenizer is None
@@ -281,8 +283,8 @@ def test_tagging_windows_fit_every_teacher_and_word_targets_combine_by_hand(tmp_
 
 def test_misaligned_copies_are_refused_by_column(tmp_path, tag_data, teachers, tiny_bert_dir):
     cfg = load_config(tag_recipe(tmp_path, tag_data, teachers, tiny_bert_dir))
-    task = get_task(cfg)
-    raw = setup.load_data(cfg, task)["train"]
+    task = get_task(cfg.task, cfg.data)
+    raw = setup.load_data(cfg.data, cfg.seed, task)["train"]
     task.bind(AutoTokenizer.from_pretrained(teachers["tag_bert"]))
     features = task.preprocess(raw, "train")
     shifted = features.map(lambda f: {"word_offset": f["word_offset"] + 1})
@@ -295,8 +297,8 @@ def test_the_planning_tokenizers_name_the_features(teachers, tag_data, tmp_path,
     """datasets reuses cached features by their fingerprint: it covers the tokenizers planned
     over, as a set."""
     cfg = load_config(tag_recipe(tmp_path, tag_data, teachers, tiny_bert_dir))
-    task = get_task(cfg)
-    raw = setup.load_data(cfg, task)["train"]
+    task = get_task(cfg.task, cfg.data)
+    raw = setup.load_data(cfg.data, cfg.seed, task)["train"]
     bert, bpe = (AutoTokenizer.from_pretrained(teachers[k]) for k in ("tag_bert", "tag_bpe"))
     prints = []
     for plan in ([], [bpe], [bert, bpe], [bpe, bert]):
@@ -314,20 +316,20 @@ def test_online_teacher_outputs_with_teachers_apart_are_refused(tmp_path, cls_da
     path = cls_recipe(tmp_path, cls_data, teachers, tiny_bert_dir, 0)
     cfg = load_config(path, ["distill.teacher_outputs=online"])
     with pytest.raises(StageError) as err:
-        setup.preflight(cfg, ["student"])
+        preflight(cfg, ["student"])
     message = str(err.value)
     assert f"teachers[1] ({teachers['cls_bpe']}) tokenizes unlike teachers[0] ({teachers['cls_bert']})" in message
     assert "distill.teacher_outputs=online cannot serve it" in message
     assert "distill.intermediate_teacher=0" in message and "Set distill.teacher_outputs=auto (or cached)" in message
     with pytest.raises(StageError, match="distill.teacher_outputs=online cannot serve it"):
-        setup.setup_stage(cfg, "student", Accelerator(cpu=True))
+        setup.setup_stage(plan_stage(cfg, "student"), Accelerator(cpu=True))
     assert main(["student", str(path), "distill.teacher_outputs=online"]) == 2
     assert "teacher_outputs=online cannot serve it" in capsys.readouterr().err
     assert not any((tmp_path / "run").rglob("config.yaml")) and not (tmp_path / "run" / "teacher_cache").exists()
     # teachers of one tokenizer may still run online
     same = load_config(path, ["distill.teacher_outputs=online", f"teachers=[{{model: {teachers['cls_bert']}, finetuned: true}}, "
                               f"{{model: {teachers['cls_bert']}, finetuned: true, seed: 2}}]"])
-    setup.preflight(same, ["student"])
+    preflight(same, ["student"])
 
 
 @pytest.mark.parametrize("student_of", ["cls_bert", "cls_bpe"])
@@ -341,9 +343,13 @@ def test_qa_with_several_teachers_of_differing_tokenizers_is_refused(tmp_path, t
     message = (f"QA with several teachers needs teachers that share the student's tokenizer; "
                f"teachers[{other}] ({teachers['cls_bpe' if other else 'cls_bert']}) uses")
     with pytest.raises(StageError) as err:
-        setup.preflight(load_config(path), ["student"])
+        preflight(load_config(path), ["student"])
     assert message in str(err.value)
     assert main(["student", str(path)]) == 2
     assert message in capsys.readouterr().err
     with pytest.raises(ValueError, match="several teachers must share the student's tokenizer"):
-        get_task(load_config(path)).bind(AutoTokenizer.from_pretrained(student), plan_tokenizers=[AutoTokenizer.from_pretrained(student)])
+        _task_of(load_config(path)).bind(AutoTokenizer.from_pretrained(student), plan_tokenizers=[AutoTokenizer.from_pretrained(student)])
+
+
+def _task_of(cfg):
+    return get_task(cfg.task, cfg.data)

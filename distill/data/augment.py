@@ -62,7 +62,7 @@ from datasets import Dataset, Features, Value
 from datasets.arrow_writer import ArrowWriter
 
 from distill.errors import DataError, ModelLoadError
-from distill.data.rows import task_columns, word_spans
+from distill.data.rows import locate_answer, task_columns, word_spans
 
 log = logging.getLogger("distill")
 
@@ -132,7 +132,6 @@ def _text_field(text: Any, keep: set[str], frozen: Sequence[tuple[int, int]] = (
 def _answer_spans(context: str, answers: Mapping[str, Any]) -> list[tuple[int, int] | None]:
     """Character span of each answer in the context (the nearest occurrence when answer_start
     does not point at the text; None when the text is not in the context)."""
-    from distill.tasks.qa import locate_answer
 
     out = []
     for text, start in zip(answers.get("text", []), answers.get("answer_start", [])):

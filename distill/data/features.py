@@ -18,20 +18,20 @@ from datasets import Dataset, DatasetDict
 from torch.utils.data import DataLoader
 
 from distill.data import read as data_mod
-from distill.config import Config
+from distill.config import DataConfig
 from distill.errors import DataError
 from distill.data.sampling import LengthGroupedBatchSampler
-from distill.tasks.base import Task
 
 
-def read_raw(cfg: Config) -> DatasetDict:
+def read_raw(data: DataConfig, seed: int) -> DatasetDict:
     """The recipe's raw splits, subsampled as a stage sees them."""
-    return data_mod.subsample(data_mod.load_raw(cfg), cfg)
+    return data_mod.subsample(data_mod.load_raw(data, seed), data, seed)
 
 
-def load_data(cfg: Config, task: Task, raw: Optional[DatasetDict] = None) -> DatasetDict:
-    """The raw splits (read here unless `raw` is given); the task reads its label names from them."""
-    raw = read_raw(cfg) if raw is None else raw
+def load_data(data: DataConfig, seed: int, task: Any, raw: Optional[DatasetDict] = None) -> DatasetDict:
+    """The raw splits (read here unless `raw` is given); the task (distill.tasks) reads its label
+    names from them."""
+    raw = read_raw(data, seed) if raw is None else raw
     try:
         task.setup(raw)
     except ValueError as err:  # the task's own data checks (DataError is a ValueError too)
@@ -39,7 +39,7 @@ def load_data(cfg: Config, task: Task, raw: Optional[DatasetDict] = None) -> Dat
     return raw
 
 
-def prepare_data(task: Task, raw: DatasetDict, accelerator: Optional[Any] = None) -> dict[str, Dataset]:
+def prepare_data(task: Any, raw: DatasetDict, accelerator: Optional[Any] = None) -> dict[str, Dataset]:
     """Raw splits -> features with the task's (bound) tokenizers. With an accelerator, the main
     process tokenizes first and the others then read the datasets cache."""
     features = {}
@@ -57,7 +57,7 @@ def prepare_data(task: Task, raw: DatasetDict, accelerator: Optional[Any] = None
 
 
 def make_loader(
-    task: Task,
+    task: Any,
     features: Dataset,
     batch_size: int,
     shuffle: bool = False,

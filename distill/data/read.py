@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 
 from datasets import Dataset, DatasetDict, load_dataset
 
-from distill.config import Config
+from distill.config import DataConfig
 from distill.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -179,9 +179,9 @@ def _hold_out(train: Dataset, amount: float, seed: int, where: str) -> tuple[Dat
     return parts["train"], parts["test"]
 
 
-def load_raw(cfg: Config) -> RawSplits:
+def load_raw(data: DataConfig, seed: int) -> RawSplits:
     """The recipe's splits keyed train / validation / test (absent ones left out)."""
-    d = cfg.data
+    d = data
     wanted = {role: getattr(d.splits, role) for role in SPLITS if getattr(d.splits, role)}
     origins: dict[str, str] = {}
     if d.files:
@@ -246,7 +246,7 @@ def load_raw(cfg: Config) -> RawSplits:
         else:
             train_origin = origins.get("train", "the training split")
             out["train"], out["validation"] = _hold_out(
-                out["train"], d.validation_from_train, cfg.seed, train_origin
+                out["train"], d.validation_from_train, seed, train_origin
             )
             origins["validation"] = f"held out from {train_origin}"
     for role, ds in out.items():
@@ -256,11 +256,11 @@ def load_raw(cfg: Config) -> RawSplits:
     return RawSplits(out, origins)
 
 
-def subsample(raw: DatasetDict, cfg: Config) -> RawSplits:
+def subsample(raw: DatasetDict, data: DataConfig, seed: int) -> RawSplits:
     """Apply data.max_train_samples / max_eval_samples (the first N rows, deterministic)."""
     out = {}
     for role, ds in raw.items():
-        limit = cfg.data.max_train_samples if role == "train" else cfg.data.max_eval_samples
+        limit = data.max_train_samples if role == "train" else data.max_eval_samples
         out[role] = ds.select(range(min(limit, len(ds)))) if limit else ds
     return RawSplits(out, getattr(raw, "origins", {}))
 

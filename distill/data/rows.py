@@ -1,5 +1,5 @@
-"""The roles of a task's raw columns and the words of raw text, shared by transfer sets
-(distill/transfer.py) and augmentation (distill/augment.py)."""
+"""The roles of a task's raw columns, the words of raw text and where an answer lies in its
+context: shared by the tasks, transfer sets (data/transfer.py) and augmentation (data/augment.py)."""
 
 from __future__ import annotations
 
@@ -52,3 +52,18 @@ def task_columns(family: str, columns: Mapping[str, str]) -> dict[str, str]:
             "answers": columns.get("answers", "answers"),
         }
     raise DataError(f"task.family={family!r} is not one of: classification, tagging, qa")
+
+
+def locate_answer(context: str, text: str, start: int) -> int | None:
+    """The character start of `text` in `context`: `start` when it points at the text, else the
+    occurrence nearest to `start` (datasets with shifted offsets), else None (not in context)."""
+    if not text:
+        return None
+    if context[start : start + len(text)] == text:
+        return start
+    found, best = context.find(text), None
+    while found >= 0:
+        if best is None or abs(found - start) < abs(best - start):
+            best = found
+        found = context.find(text, found + 1)
+    return best

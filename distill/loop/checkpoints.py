@@ -23,7 +23,7 @@ from accelerate.utils import DistributedType
 from torch import nn
 
 from distill.errors import REQUEUE_EXIT_CODE, Preempted
-from distill.loop.folders import check_free_space, link_tree, swap_in
+from distill.files import check_free_space, link_tree, swap_in
 
 log = logging.getLogger("distill")
 

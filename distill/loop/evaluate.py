@@ -123,8 +123,8 @@ def write_predictions(task: Task, arrays: dict[str, np.ndarray], features: Datas
 def evaluate_checkpoint(cfg: Config, checkpoint: str) -> dict[str, dict[str, float]]:
     """Metrics per evaluation split for the model saved at `checkpoint` (a model folder)."""
     accelerator = Accelerator()
-    task = get_task(cfg)
-    raw = load_data(cfg, task)
+    task = get_task(cfg.task, cfg.data)
+    raw = load_data(cfg.data, cfg.seed, task)
     task.bind(models.load_tokenizer(checkpoint))
     features = prepare_data(task, raw, accelerator)
     model = models.load_model(checkpoint, task.model_class())

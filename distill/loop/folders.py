@@ -18,134 +18,46 @@ import errno
 import time
 from typing import Any, Iterator, Optional
 
-from dataclasses import replace
 
-from distill.config import TEACHER_STAGE, Config, load_config, stage_train, teacher_list, teacher_of_stage, to_dict
+from distill.config import load_config
+from distill.loop.plan import StagePlan, changed_keys, stage_view
 from distill.errors import StageError
+from distill.files import atomic_write
 
-STAGES = ("teacher", "student", "baseline")
 DATA_FILE = "data.json"  # content hashes of the splits the stage was trained on
 LOCK_FILE = ".lock"
 
-# Keys that never change a stage's result: bookkeeping, trackers, the Hub, the search around it,
-# how often it logs or checkpoints, and whether the teacher's outputs are cached or recomputed.
-NOT_IDENTITY = ("tracking", "hub", "overwrite", "checkpoint", "output_dir", "run", "search")
-NOT_IDENTITY_TRAIN = ("logging_steps", "checkpoint_steps", "keep_checkpoints", "num_workers")
-NOT_IDENTITY_DISTILL = ("teacher_outputs", "cache_hidden_states", "cache_dir")
 
 
-def stage_dir(cfg: Config, stage: str) -> Path:
-    """`<output_dir>/<stage>`; a teacher stage (`teacher`, or `teacher-<i>` of `teachers:`) goes
-    to its teacher's `dir` when set."""
-    if stage == "teacher" and cfg.teacher.dir:
-        return Path(cfg.teacher.dir)
-    if TEACHER_STAGE.match(stage):
-        teacher = teacher_of_stage(cfg, stage)
-        if teacher.dir:
-            return Path(teacher.dir)
-    return Path(cfg.output_dir) / stage
+def check_stage_dir(plan: StagePlan, data: Optional[dict[str, str]] = None) -> str:
+    """'fresh', 'resume', 'complete' or 'overwrite' for the plan's folder.
 
-
-def teacher_stages(cfg: Config) -> list[str]:
-    """The stages that fine-tune the recipe's teachers (those not `finetuned` already), in order:
-    `teacher` for the one `teacher:`, `teacher-<i>` for each entry of `teachers:`."""
-    if not cfg.teachers:
-        return ["teacher"] if cfg.teacher.model and not cfg.teacher.finetuned else []
-    return [f"teacher-{i}" for i, t in enumerate(cfg.teachers) if not t.finetuned]
-
-
-def teacher_stage_config(cfg: Config, index: int) -> Config:
-    """The config that fine-tunes teacher `index` as an ordinary `teacher` stage.
-
-    Every teacher stage is the one-teacher case: `teacher` is that teacher (its folder resolved
-    to `teachers[i].dir` or `<output_dir>/teacher-<i>`), `teachers` is empty, and the teacher's
-    own `seed` (when set) replaces the recipe's. So a teacher of a list and the same teacher
-    given alone train (and skip, and resume) alike, and its folder's config.yaml says which
-    teacher it holds. The one `teacher:` without a seed of its own gives `cfg` itself.
+    A folder holding another config (another identity: `plan.stage_view`), or (given `data`, the
+    content hashes of the splits, see `data.features.data_identity`) a run trained on other data,
+    is refused unless overwrite=true, naming the keys or splits that differ, so a typo or an
+    edited file never mixes two experiments' checkpoints nor passes a stale model off as
+    complete. Nothing is deleted here: with overwrite=true the folder is cleared only once every
+    input of the new run has been checked.
     """
-    teachers = teacher_list(cfg)
-    if not 0 <= index < len(teachers):
-        raise StageError(f"no teacher {index}: the recipe has {len(teachers)} (0..{len(teachers) - 1})")
-    t = teachers[index]
-    seed = cfg.seed if t.seed is None else t.seed
-    if not cfg.teachers:
-        return cfg if seed == cfg.seed else replace(cfg, seed=seed)
-    t = replace(t, dir=str(stage_dir(cfg, f"teacher-{index}")))
-    # the combination keys mean nothing to one teacher (and are not part of its identity)
-    d = replace(cfg.distill, intermediate_teacher=0, teacher_combine="mean", teacher_weights=[])
-    return replace(cfg, teacher=t, teachers=[], distill=d, seed=seed)
-
-
-def resolve_stage(cfg: Config, stage: str) -> tuple[Config, str]:
-    """(config, stage) that `run_stage` runs for a stage name: `teacher-<i>` and `teacher` become
-    the stage `teacher` of `teacher_stage_config`; every other stage is itself."""
-    match = TEACHER_STAGE.match(stage)
-    if match:
-        if not cfg.teachers:
-            raise StageError(f"stage '{stage}' needs `teachers:`; this recipe's one teacher is stage 'teacher'")
-        teacher_of_stage(cfg, stage)  # in range
-        return teacher_stage_config(cfg, int(match.group(1))), "teacher"
-    if stage == "teacher":
-        if cfg.teachers:
-            names = ", ".join(f"teacher-{i}" for i in range(len(cfg.teachers)))
-            raise StageError(f"the recipe lists {len(cfg.teachers)} teachers: name one of the stages {names}")
-        if cfg.teacher.model:
-            return teacher_stage_config(cfg, 0), "teacher"
-    return cfg, stage
-
-
-def stage_view(cfg: Config, stage: str) -> dict[str, Any]:
-    """The part of the config that determines a stage's outputs (what 'same config' means).
-
-    The teacher stage ignores the student and distillation settings, so every student of a grid
-    can share one fine-tuned teacher; the baseline ignores the distillation settings.
-    """
-    full = to_dict(cfg)
-    if stage == "teacher":
-        view = {k: full[k] for k in ("task", "data", "teacher", "seed")}
-        # the teacher's windows during distillation (QA across tokenizers) are the student's
-        # business, and where its folder lies is not what it holds (a copied or moved teacher
-        # folder is still complete)
-        view["teacher"] = {k: v for k, v in view["teacher"].items() if k not in ("max_length", "doc_stride", "dir")}
-        view["train"] = to_dict(stage_train(cfg, "teacher"))  # type: ignore[arg-type]
-    else:
-        view = {k: v for k, v in full.items() if k not in NOT_IDENTITY}
-        view["distill"] = {k: v for k, v in view["distill"].items() if k not in NOT_IDENTITY_DISTILL}
-        if "augment" in view:
-            view["augment"] = {k: v for k, v in view["augment"].items() if k not in ("batch_size", "cache_dir")}
-    if stage != "student":  # transfer sets and augmented rows are the student's alone
-        view.pop("distill", None)
-        view.pop("augment", None)
-        view["data"] = {k: v for k, v in view["data"].items() if k != "transfer"}
-    view["train"] = {k: v for k, v in view["train"].items() if k not in NOT_IDENTITY_TRAIN}
-    return view
-
-
-def check_stage_dir(cfg: Config, stage: str, data: Optional[dict[str, str]] = None) -> str:
-    """'fresh', 'resume', 'complete' or 'overwrite' for this stage's folder.
-
-    A folder holding another config, or (given `data`, the content hashes of the splits, see
-    `features.data_identity`) a run trained on other data, is refused unless overwrite=true, so
-    a typo or an edited file never mixes two experiments' checkpoints nor passes a stale model
-    off as complete. Nothing is deleted here: with overwrite=true the folder is cleared only once
-    every input of the new run has been checked.
-    """
-    out = stage_dir(cfg, stage)
+    out = plan.folder
     saved = out / "config.yaml"
     if not saved.exists():
         return "fresh"
     try:
-        old = load_config(saved)
-        same = stage_view(old, stage) == stage_view(cfg, stage)
+        old = stage_view(load_config(saved), plan.kind)
+        keys = changed_keys(old, plan.identity)
     except Exception:  # an older or hand-edited config.yaml: treat as different
-        same = False
+        keys = ["(unreadable config.yaml)"]
     changed = []
-    if same and data is not None and (out / DATA_FILE).exists():
+    if not keys and data is not None and (out / DATA_FILE).exists():
         before = json.loads((out / DATA_FILE).read_text())
         changed = sorted(k for k in set(before) | set(data) if before.get(k) != data.get(k))
-    if not same or changed:
-        if not cfg.overwrite:
-            what = f"was trained on other data (splits {changed} changed since)" if same else "holds a run with a different config"
+    if keys or changed:
+        if not plan.overwrite:
+            what = (
+                f"was trained on other data (splits {changed} changed since)" if not keys
+                else f"holds a run with a different config (differs in: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''})"
+            )
             raise StageError(
                 f"{out} {what} ({saved}). Use another output_dir, or pass overwrite=true to replace it."
             )
@@ -273,18 +185,6 @@ def clear_stage_dir(out: Path) -> None:
             path.unlink()
 
 
-def check_free_space(folder: Path, needed: int, what: str) -> None:
-    """Refuse to start writing `what` when the disk holding `folder` has less than `needed`
-    bytes free (a full disk mid-write would leave a half file and a cryptic error)."""
-    free = shutil.disk_usage(folder).free
-    if free < needed:
-        raise StageError(
-            f"not enough disk space to write {what} in {folder}: about {needed / 2**20:.0f} MiB "
-            f"needed, {free / 2**20:.0f} MiB free. Free some space (older runs, caches) or move "
-            "output_dir, then re-run the same command: the last good checkpoint is kept."
-        )
-
-
 class JsonlLog:
     """Append-only log.jsonl written by the main process only."""
 
@@ -310,30 +210,3 @@ class JsonlLog:
         atomic_write(self.path, "".join(kept))
 
 
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def swap_in(tmp: Path, final: Path) -> None:
-    """Move the finished folder `tmp` to `final`, replacing what was there. `final` is missing for
-    only an instant (two renames), and a half-written `tmp` is never visible under `final`."""
-    trash = final.with_name(f".old-{final.name}")
-    shutil.rmtree(trash, ignore_errors=True)
-    if final.exists():
-        os.replace(final, trash)
-    os.replace(tmp, final)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def link_tree(src: Path, dst: Path) -> None:
-    """Copy a folder as hard links (no extra disk; files are never modified in place)."""
-
-    def link_or_copy(a: str, b: str) -> None:
-        try:
-            os.link(a, b)
-        except OSError:
-            shutil.copy2(a, b)
-
-    shutil.copytree(src, dst, copy_function=link_or_copy)

@@ -1,10 +1,10 @@
-"""Building a stage once, and checking every stage before the first one trains.
+"""Building a stage once from its plan: data, models, teachers, objective, loaders.
 
-`setup_stage` turns the config into a `Stage`: the task, its raw data and features, the model to
-train and its tokenizer, the teacher (online or cached, one interface), the objective (the
-weighted loss terms) and the loaders. It writes nothing, so a bad input never costs an earlier
-result. `preflight` runs the same checks on configs and tokenizers only (no weights), for every
-stage of a `distill run`, before the first one starts.
+`setup_stage(plan, accelerator)` turns a `StagePlan` into a `Stage`: the task, its raw data and
+features, the model to train and its tokenizer, the teacher (online or cached, one interface),
+the objective (the weighted loss terms) and the loaders. It writes nothing, so a bad input never
+costs an earlier result. `check_models` is the part that needs only model configs and
+tokenizers; `loop.preflight` runs it for every stage before the first one trains.
 """
 
 from __future__ import annotations
@@ -23,21 +23,17 @@ from datasets import Dataset, DatasetDict
 from torch.utils.data import DataLoader
 
 from distill import models
-from distill.config import (
-    TEACHER_STAGE, Config, DistillConfig, TrainConfig, main_teacher, stage_train, teacher_list, teacher_stage_name,
-)
+from distill.config import DistillConfig, TrainConfig
 from distill.errors import StageError
 from distill.data.features import load_data, make_loader, prepare_data
-from distill.objective.losses import GoldTerm, HiddenStateLoss, HiddenTerm, Objective, SoftLabelTerm, Term
-from distill.loop.folders import STAGES, check_stage_dir, check_writable, resolve_stage, stage_dir
+from distill.objective.losses import POSITION_TERMS, GoldTerm, HiddenStateLoss, HiddenTerm, Objective, SoftLabelTerm, Term
+from distill.loop.folders import check_writable
+from distill.loop.plan import StagePlan
 from distill.tasks import get_task
 from distill.tasks.base import Task
 from distill.teachers.teacher import CachedTeacher, EnsembleTeacher, Teacher, make_teacher, place_teacher
 
 log = logging.getLogger("distill")
-
-# terms that compare token positions: the (main) teacher and the student must tokenize alike
-POSITION_TERMS = ("hidden", "attention", "relations")
 
 
 @dataclass
@@ -63,24 +59,7 @@ class Stage:
     capture: Any = None
 
 
-def teacher_source(cfg: Config, index: int = 0) -> str:
-    """Where fine-tuned teacher `index` (of `config.teacher_list`) for distillation lives."""
-    t = teacher_list(cfg)[index]
-    if t.finetuned:
-        return t.model  # type: ignore[return-value]
-    name = teacher_stage_name(cfg, index)
-    path = stage_dir(cfg, name) / "model"
-    if not path.exists():
-        key = f"teachers[{index}]" if cfg.teachers else "teacher"
-        run = f"`distill teacher --index {index}`" if cfg.teachers else "`distill teacher`"
-        raise StageError(
-            f"no fine-tuned teacher at {path}: run {run} (or `distill run`) first, "
-            f"or set {key}.finetuned=true with {key}.model pointing at a fine-tuned model"
-        )
-    return str(path)
-
-
-def teachers_apart(cfg: Config, task: Task, tokenizer: Any, teacher_toks: Sequence[Any], main: int) -> list[int]:
+def teachers_apart(plan: StagePlan, task: Task, tokenizer: Any, teacher_toks: Sequence[Any]) -> list[int]:
     """The teachers that tokenize unlike teacher `main` (in order; [] for one teacher).
 
     The training batches carry one teacher's inputs: the main teacher's (the one the hidden,
@@ -95,13 +74,13 @@ def teachers_apart(cfg: Config, task: Task, tokenizer: Any, teacher_toks: Sequen
     """
     if len(teacher_toks) <= 1:
         return []
-    teachers = teacher_list(cfg)
+    teachers, main = plan.teachers, plan.main
     if task.family == "qa":
         for i, tok in enumerate(teacher_toks):
             if not models.same_tokenizer(tokenizer, tok):
                 raise StageError(
                     f"QA with several teachers needs teachers that share the student's tokenizer; "
-                    f"teachers[{i}] ({teachers[i].model}) uses {type(tok).__name__} of vocabulary "
+                    f"{teachers[i].key} ({teachers[i].model}) uses {type(tok).__name__} of vocabulary "
                     f"{len(tok)}, the student {type(tokenizer).__name__} of vocabulary {len(tokenizer)}. "
                     "Use one teacher across tokenizers, or teachers of the student's tokenizer"
                 )
@@ -109,7 +88,7 @@ def teachers_apart(cfg: Config, task: Task, tokenizer: Any, teacher_toks: Sequen
     apart = [
         i for i, tok in enumerate(teacher_toks) if i != main and not models.same_tokenizer(teacher_toks[main], tok)
     ]
-    if apart and cfg.distill.teacher_outputs == "online":
+    if apart and plan.distill.teacher_outputs == "online":
         names = ", ".join(f"teachers[{i}] ({teachers[i].model})" for i in apart)
         raise StageError(
             f"{names} tokenize{'s' if len(apart) == 1 else ''} unlike teachers[{main}] "
@@ -164,7 +143,7 @@ def check_aligned(main_features: Dataset, own: Dataset, who: str) -> None:
 
 
 def teacher_inputs(
-    cfg: Config, task: Task, tokenizer: Any, teacher_toks: Sequence[Any], apart: Sequence[int],
+    plan: StagePlan, task: Task, tokenizer: Any, teacher_toks: Sequence[Any], apart: Sequence[int],
     raw_train: Dataset, train_features: Dataset, accelerator: Accelerator,
 ) -> list[tuple[Task, Dataset]]:
     """(task, training features) each teacher runs on, in teacher order: the stage's own for the
@@ -179,17 +158,17 @@ def teacher_inputs(
             copy_task = copy.copy(task)  # the labels and columns `setup` read, bound anew
             bind_tokenizers(copy_task, tokenizer, teacher_toks[i], plan_tokenizers=task.plan_tokenizers)
             features = prepare_data(copy_task, {"train": raw_train}, accelerator)["train"]
-            check_aligned(train_features, features, f"teachers[{i}] ({teacher_list(cfg)[i].model})")
+            check_aligned(train_features, features, f"teachers[{i}] ({plan.teachers[i].model})")
             own[digest] = (copy_task, features)
         out[i] = own[digest]
     return out
 
 
-def ensemble_info(cfg: Config, sources: Sequence[str]) -> dict[str, Any]:
+def ensemble_info(plan: StagePlan, sources: Sequence[str]) -> dict[str, Any]:
     """What metrics.json's info records about several teachers (empty for one)."""
     if len(sources) <= 1:
         return {}
-    d = cfg.distill
+    d = plan.distill
     return {
         "teachers": list(sources),
         "teacher_combine": d.teacher_combine,
@@ -200,9 +179,10 @@ def ensemble_info(cfg: Config, sources: Sequence[str]) -> dict[str, Any]:
 
 def bind_tokenizers(
     task: Task, tokenizer: Any, teacher_tok: Any, position_terms: Sequence[str] = (), plan_tokenizers: Sequence[Any] = (),
+    teacher_windows: tuple[Optional[int], Optional[int]] = (None, None), kd_loss: str = "kl",
 ) -> None:
-    """Give the task its tokenizers (and the other teachers' to plan features over); refuse a
-    teacher/student pair the task or a term cannot align."""
+    """Give the task its tokenizers (the other teachers' to plan features over, and the teacher's
+    own QA windows); refuse a teacher/student pair the task or a term cannot align."""
     if teacher_tok is None or models.same_tokenizer(tokenizer, teacher_tok):
         try:
             task.bind(tokenizer, plan_tokenizers=plan_tokenizers)
@@ -217,8 +197,14 @@ def bind_tokenizers(
             f"{len(teacher_tok)} vs {type(tokenizer).__name__} of vocabulary {len(tokenizer)}); "
             f"set {names}=0 or pick a student that shares the teacher's tokenizer"
         )
+    if task.family == "qa" and kd_loss == "mse":
+        raise StageError(
+            "distill.kd_loss=mse compares raw logits position by position, which means nothing "
+            "between tokenizers that split the context differently; QA across tokenizers "
+            "compares distributions: use distill.kd_loss=kl or ce."
+        )
     try:
-        task.bind(tokenizer, teacher_tok, plan_tokenizers=plan_tokenizers)
+        task.bind(tokenizer, teacher_tok, plan_tokenizers=plan_tokenizers, teacher_windows=teacher_windows)
     except ValueError as err:
         raise StageError(f"teacher and student tokenizers cannot be aligned for {task.family}: {err}") from None
 
@@ -255,9 +241,9 @@ def build_objective(task: Task, d: DistillConfig, student_config: Any, teacher_c
     return Objective(terms, weights, two_phase=d.intermediate_epochs > 0)
 
 
-def check_lengths(max_length: int, *configs: Any) -> None:
-    """data.max_length (and a QA teacher's teacher.max_length) must fit every model's position
-    table (else step 2 crashes on an index)."""
+def check_lengths(max_length: int, key: str, *configs: Any) -> None:
+    """A length (`key`: data.max_length, or a QA teacher's own max_length) must fit every given
+    model's position table (else step 2 crashes on an index)."""
     for config in configs:
         table = getattr(config, "max_position_embeddings", None)
         if table is None:
@@ -266,8 +252,8 @@ def check_lengths(max_length: int, *configs: Any) -> None:
         usable = table - (config.pad_token_id + 1 if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert") else 0)
         if max_length > usable:
             raise StageError(
-                f"data.max_length={max_length} is longer than {getattr(config, '_name_or_path', '') or config.model_type}'s "
-                f"position table ({usable} positions): set data.max_length <= {usable}"
+                f"{key}={max_length} is longer than {getattr(config, '_name_or_path', '') or config.model_type}'s "
+                f"position table ({usable} positions): set {key} <= {usable}"
             )
 
 
@@ -281,27 +267,27 @@ def check_metrics(task: Task, select: Optional[str]) -> None:
             raise StageError(f"{key}='{name}' is not a metric {task.family} produces: {sorted(produced)}")
 
 
-def cache_settings(cfg: Config) -> dict[str, Any]:
+def cache_settings(plan: StagePlan) -> dict[str, Any]:
     """The preprocessing options the teacher cache's key names (besides the features' content)."""
     return {
-        "family": cfg.task.family,
-        "max_length": cfg.data.max_length,
-        "doc_stride": cfg.data.doc_stride,
-        "label_all_tokens": cfg.task.label_all_tokens,
+        "family": plan.task.family,
+        "max_length": plan.data.max_length,
+        "doc_stride": plan.data.doc_stride,
+        "label_all_tokens": plan.task.label_all_tokens,
     }
 
 
-def add_transfer_rows(cfg: Config, raw: DatasetDict, accelerator: Accelerator) -> dict[str, int]:
+def add_transfer_rows(plan: StagePlan, raw: DatasetDict, accelerator: Accelerator) -> dict[str, int]:
     """Replace raw["train"] by the student's rows: labelled ∪ transfer sets ∪ augmented copies
     (leak-filtered against validation and test); returns how many of each it holds."""
     from distill.data.transfer import build_student_train_rows
 
     with accelerator.main_process_first():  # the main process builds (and caches) the augmented rows
         train, counts = build_student_train_rows(
-            raw, cfg.task.family, cfg.data.columns, cfg.data.transfer, cfg.augment,
-            augment_model=main_teacher(cfg).model,  # the pretrained id: retuning the teacher keeps the cache
-            cache_dir=Path(cfg.augment.cache_dir or Path(cfg.output_dir) / "augment_cache"),
-            seed=cfg.seed,
+            raw, plan.task.family, plan.data.columns, plan.data.transfer, plan.augment,
+            augment_model=plan.base.model,  # the pretrained id: retuning the teacher keeps the cache
+            cache_dir=Path(plan.augment.cache_dir or plan.output_dir / "augment_cache"),
+            seed=plan.seed,
         )
     raw["train"] = train
     if accelerator.is_main_process:
@@ -319,8 +305,8 @@ def capture_factory(objective: Objective) -> Any:
 
 
 def build_teachers(
-    cfg: Config, inputs: Sequence[tuple[Task, Dataset]], accelerator: Accelerator, loaded: list[Any],
-    objective: Objective, main: int, apart: Sequence[int] = (),
+    plan: StagePlan, inputs: Sequence[tuple[Task, Dataset]], accelerator: Accelerator, loaded: list[Any],
+    objective: Objective, apart: Sequence[int] = (),
 ) -> Teacher:
     """The stage's teacher from the loaded (model, tokenizer) pairs: one teacher as it is, several
     as an `EnsembleTeacher`. Each is placed, made on its own (task, training features) of
@@ -329,7 +315,7 @@ def build_teachers(
     share the device. Only teacher `main` keeps the layers the terms read; the teachers `apart`
     (another tokenizer than the main one's) are always read from their cache."""
     needs = objective.needs("teacher")
-    d = cfg.distill
+    d, main = plan.distill, plan.main
     built = []
     for i in range(len(loaded)):
         teacher_model = loaded[i][0]
@@ -340,13 +326,13 @@ def build_teachers(
         teacher, keep = make_teacher(
             teacher_model, task, accelerator, train_features,
             mode=d.teacher_outputs,
-            cache_root=Path(d.cache_dir) if d.cache_dir else Path(cfg.output_dir) / "teacher_cache",
-            cache_settings=cache_settings(cfg),
+            cache_root=plan.cache_dir,
+            cache_settings=cache_settings(plan),
             hidden_layers=sorted(layers.get("hidden", ())),
             qkv_layers=sorted(layers.get("qkv", ())),
             cache_hidden_states=d.cache_hidden_states,
             # inference needs no activations for backward: batches 4x the training batch
-            batch_size=max(4 * cfg.train.batch_size, cfg.train.eval_batch_size or 0),
+            batch_size=max(4 * plan.train.batch_size, plan.train.eval_batch_size or 0),
         )
         if i in apart and not isinstance(teacher, CachedTeacher):  # its inputs are not in the batch
             raise StageError(f"teachers[{i}] tokenizes unlike teachers[{main}] and must be read from the teacher cache")
@@ -362,38 +348,50 @@ def build_teachers(
     return EnsembleTeacher(built, inputs[main][0], d.teacher_combine, d.temperature, weights, main)
 
 
-def setup_stage(cfg: Config, stage: str, accelerator: Accelerator, raw: Optional[DatasetDict] = None) -> Stage:
+def check_models(
+    plan: StagePlan, task: Task, student_config: Any, tokenizer: Any, teacher_configs: Sequence[Any], teacher_toks: Sequence[Any],
+) -> tuple[Objective, list[int], list[Any]]:
+    """Every check that needs the models' configs and tokenizers only: the objective (layer maps,
+    head counts), the lengths against every position table, each teacher's own QA windows, which
+    teachers tokenize apart, and the task bound to its tokenizers (StageError on a mismatch).
+    Returns (objective, teachers apart, tokenizers the features are planned over)."""
+    main = plan.main
+    objective = build_objective(task, plan.distill, student_config, teacher_configs[main] if teacher_configs else None)
+    check_lengths(plan.data.max_length, "data.max_length", student_config, *teacher_configs)
+    for t, config in zip(plan.teachers, teacher_configs):  # a QA teacher's own windows
+        if t.max_length:
+            check_lengths(t.max_length, f"{t.key}.max_length", config)
+    apart = teachers_apart(plan, task, tokenizer, teacher_toks)
+    planning = distinct_tokenizers(teacher_toks) if apart else []  # the windows fit every teacher's tokenizer
+    main_tok = teacher_toks[main] if teacher_toks else None
+    position = [n for n in objective.terms if n in POSITION_TERMS]
+    windows = plan.teachers[main].windows if plan.teachers else (None, None)
+    bind_tokenizers(task, tokenizer, main_tok, position, planning, windows, plan.distill.kd_loss)
+    return objective, apart, planning
+
+
+def setup_stage(plan: StagePlan, accelerator: Accelerator, raw: Optional[DatasetDict] = None) -> Stage:
     """Build the stage: every input (data, models, tokenizers, label names, layer maps, the
     teacher cache) is checked here, before anything is written into the stage folder. `raw`:
-    the splits when the caller has read them already (`features.read_raw`)."""
-    out = stage_dir(cfg, stage)
-    tcfg = stage_train(cfg, stage)
-    check_writable(out)
-    set_seed(cfg.seed)
-    task = get_task(cfg)
-    raw = load_data(cfg, task, raw)
+    the splits when the caller has read them already (`data.features.read_raw`)."""
+    tcfg = plan.train
+    check_writable(plan.folder)
+    set_seed(plan.seed)
+    task = get_task(plan.task, plan.data)
+    raw = load_data(plan.data, plan.seed, task, raw)
     check_metrics(task, tcfg.select_metric)
     head, kwargs = task.model_class(), task.model_kwargs()
-    # the student's teachers (frozen, in the data's label order), in `config.teacher_list` order
+    # the student's teachers (frozen, in the data's label order), in the recipe's order
     loaded: list[Any] = []
-    sources: list[str] = []
-    for i, t in enumerate(teacher_list(cfg) if stage == "student" else []):
-        sources.append(teacher_source(cfg, i))
-        revision = t.revision if t.finetuned else None
-        loaded.append(models.load_teacher(sources[-1], revision, t.trust_remote_code, head, task.labels))
-    main = cfg.distill.intermediate_teacher if len(loaded) > 1 else 0  # the intermediate terms follow it
-    main_config = loaded[main][0].config if loaded else None
-    model, tokenizer = models.build_trained_model(stage, main_teacher(cfg), cfg.student, head, kwargs)
-    objective = build_objective(task, cfg.distill, model.config, main_config)
-    check_lengths(cfg.data.max_length, model.config, *[m.config for m, _ in loaded])
-    check_lengths(cfg.teacher.max_length or 0, *[m.config for m, _ in loaded])  # QA teachers' own windows
+    sources = [t.require() for t in plan.teachers]
+    for t, source in zip(plan.teachers, sources):
+        loaded.append(models.load_teacher(source, t.source_revision, t.trust_remote_code, head, task.labels))
+    model, tokenizer = models.build_trained_model(plan.kind, plan.base, plan.student, head, kwargs)
     toks = [tok for _, tok in loaded]
-    apart = teachers_apart(cfg, task, tokenizer, toks, main)
-    plan = distinct_tokenizers(toks) if apart else []  # the windows fit every teacher's tokenizer
-    bind_tokenizers(task, tokenizer, toks[main] if toks else None, [n for n in objective.terms if n in POSITION_TERMS], plan)
+    objective, apart, planning = check_models(plan, task, model.config, tokenizer, [m.config for m, _ in loaded], toks)
     rows = {"labelled": len(raw["train"])}
-    if loaded and (cfg.data.transfer or cfg.augment.copies):
-        rows = add_transfer_rows(cfg, raw, accelerator)  # raw["train"] becomes labelled ∪ transfer ∪ augmented
+    if loaded and (plan.data.transfer or plan.augment.copies):
+        rows = add_transfer_rows(plan, raw, accelerator)  # raw["train"] becomes labelled ∪ transfer ∪ augmented
     features = prepare_data(task, raw, accelerator)
     collate = None
     if len(rows) > 1:
@@ -404,15 +402,15 @@ def setup_stage(cfg: Config, stage: str, accelerator: Accelerator, raw: Optional
     capture = capture_factory(objective)
     teacher = None
     if loaded:
-        inputs = teacher_inputs(cfg, task, tokenizer, toks, apart, raw["train"], features["train"], accelerator)
-        teacher = build_teachers(cfg, inputs, accelerator, loaded, objective, main, apart)
+        inputs = teacher_inputs(plan, task, tokenizer, toks, apart, raw["train"], features["train"], accelerator)
+        teacher = build_teachers(plan, inputs, accelerator, loaded, objective, apart)
     on_gpu = accelerator.device.type == "cuda"
-    loader_args = dict(seed=cfg.seed, group_by_length=tcfg.group_by_length, num_workers=tcfg.num_workers, pin_memory=on_gpu)
+    loader_args = dict(seed=plan.seed, group_by_length=tcfg.group_by_length, num_workers=tcfg.num_workers, pin_memory=on_gpu)
     eval_bs = tcfg.eval_batch_size or 2 * tcfg.batch_size
     return Stage(
-        name=stage, out=out, train=tcfg, task=task, raw=raw, features=features, model=model, tokenizer=tokenizer,
+        name=plan.kind, out=plan.folder, train=tcfg, task=task, raw=raw, features=features, model=model, tokenizer=tokenizer,
         objective=objective, teacher=teacher, capture=capture, rows=rows,
-        teacher_source=(sources[0] if len(sources) == 1 else sources) or None, info=ensemble_info(cfg, sources),
+        teacher_source=(sources[0] if len(sources) == 1 else sources) or None, info=ensemble_info(plan, sources),
         train_loader=make_loader(task, features["train"], tcfg.batch_size, shuffle=True, collate=collate, **loader_args),
         eval_loaders={
             s: make_loader(task, features[s], eval_bs, **loader_args) for s in ("validation", "test") if s in features
@@ -420,77 +418,8 @@ def setup_stage(cfg: Config, stage: str, accelerator: Accelerator, raw: Optional
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# Checking every stage before the first one trains
-# ---------------------------------------------------------------------------------------------
-
-
-def preflight(cfg: Config, stages: Sequence[str]) -> None:
-    """Check the inputs of every stage about to run, before the first one trains, so that a
-    broken student setting does not surface only after hours of teacher fine-tuning.
-
-    Cheap: data, configs and tokenizers, no weights. A student stage whose teacher is not
-    fine-tuned yet checks against the pretrained teacher, which has the same tokenizer, depth
-    and width (the teacher stage gives it the data's labels). Every stage repeats its full
-    checks when it starts; this only moves the failures earlier.
-    """
-    task = get_task(cfg)
-    raw = load_data(cfg, task)
-    if "student" in stages and cfg.data.transfer:
-        from distill.data.transfer import check_transfer
-
-        check_transfer(raw, cfg.task.family, cfg.data.columns, cfg.data.transfer)
-    for name in stages:
-        # a teacher stage checks the one-teacher config it runs with (teacher-<i>: teachers[i])
-        scfg, stage = resolve_stage(cfg, name) if name == "teacher" or TEACHER_STAGE.match(name) else (cfg, name)
-        if stage not in STAGES:
-            raise StageError(f"unknown stage '{name}' ({', '.join(STAGES)}, or teacher-<i> with `teachers:`)")
-        if check_stage_dir(scfg, stage) == "complete":
-            continue
-        check_writable(stage_dir(scfg, stage), keep=False)
-        check_metrics(task, stage_train(scfg, stage).select_metric)
-        _check_model_setup(scfg, stage, task)
-
-
-def _check_model_setup(cfg: Config, stage: str, task: Task) -> None:
-    """The model-dependent checks of `setup_stage`, on configs and tokenizers only."""
-    t, s = main_teacher(cfg), cfg.student
-    if stage == "teacher":
-        config = models.load_config(t.model, t.revision, t.trust_remote_code)
-        models.load_tokenizer(t.model, t.revision, t.trust_remote_code)
-        check_lengths(cfg.data.max_length, config)
-        return
-    configs, toks = [], []
-    for i, teacher in enumerate(teacher_list(cfg) if stage == "student" else []):
-        finetuned = teacher.finetuned or (stage_dir(cfg, teacher_stage_name(cfg, i)) / "model").exists()
-        src = teacher_source(cfg, i) if finetuned else teacher.model
-        revision = teacher.revision if (teacher.finetuned or not finetuned) else None
-        configs.append(models.load_config(src, revision, teacher.trust_remote_code))
-        if finetuned:
-            models.label_order(configs[-1], task.labels, f"teacher '{src}'")
-        toks.append(models.load_tokenizer(src, revision, teacher.trust_remote_code))
-    main = cfg.distill.intermediate_teacher if len(configs) > 1 else 0
-    teacher_config = configs[main] if configs else None
-    if s.model:
-        student_config = models.load_config(s.model, s.revision, s.trust_remote_code, **dict(s.config_overrides))
-        tokenizer = models.load_tokenizer(s.model, s.revision, s.trust_remote_code)
-    else:
-        student_config = models.load_config(t.model, t.revision, t.trust_remote_code, **dict(s.config_overrides))
-        layers = models.student_layers(s, student_config.num_hidden_layers, t.model or "")
-        student_config.num_hidden_layers = len(layers)
-        tokenizer = models.load_tokenizer(t.model, t.revision, t.trust_remote_code)
-    objective = build_objective(task, cfg.distill, student_config, teacher_config)
-    check_lengths(cfg.data.max_length, student_config, *configs)
-    check_lengths(cfg.teacher.max_length or 0, *configs)
-    apart = teachers_apart(cfg, task, tokenizer, toks, main)
-    plan = distinct_tokenizers(toks) if apart else []
-    bind_tokenizers(get_task(cfg), tokenizer, toks[main] if toks else None, [n for n in objective.terms if n in POSITION_TERMS], plan)
-    for i in apart:  # each teacher of another tokenizer on its own copy of the task
-        bind_tokenizers(get_task(cfg), tokenizer, toks[i], plan_tokenizers=plan)
-
-
-def make_accelerator(cfg: Config, stage: str, grad_accum: int) -> Accelerator:
-    trackers = [t for t in cfg.tracking.report_to if t != "none"]
+def make_accelerator(plan: StagePlan) -> Accelerator:
+    trackers = [t for t in plan.tracking.report_to if t != "none"]
     if "wandb" in trackers:
         try:
             import wandb  # noqa: F401
@@ -498,7 +427,7 @@ def make_accelerator(cfg: Config, stage: str, grad_accum: int) -> Accelerator:
             log.warning("wandb is not installed; logging to log.jsonl only (pip install 'distill[wandb]')")
             trackers.remove("wandb")
     return Accelerator(
-        gradient_accumulation_steps=grad_accum,
+        gradient_accumulation_steps=plan.train.grad_accum,
         log_with=trackers or None,
-        project_dir=str(stage_dir(cfg, stage)),
+        project_dir=str(plan.folder),
     )

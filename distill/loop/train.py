@@ -33,13 +33,15 @@ from distill import models
 from distill.loop.checkpoints import (
     LoopState, SignalsRaise, StopFlag, checkpoint_bytes, latest_checkpoint, load_model_weights, resume_from, save_checkpoint, save_model_folder,
 )
-from distill.config import Config, stage_train, to_dict, to_yaml
+from distill.config import Config, to_dict, to_yaml
 from distill.errors import REQUEUE_EXIT_CODE, NonFiniteLoss, Preempted, StageError
 from distill.loop.evaluate import evaluate, is_better, write_predictions
 from distill.objective.losses import Trainee
 from distill.loop.setup import Stage, make_accelerator, setup_stage
 from distill.data.features import data_identity, read_raw
-from distill.loop.folders import DATA_FILE, STAGES, JsonlLog, atomic_write, check_stage_dir, clear_stage_dir, locked, stage_dir
+from distill.files import atomic_write
+from distill.loop.folders import DATA_FILE, JsonlLog, check_stage_dir, clear_stage_dir, locked
+from distill.loop.plan import StagePlan, plan_stage
 
 log = logging.getLogger("distill")
 
@@ -189,19 +191,19 @@ def restore(accelerator: Accelerator, status: str, stage: str, ckpt_root, best_d
     return state
 
 
-def start_trackers(accelerator: Accelerator, cfg: Config, stage: str) -> None:
-    """The trackers named in tracking.report_to, sent the resolved config."""
+def start_trackers(accelerator: Accelerator, plan: StagePlan) -> None:
+    """The trackers named in tracking.report_to, sent the stage's resolved config."""
     if accelerator.log_with:
-        name = cfg.tracking.run_name or f"{cfg.task.name}-{stage}-{models.short_name(cfg.student.model or 'layers')}"
-        accelerator.init_trackers(cfg.tracking.project, config=to_dict(cfg), init_kwargs={"wandb": {"name": name}})
+        name = plan.tracking.run_name or f"{plan.task.name}-{plan.kind}-{models.short_name(plan.student.model or 'layers')}"
+        accelerator.init_trackers(plan.tracking.project, config=to_dict(plan.recipe), init_kwargs={"wandb": {"name": name}})
 
 
 def run_stage(cfg: Config, stage: str, on_evaluate: Optional[EvalCallback] = None) -> dict[str, dict[str, Any]]:
-    """Run one stage to completion (or resume it) and return its metrics.json content."""
-    if stage not in STAGES:
-        raise StageError(f"unknown stage '{stage}' ({', '.join(STAGES)})")
-    out = stage_dir(cfg, stage)
-    accelerator = make_accelerator(cfg, stage, stage_train(cfg, stage).grad_accum)
+    """Run stage `stage` of the recipe `cfg` (teacher, teacher-<i>, student, baseline) to
+    completion, or resume it, and return its metrics.json content."""
+    plan = plan_stage(cfg, stage)
+    out, stage = plan.folder, plan.name
+    accelerator = make_accelerator(plan)
     check_launch(accelerator)
     main = accelerator.is_main_process
     if not main:  # one copy of every warning and progress bar
@@ -209,9 +211,9 @@ def run_stage(cfg: Config, stage: str, on_evaluate: Optional[EvalCallback] = Non
         import datasets
 
         datasets.disable_progress_bars()
-    raw = read_raw(cfg)  # read once: hashed here, set up below
+    raw = read_raw(plan.data, plan.seed)  # read once: hashed here, set up below
     data = data_identity(raw)  # a run on other data is never resumed into nor skipped as complete
-    status = check_stage_dir(cfg, stage, data)  # every process reads it before anyone changes it
+    status = check_stage_dir(plan, data)  # every process reads it before anyone changes it
     accelerator.wait_for_everyone()
     if status == "complete":
         if main:
@@ -219,18 +221,18 @@ def run_stage(cfg: Config, stage: str, on_evaluate: Optional[EvalCallback] = Non
         return json.loads((out / "metrics.json").read_text())
     with locked(accelerator, out):
         with SignalsRaise():  # SIGTERM while setting up (e.g. building the cache): exit 75, no temp folders
-            s = setup_stage(cfg, stage, accelerator, raw)  # every check; nothing written yet
+            s = setup_stage(plan, accelerator, raw)  # every check; nothing written yet
         if main:  # every check passed: replace an old run (overwrite=true), record the config
             if status == "overwrite":
                 clear_stage_dir(out)
-            atomic_write(out / "config.yaml", to_yaml(cfg))
+            atomic_write(out / "config.yaml", to_yaml(plan.recipe))
             atomic_write(out / DATA_FILE, json.dumps(data, indent=1))
-            print(f"[distill] stage {stage} -> {out}\n{to_yaml(cfg)}", flush=True)
+            print(f"[distill] stage {stage} -> {out}\n{to_yaml(plan.recipe)}", flush=True)
         accelerator.wait_for_everyone()
-        return train_stage(accelerator, cfg, s, status, on_evaluate)
+        return train_stage(accelerator, plan, s, status, on_evaluate)
 
 
-def train_stage(accelerator: Accelerator, cfg: Config, s: Stage, status: str, on_evaluate: Optional[EvalCallback]) -> dict:
+def train_stage(accelerator: Accelerator, plan: StagePlan, s: Stage, status: str, on_evaluate: Optional[EvalCallback]) -> dict:
     """Train a set-up stage from scratch or from its latest checkpoint, then finish it."""
     main, out, stage = accelerator.is_main_process, s.out, s.name
     tcfg, task = s.train, s.task
@@ -239,9 +241,9 @@ def train_stage(accelerator: Accelerator, cfg: Config, s: Stage, status: str, on
 
     ckpt_root, best_dir, jlog = out / "checkpoints", out / "best", JsonlLog(out / "log.jsonl", main)
     state = restore(accelerator, status, stage, ckpt_root, best_dir, jlog)
-    start_trackers(accelerator, cfg, stage)
+    start_trackers(accelerator, plan)
     select = tcfg.select_metric or task.metric
-    phase1 = cfg.distill.intermediate_epochs if s.objective.two_phase else 0
+    phase1 = plan.distill.intermediate_epochs if s.objective.two_phase else 0
 
     def evaluate_and_select() -> bool:
         """Evaluate on validation, keep the best model; True when early stopping says stop."""
@@ -329,10 +331,10 @@ def train_stage(accelerator: Accelerator, cfg: Config, s: Stage, status: str, on
     progress.close()
     if can_select and (not state.history or state.history[-1]["step"] != state.global_step):
         evaluate_and_select()  # the weights since the last evaluation
-    return finish(accelerator, cfg, s, trainee, eval_loaders, state, select)
+    return finish(accelerator, plan, s, trainee, eval_loaders, state, select)
 
 
-def finish(accelerator: Accelerator, cfg: Config, s: Stage, trainee: Any, eval_loaders: dict, state: LoopState, select: str) -> dict:
+def finish(accelerator: Accelerator, plan: StagePlan, s: Stage, trainee: Any, eval_loaders: dict, state: LoopState, select: str) -> dict:
     """Reload the best model, score validation and test, write model/, predictions and
     metrics.json (last: its presence marks the stage complete)."""
     main, out = accelerator.is_main_process, s.out
@@ -346,7 +348,7 @@ def finish(accelerator: Accelerator, cfg: Config, s: Stage, trainee: Any, eval_l
             write_predictions(s.task, arrays, s.features[split], s.raw[split], out / f"predictions_{split}.jsonl")
     results["info"] = {
         "stage": s.name,
-        "task": cfg.task.name,
+        "task": plan.task.name,
         "family": s.task.family,
         "metric": s.task.metric,
         "select_metric": select,

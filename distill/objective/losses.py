@@ -29,6 +29,9 @@ from torch import nn
 from distill.tasks.base import LogitPair
 
 
+# terms that compare token positions: the (main) teacher and the student must tokenize alike
+POSITION_TERMS = ("hidden", "attention", "relations")
+
 def _masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     """Mean of `values` [N] over rows where mask is True (0 when no row counts)."""
     if mask is None:

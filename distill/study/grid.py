@@ -180,7 +180,7 @@ class GridRun:
 
     @property
     def folder(self) -> Path:
-        from distill.loop.folders import stage_dir
+        from distill.loop.plan import stage_dir
 
         return stage_dir(self.cfg, "teacher") if self.kind == "teacher" else Path(self.cfg.output_dir)
 
@@ -189,11 +189,12 @@ class GridRun:
         conflict (the folder holds a run with another config)."""
         from distill.errors import StageError
         from distill.loop.folders import check_stage_dir
+        from distill.loop.plan import plan_stage
 
         states = {}
         for stage in self.stages:
             try:
-                states[stage] = check_stage_dir(self.cfg, stage)
+                states[stage] = check_stage_dir(plan_stage(self.cfg, stage))
             except StageError:
                 states[stage] = "conflict"
         return states

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 from datasets import Dataset, DatasetDict
 
-from distill.config import Config
+from distill.config import DataConfig, TaskConfig
 from distill.errors import DataError
 from distill.models import tokenizer_digest
 
@@ -61,8 +61,9 @@ class Task:
     # per-feature tensors `kd_targets` returns, with their shape after the batch dimension
     kd_target_keys: tuple[str, ...] = ()
 
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
+    def __init__(self, settings: TaskConfig, data: DataConfig):
+        self.settings = settings  # the recipe's task section
+        self.data = data  # the recipe's data section: columns, lengths, invalid rows
         self.labels: list[str] = []
         self.tokenizer: Any = None
         self.teacher_tokenizer: Any = None
@@ -73,10 +74,15 @@ class Task:
         """Check columns and read label names from the raw splits (fails with a clear error)."""
         raise NotImplementedError
 
-    def bind(self, tokenizer: Any, teacher_tokenizer: Any = None, plan_tokenizers: Sequence[Any] = ()) -> None:
+    def bind(
+        self, tokenizer: Any, teacher_tokenizer: Any = None, plan_tokenizers: Sequence[Any] = (),
+        teacher_windows: tuple[Optional[int], Optional[int]] = (None, None),
+    ) -> None:
         """Tokenizer of the trained model, and the teacher's when it tokenizes differently.
         `plan_tokenizers`: further tokenizers (other teachers') whose lengths shape the features
-        as the two bound ones do, without their inputs being stored (see the module docstring)."""
+        as the two bound ones do, without their inputs being stored (see the module docstring).
+        `teacher_windows`: the teacher's own (max_length, doc_stride), read by QA only (its
+        teacher sees the context in windows of its own tokens)."""
         self.tokenizer = tokenizer
         self.teacher_tokenizer = teacher_tokenizer
         self.plan_tokenizers = list(plan_tokenizers)
@@ -90,9 +96,6 @@ class Task:
         every tokenizer (bound or planned over), the task and data settings and the label names.
         Given to `Dataset.map(new_fingerprint=...)`, it lets datasets reuse cached features
         without hashing the tokenizer object (seconds per split for a 30k vocabulary)."""
-        from distill.config import to_dict
-
-        cfg = to_dict(self.cfg)
         h = hashlib.sha256()
         for part in (
             raw._fingerprint,
@@ -103,7 +106,7 @@ class Task:
             tokenizer_digest(self.teacher_tokenizer),
             # the further tokenizers the features were planned over (as a set: their order never matters)
             *(sorted({tokenizer_digest(t) for t in self.plan_tokenizers}) if self.plan_tokenizers else ()),
-            json.dumps([cfg["task"], cfg["data"], self.labels], sort_keys=True, default=str),
+            json.dumps([asdict(self.settings), asdict(self.data), self.labels], sort_keys=True, default=str),
         ):
             h.update(str(part).encode())
         return h.hexdigest()[:32]
@@ -167,7 +170,7 @@ class Task:
 
     @property
     def metric(self) -> str:
-        return self.cfg.task.metric or self.default_metric
+        return self.settings.metric or self.default_metric
 
     def greater_is_better(self, metric: str) -> bool:
         return metric not in self.lower_is_better
@@ -184,9 +187,9 @@ def _code_digest(cls: type) -> str:
     return h.hexdigest()[:16]
 
 
-def column(cfg: Config, role: str, default: str) -> str:
+def column(data: DataConfig, role: str, default: str) -> str:
     """The dataset column that plays `role` for the task (data.columns maps roles to columns)."""
-    return cfg.data.columns.get(role, default)
+    return data.columns.get(role, default)
 
 
 def require_columns(raw: DatasetDict, needed: dict[str, str], where: str = "data.columns") -> None:
@@ -198,3 +201,22 @@ def require_columns(raw: DatasetDict, needed: dict[str, str], where: str = "data
                     f"split '{split}' has no column '{col}' (needed as {role}); it has "
                     f"{ds.column_names}. Map it in the recipe with {where}.{role}=<column>"
                 )
+
+
+def pad_lists(rows: list[list[int]], value: int, length: int | None = None) -> torch.Tensor:
+    """Right-pad integer lists into a [len(rows), length] LongTensor."""
+    length = max((len(r) for r in rows), default=0) if length is None else length
+    out = torch.full((len(rows), length), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            out[i, : len(row)] = torch.tensor(row[:length], dtype=torch.long)
+    return out
+
+
+def fit_width(t: torch.Tensor, width: int, fill: float | bool = 0) -> torch.Tensor:
+    """Cut or right-pad axis 1 of a [batch, n, ...] tensor to `width`: a cached teacher row is
+    padded to its own batch's width, not this one's."""
+    if t.size(1) >= width:
+        return t[:, :width]
+    pad = t.new_full((t.size(0), width - t.size(1), *t.shape[2:]), fill)
+    return torch.cat([t, pad], dim=1)

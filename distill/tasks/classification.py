@@ -52,9 +52,9 @@ class ClassificationTask(Task):
         """Check columns and rows, and read the label names. Rows with a null or empty text or
         label stop the run naming split, file and row, or with `data.drop_invalid` are dropped
         from `raw` in place (the count is logged)."""
-        self.text_col = column(self.cfg, "text", "text")
-        self.pair_col = self.cfg.data.columns.get("text_pair")
-        self.label_col = column(self.cfg, "label", "label")
+        self.text_col = column(self.data, "text", "text")
+        self.pair_col = self.data.columns.get("text_pair")
+        self.label_col = column(self.data, "label", "label")
         needed = {"text": self.text_col, "label": self.label_col}
         if self.pair_col:
             needed["text_pair"] = self.pair_col
@@ -65,8 +65,8 @@ class ClassificationTask(Task):
             if self.pair_col:
                 checks[self.pair_col] = text_problem
             bad[split] = invalid_rows(ds, checks)
-        refuse_or_drop(raw, bad, self.cfg.data.drop_invalid)
-        self.label_space = label_space_of(raw, self.label_col, list(self.cfg.task.labels))
+        refuse_or_drop(raw, bad, self.data.drop_invalid)
+        self.label_space = label_space_of(raw, self.label_col, list(self.settings.labels))
         self.labels = self.label_space.names
 
     def _label_check(self, ds: Dataset):
@@ -83,7 +83,7 @@ class ClassificationTask(Task):
         return check
 
     def preprocess(self, raw: Dataset, split: str) -> Dataset:
-        max_length = self.cfg.data.max_length
+        max_length = self.data.max_length
         label_id = self.label_space.id_of
 
         def encode(rows: dict, idx: list[int]) -> dict:

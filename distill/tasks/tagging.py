@@ -43,7 +43,7 @@ from distill.data.read import column_list, is_null, label_problem, origin, refus
 from distill.errors import DataError
 from distill.data.labels import LabelSpace, label_space
 from distill.models import tokenizer_digest
-from distill.tasks.base import TEACHER_PREFIX, LogitPair, Task, column, require_columns
+from distill.tasks.base import TEACHER_PREFIX, LogitPair, Task, column, require_columns, fit_width, pad_lists
 
 logger = logging.getLogger(__name__)
 
@@ -173,16 +173,6 @@ def gather_words(logits: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tens
     return words.masked_fill(~mask.unsqueeze(-1), 0.0), mask
 
 
-def pad_lists(rows: list[list[int]], value: int, length: int | None = None) -> torch.Tensor:
-    """Right-pad integer lists into a [len(rows), length] LongTensor."""
-    length = max((len(r) for r in rows), default=0) if length is None else length
-    out = torch.full((len(rows), length), value, dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            out[i, : len(row)] = torch.tensor(row[:length], dtype=torch.long)
-    return out
-
-
 class TaggingTask(Task):
     family = "tagging"
     pipeline_tag = "token-classification"
@@ -197,8 +187,8 @@ class TaggingTask(Task):
         """Check columns and rows, and read the tag names. A sentence with null or empty words
         or tags, or as many tags as words, stops the run naming split, file and row, or with
         `data.drop_invalid` is dropped from `raw` in place (the count is logged)."""
-        self.tokens_col = column(self.cfg, "tokens", "tokens")
-        self.tags_col = column(self.cfg, "tags", "tags")
+        self.tokens_col = column(self.data, "tokens", "tokens")
+        self.tags_col = column(self.data, "tags", "tags")
         require_columns(raw, {"tokens": self.tokens_col, "tags": self.tags_col})
         train = raw["train"] if "train" in raw else next(iter(raw.values()))
         if not any(not is_null(t) for tags in column_list(train, self.tags_col) if tags for t in tags):
@@ -217,8 +207,8 @@ class TaggingTask(Task):
                 for row, (words, tags) in enumerate(rows)
                 if (problem := sentence_problem(words, tags, classes, self.tokens_col, self.tags_col))
             ]
-        refuse_or_drop(raw, bad, self.cfg.data.drop_invalid)
-        self.label_space = tag_space(raw, self.tags_col, list(self.cfg.task.labels))
+        refuse_or_drop(raw, bad, self.data.drop_invalid)
+        self.label_space = tag_space(raw, self.tags_col, list(self.settings.labels))
         self.labels = self.label_space.names
         index = {name: i for i, name in enumerate(self.labels)}
         # Later sub-tokens of a B-X word take I-X when it exists (label_all_tokens).
@@ -256,7 +246,7 @@ class TaggingTask(Task):
         return tokenizers
 
     def _max_length(self, tokenizer: Any) -> int:
-        return min(self.cfg.data.max_length, tokenizer.model_max_length)
+        return min(self.data.max_length, tokenizer.model_max_length)
 
     def preprocess(self, raw: Dataset, split: str) -> Dataset:
         if self.tokenizer is None:
@@ -271,9 +261,9 @@ class TaggingTask(Task):
         tokenizers = self._tokenizers()
         budgets = [self._max_length(t) - t.num_special_tokens_to_add(pair=False) for t in planning]
         if min(budgets) < 2:
-            raise DataError(f"data.max_length={self.cfg.data.max_length} leaves no room for words")
-        overlap = min(self.cfg.data.doc_stride, min(budgets) // 2)
-        label_all = self.cfg.task.label_all_tokens
+            raise DataError(f"data.max_length={self.data.max_length} leaves no room for words")
+        overlap = min(self.data.doc_stride, min(budgets) // 2)
+        label_all = self.settings.label_all_tokens
 
         def encode(rows: dict, idx: list[int]) -> dict:
             sentences = [[str(w) for w in words] for words in rows[self.tokens_col]]
@@ -393,13 +383,7 @@ class TaggingTask(Task):
                 "needs both fine-tuned on the same tag set"
             )
         words = s.size(1)
-        # A cached teacher row may be padded to another width than this batch: fit it.
-        if t.size(1) >= words:
-            t, t_mask = t[:, :words], t_mask[:, :words]
-        else:
-            extra = words - t.size(1)
-            t = torch.cat([t, t.new_zeros(t.size(0), extra, t.size(2))], dim=1)
-            t_mask = torch.cat([t_mask, t_mask.new_zeros(t_mask.size(0), extra)], dim=1)
+        t, t_mask = fit_width(t, words, 0.0), fit_width(t_mask, words, False)
         keep = s_mask & t_mask  # [batch, words]
         labels = s.size(-1)
         return [LogitPair(s.reshape(-1, labels), t.reshape(-1, labels), row_mask=keep.reshape(-1))]

@@ -51,6 +51,7 @@ from torch.utils.data import DataLoader
 from distill import models
 from distill.data.sampling import sorted_batches
 from distill.tasks.base import Task
+from distill.files import check_free_space
 from distill.errors import CacheError
 from distill.data.features import data_fingerprint
 
@@ -281,19 +282,6 @@ def _format_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def check_free_space(directory: Path, needed: int) -> None:
-    """Stop before writing when the disk holding `directory` lacks `needed` bytes."""
-    directory.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(directory).free
-    if free < needed:
-        raise CacheError(
-            f"not enough disk space for the teacher cache in {directory}: it needs about "
-            f"{_format_bytes(needed)} ({needed} bytes) and {_format_bytes(free)} ({free} bytes) are "
-            "free. Point distill.cache_dir at a larger disk, free space, or use "
-            "distill.teacher_outputs=online"
-        )
-
-
 class _QuietProgress:
     """datasets progress bars off while the cache writes (they would print one per shard)."""
 
@@ -358,7 +346,10 @@ def build_cache(
             f"{hidden} x 2 bytes = {_format_bytes(size)} in {path}",
             flush=True,
         )
-    check_free_space(path.parent, int(needed * SPACE_FACTOR))
+    check_free_space(
+        path.parent, int(needed * SPACE_FACTOR), "the teacher cache", error=CacheError,
+        advice="Point distill.cache_dir at a larger disk, free space, or use distill.teacher_outputs=online",
+    )
 
     if main:
         shutil.rmtree(tmp, ignore_errors=True)

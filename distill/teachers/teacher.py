@@ -31,7 +31,7 @@ from distill.teachers import cache as cache_mod
 from distill.teachers.ensemble import MASKED_LOGIT, combine
 from distill.errors import CacheError
 from distill.objective.losses import Signals
-from distill.tasks.base import Task
+from distill.tasks.base import Task, fit_width
 
 Teacher = Callable[[dict], Signals]
 
@@ -201,14 +201,6 @@ POSITION_TARGETS = ("start_logits", "end_logits")
 MASKS = ("word_mask", "kd_mask")
 
 
-def _fit(t: torch.Tensor, width: int, fill: float | bool) -> torch.Tensor:
-    """Cut or right-pad axis 1 to `width` (a cached row is padded to its own batch's width)."""
-    if t.size(1) >= width:
-        return t[:, :width]
-    pad = t.new_full((t.size(0), width - t.size(1), *t.shape[2:]), fill)
-    return torch.cat([t, pad], dim=1)
-
-
 def combine_targets(
     task: Task,
     targets: Sequence[dict],
@@ -230,7 +222,7 @@ def combine_targets(
     for key in MASKS:
         if key in targets[0]:
             width = max(t[key].size(1) for t in targets)
-            masks = [_fit(t[key].bool(), width, False) for t in targets]  # [N, W] each
+            masks = [fit_width(t[key].bool(), width, False) for t in targets]  # [N, W] each
             out[key] = torch.stack(masks).all(0)  # a position counts where every teacher has it
     for key in keys:
         if key in MASKS:
@@ -238,7 +230,7 @@ def combine_targets(
         values = [t[key] for t in targets]
         if key in ROW_MASKS:  # [N, W, C]: one row per word
             width = out[ROW_MASKS[key]].size(1)
-            values = [_fit(v.float(), width, 0.0) for v in values]
+            values = [fit_width(v.float(), width, 0.0) for v in values]
             n, w, c = values[0].shape
             mixed = combine([v.reshape(n * w, c) for v in values], rule, temperature, weights)
             mixed = mixed.reshape(n, w, c)  # [N, W, C]
@@ -247,8 +239,8 @@ def combine_targets(
             mask = task.kd_class_mask(batch)  # [N, L]: context + CLS
             width = mask.size(1)
             if "kd_mask" in out:  # across tokenizers: positions with a target from every teacher
-                mask = mask & _fit(out["kd_mask"].to(mask.device), width, False)
-            values = [_fit(v.float().to(mask.device), width, MASKED_LOGIT) for v in values]
+                mask = mask & fit_width(out["kd_mask"].to(mask.device), width, False)
+            values = [fit_width(v.float().to(mask.device), width, MASKED_LOGIT) for v in values]
             out[key] = combine(values, rule, temperature, weights, class_mask=mask)  # [N, L]
         elif values[0].dim() == 2:  # [N, C]: one row per example
             out[key] = combine(values, rule, temperature, weights)

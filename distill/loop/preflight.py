@@ -1,0 +1,71 @@
+"""Every stage of a command checked before the first one trains.
+
+`preflight(cfg, stages)` plans each stage and runs `setup.check_models` on model configs and
+tokenizers only (no weights), so a broken student setting does not surface only after hours of
+teacher fine-tuning. A student whose teacher is not fine-tuned yet is checked against the
+pretrained teacher, which has the same tokenizer, depth and width (the teacher stage gives it the
+data's labels). Every stage repeats its full checks when it starts; this only moves the failures
+earlier.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from distill import models
+from distill.config import Config
+from distill.data.features import load_data
+from distill.loop.folders import check_stage_dir, check_writable
+from distill.loop.plan import StagePlan, plan_stage
+from distill.loop.setup import bind_tokenizers, check_lengths, check_metrics, check_models
+from distill.tasks import get_task
+from distill.tasks.base import Task
+
+
+def preflight(cfg: Config, stages: Sequence[str]) -> None:
+    """Check the inputs of every stage about to run (StageError, DataError, ModelLoadError)."""
+    task = get_task(cfg.task, cfg.data)
+    raw = load_data(cfg.data, cfg.seed, task)
+    if "student" in stages and cfg.data.transfer:
+        from distill.data.transfer import check_transfer
+
+        check_transfer(raw, cfg.task.family, cfg.data.columns, cfg.data.transfer)
+    for name in stages:
+        plan = plan_stage(cfg, name)
+        if check_stage_dir(plan) == "complete":
+            continue
+        check_writable(plan.folder, keep=False)
+        check_metrics(task, plan.train.select_metric)
+        check_model_configs(plan, task)
+
+
+def check_model_configs(plan: StagePlan, task: Task) -> None:
+    """`setup.check_models` on the stage's configs and tokenizers, loaded without weights (`task`
+    has read its labels from the data)."""
+    base = plan.base
+    if plan.kind == "teacher":
+        config = models.load_config(base.model, base.revision, base.trust_remote_code)
+        models.load_tokenizer(base.model, base.revision, base.trust_remote_code)
+        check_lengths(plan.data.max_length, "data.max_length", config)
+        return
+    configs: list[Any] = []
+    toks: list[Any] = []
+    for t in plan.teachers:
+        # not fine-tuned yet: the pretrained teacher has the same tokenizer, depth and width
+        src, revision = (t.source, t.source_revision) if t.ready else (t.model, t.revision)
+        configs.append(models.load_config(src, revision, t.trust_remote_code))
+        if t.ready:
+            models.label_order(configs[-1], task.labels, f"teacher '{src}'")
+        toks.append(models.load_tokenizer(src, revision, t.trust_remote_code))
+    s = plan.student
+    if s.model:
+        student_config = models.load_config(s.model, s.revision, s.trust_remote_code, **dict(s.config_overrides))
+        tokenizer = models.load_tokenizer(s.model, s.revision, s.trust_remote_code)
+    else:
+        student_config = models.load_config(base.model, base.revision, base.trust_remote_code, **dict(s.config_overrides))
+        layers = models.student_layers(s, student_config.num_hidden_layers, base.model or "")
+        student_config.num_hidden_layers = len(layers)
+        tokenizer = models.load_tokenizer(base.model, base.revision, base.trust_remote_code)
+    _, apart, planning = check_models(plan, task, student_config, tokenizer, configs, toks)
+    for i in apart:  # each teacher of another tokenizer on its own copy of the task
+        bind_tokenizers(get_task(plan.task, plan.data), tokenizer, toks[i], plan_tokenizers=planning)
