@@ -103,8 +103,10 @@ def test_missing_recipe():
 def test_student_required_and_exclusive(tmp_path):
     with pytest.raises(ConfigError, match="no student"):
         load_config(write(tmp_path, BASE.replace("student: {model: albeto-tiny}", "")))
-    with pytest.raises(ConfigError, match="exclude each other"):
-        load_config(write(tmp_path, BASE), ["student.num_layers=2"])
+    with pytest.raises(ConfigError, match="picks layers of the teacher"):
+        load_config(write(tmp_path, BASE), ["student.from_teacher_layers=[0,2]"])
+    # student.num_layers with student.model cuts that model
+    assert load_config(write(tmp_path, BASE), ["student.num_layers=2"]).student.num_layers == 2
 
 
 def test_all_loss_weights_zero(tmp_path):

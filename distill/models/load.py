@@ -1,4 +1,5 @@
-"""Loading teachers and students: the student catalog, truncated ALBERTs, layer-subset students.
+"""Loading teachers and students: the student catalog, truncated ALBERTs, layer-subset students
+(cut by `distill.models.layers`, out of the teacher or out of `student.model`).
 
 Catalog names resolve to a Hub id plus config changes:
     albeto-tiny    -> dccuchile/albert-tiny-spanish
@@ -22,6 +23,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
 from distill.config import StudentConfig, TeacherConfig
 from distill.errors import ModelLoadError, StageError
+from distill.models.layers import check_layers, cut_config, cut_layers, layer_count
 
 log = logging.getLogger(__name__)
 
@@ -201,45 +203,18 @@ def uniform_layers(num_teacher: int, num_student: int) -> list[int]:
     12 -> 4: [0, 4, 7, 11]; 12 -> 6: [0, 2, 4, 7, 9, 11]; 12 -> 2: [0, 11].
     """
     if not 1 <= num_student <= num_teacher:
-        raise ValueError(f"cannot take {num_student} layers out of a {num_teacher}-layer teacher")
+        raise ValueError(f"cannot take {num_student} layers out of a {num_teacher}-layer model")
     if num_student == 1:
         return [num_teacher - 1]
     step = (num_teacher - 1) / (num_student - 1)
     return [round(i * step) for i in range(num_student)]
 
 
-def _encoder_layers(model: nn.Module) -> tuple[nn.Module, str]:
-    """The ModuleList of transformer layers in a BERT/RoBERTa/Electra-style model."""
-    base = getattr(model, model.base_model_prefix, model)
-    encoder = getattr(base, "encoder", None)
-    layers = getattr(encoder, "layer", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(
-            f"{type(model).__name__} has no encoder.layer list: layer-subset students need a "
-            "BERT/RoBERTa-style teacher (ALBERT shares one layer; use albeto-base-N instead)"
-        )
-    return encoder, "layer"
-
-
 def student_from_teacher(teacher: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
-    """A copy of `teacher` keeping only `layers` (DistilBERT's initialisation), head included."""
-    n = teacher.config.num_hidden_layers
-    bad = [i for i in layers if not 0 <= i < n]
-    if bad or not layers:
-        raise ValueError(f"student.from_teacher_layers={layers}: indices must be in 0..{n - 1}")
-    if sorted(set(layers)) != list(layers):
-        raise ValueError(f"student.from_teacher_layers={layers} must be increasing and unique")
-    student = copy.deepcopy(teacher)
-    encoder, attr = _encoder_layers(student)
-    setattr(encoder, attr, nn.ModuleList([getattr(encoder, attr)[i] for i in layers]))
-    student.config.num_hidden_layers = len(layers)
-    # keep the attention layers' own indices consistent for caches / layer-type lists
-    for new_index, layer in enumerate(getattr(encoder, attr)):
-        attn = getattr(getattr(layer, "attention", None), "self", None)
-        if attn is not None and hasattr(attn, "layer_idx"):
-            attn.layer_idx = new_index
-    if hasattr(student.config, "layer_types") and student.config.layer_types:
-        student.config.layer_types = [student.config.layer_types[i] for i in layers]
+    """A copy of `teacher` keeping only `layers` (DistilBERT's initialisation), head included;
+    any layout `distill.models.layers` can cut."""
+    check_layers(layers, layer_count(teacher.config), "student.from_teacher_layers")
+    student = cut_layers(copy.deepcopy(teacher), list(layers))
     student.config.distill_teacher_layers = list(layers)
     return student
 
@@ -365,43 +340,67 @@ def align_labels(model: nn.Module, labels: list[str], name: str) -> None:
     log.warning("%s: reordered output labels %s -> dataset order %s", name, theirs, labels)
 
 
-def student_layers(student: StudentConfig, num_teacher_layers: int, teacher_name: str) -> list[int]:
-    """The teacher layers a layer-subset student keeps (checked: increasing, unique, in range)."""
-    n = num_teacher_layers
+def student_layers(student: StudentConfig, num_layers: int, source: str) -> list[int]:
+    """The layers a cut student keeps of the model it is cut from (checked: increasing, unique,
+    in range): `student.from_teacher_layers` (the teacher's layers), else `student.num_layers`
+    spread uniformly over the layers of `student.model`, or of the teacher without one."""
+    n = num_layers
+    what = f"student.model '{source}'" if student.model else f"teacher '{source}'"
     try:
         layers = list(student.from_teacher_layers) or uniform_layers(n, student.num_layers or 0)
     except ValueError as err:
-        raise StageError(f"cannot cut the student out of teacher '{teacher_name}' ({n} layers): {err}") from None
+        raise StageError(f"cannot cut the student out of {what} ({n} layers): {err}") from None
     if any(not 0 <= i < n for i in layers) or sorted(set(layers)) != list(layers):
         raise StageError(
-            f"cannot cut the student out of teacher '{teacher_name}' ({n} layers): "
+            f"cannot cut the student out of {what} ({n} layers): "
             f"student.from_teacher_layers={layers} must be increasing, unique and in 0..{n - 1}"
         )
     return layers
+
+
+def student_config(teacher: TeacherConfig, student: StudentConfig) -> Any:
+    """The config of the model `build_trained_model` trains in a student or baseline stage, built
+    without loading weights (for the checks before a run): `student.model`'s, or the teacher's,
+    cut to the student's layers when it is cut."""
+    t, s = teacher, student
+    overrides = dict(s.config_overrides)
+    if s.model:
+        config = load_config(s.model, s.revision, s.trust_remote_code, **overrides)
+        if not s.num_layers:
+            return config
+        return cut_config(config, student_layers(s, layer_count(config), s.model))
+    config = load_config(t.model, t.revision, t.trust_remote_code, **overrides)
+    return cut_config(config, student_layers(s, layer_count(config), t.model or ""))
 
 
 def build_trained_model(
     stage: str, teacher: TeacherConfig, student: StudentConfig, head: Any, task_kwargs: dict[str, Any]
 ) -> tuple[PreTrainedModel, Any]:
     """(model to train, its tokenizer): the pretrained teacher for the teacher stage; the student
-    otherwise — a model of its own, or a cut of the *pretrained* teacher (for the distilled
-    student and the baseline alike, so the two differ only in their loss)."""
+    otherwise — a model of its own (cut to `student.num_layers` of its layers when set), or a
+    cut of the *pretrained* teacher (for the distilled student and the baseline alike, so the
+    two differ only in their loss)."""
     t, s = teacher, student
     if stage == "teacher":
         if not t.model:
             raise StageError("the teacher stage needs teacher.model (a hub id or path)")
         model = load_model(t.model, head, t.revision, t.trust_remote_code, new_head=True, **task_kwargs)
         return model, load_tokenizer(t.model, t.revision, t.trust_remote_code)
+    # the overrides (e.g. dropout) go into the config the modules are built from
     overrides = dict(s.config_overrides)
     if s.model:
         model = load_model(
             s.model, head, s.revision, s.trust_remote_code, config_overrides=overrides, new_head=True, **task_kwargs
         )
+        if s.num_layers:
+            layers = student_layers(s, layer_count(model.config), s.model)
+            model = cut_layers(model, layers)
+            model.config.distill_model_layers = layers
         return model, load_tokenizer(s.model, s.revision, s.trust_remote_code)
-    # the overrides (e.g. dropout) go into the config the modules are built from
     base = load_model(t.model, head, t.revision, t.trust_remote_code, config_overrides=overrides, new_head=True, **task_kwargs)
-    layers = student_layers(s, base.config.num_hidden_layers, t.model or "")
-    model = student_from_teacher(base, layers)
+    layers = student_layers(s, layer_count(base.config), t.model or "")
+    model = cut_layers(base, layers)  # `base` is ours alone: no copy needed
+    model.config.distill_teacher_layers = list(layers)
     return model, load_tokenizer(t.model, t.revision, t.trust_remote_code)
 
 
