@@ -180,13 +180,13 @@ class DistillConfig:
     attention_weight: float = 0.0
     # MiniLMv2 self-attention relations (Q-Q, K-K, V-V) of one teacher layer and the student's last
     relation_weight: float = 0.0
-    relation_heads: int = 0  # 0 = the default rule (see distill/intermediate.py)
+    relation_heads: int = 0  # 0 = the default rule (see distill/objective/intermediate.py)
     relation_layer: int = 0  # teacher layer (1-based) the relations follow; 0 = its last
     # TinyBERT's two phases: the first N epochs train the intermediate terms (hidden, attention,
     # relations) alone, the rest the prediction terms (ce, kd); 0 = one phase with every term
     intermediate_epochs: int = 0
     teacher_outputs: str = "auto"  # auto | cached | online
-    # Several teachers (`teachers:`): how their soft targets combine (distill/ensemble.py):
+    # Several teachers (`teachers:`): how their soft targets combine (distill/teachers/ensemble.py):
     # mean of probabilities at T | weighted (teacher_weights, one per teacher) | confident (per
     # row, the teacher with the lowest entropy); which teacher the hidden/attention/relation
     # terms follow (and the student is cut from), counted from 0.

@@ -9,7 +9,7 @@ Tokenizers: `tokenizer` belongs to the model being trained. When a distillation 
 different tokenizer, features also carry the teacher's inputs under a `teacher_` prefix
 (`teacher_input_ids`, `teacher_attention_mask`, ...), and `kd_pairs` aligns the two. Features
 hold one teacher's inputs; with several teachers that tokenize apart, each other tokenizer gets
-its own copy of the task and of the training features (distill/setup.py), and `plan_tokenizers`
+its own copy of the task and of the training features (loop/setup.py), and `plan_tokenizers`
 names the tokenizers every copy must respect where a feature's extent depends on them (the word
 windows of tagging), so that a feature id means the same student feature in every copy.
 """
