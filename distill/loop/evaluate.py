@@ -23,22 +23,7 @@ from distill.config import Config
 from distill.data.features import load_data, make_loader, prepare_data
 from distill.objective.losses import Trainee
 from distill.tasks import get_task
-from distill.tasks.base import Task
-
-
-def _concat(chunks: list[np.ndarray]) -> np.ndarray:
-    """Concatenate per-batch arrays whose dim 1 may differ (pad with -100)."""
-    if chunks[0].ndim == 1:
-        return np.concatenate(chunks)
-    width = max(c.shape[1] for c in chunks)
-    padded = []
-    for c in chunks:
-        if c.shape[1] < width:
-            pad = [(0, 0)] * c.ndim
-            pad[1] = (0, width - c.shape[1])
-            c = np.pad(c, pad, constant_values=-100)
-        padded.append(c)
-    return np.concatenate(padded)
+from distill.tasks.base import Task, concat_padded
 
 
 def _real_rows(accelerator: Accelerator, rows: int) -> int:
@@ -86,7 +71,7 @@ def evaluate(
         outputs = accelerator.gather_for_metrics(outputs)
         for key, value in outputs.items():
             collected.setdefault(key, []).append(value.cpu().numpy())
-    arrays = {k: _concat(v) for k, v in collected.items()}
+    arrays = {k: concat_padded(v) for k, v in collected.items()}
     order = np.argsort(arrays["feature_id"], kind="stable")
     arrays = {k: v[order] for k, v in arrays.items()}
     ids = arrays["feature_id"]

@@ -220,3 +220,17 @@ def fit_width(t: torch.Tensor, width: int, fill: float | bool = 0) -> torch.Tens
         return t[:, :width]
     pad = t.new_full((t.size(0), width - t.size(1), *t.shape[2:]), fill)
     return torch.cat([t, pad], dim=1)
+
+
+def concat_padded(chunks: list[np.ndarray]) -> np.ndarray:
+    """Per-batch arrays whose axis 1 (sequence or words) differs, right-padded with -100 (the
+    ignore index every task's postprocessing skips) and joined along the batch axis."""
+    if chunks[0].ndim == 1:
+        return np.concatenate(chunks)
+    width = max(c.shape[1] for c in chunks)
+    padded = []
+    for c in chunks:
+        pad = [(0, 0)] * c.ndim
+        pad[1] = (0, width - c.shape[1])
+        padded.append(np.pad(c, pad, constant_values=-100))
+    return np.concatenate(padded)
