@@ -18,6 +18,9 @@ from distill.data.features import load_data
 from distill.loop.folders import check_stage_dir, check_writable
 from distill.loop.plan import StagePlan, plan_stage
 from distill.loop.setup import bind_tokenizers, check_lengths, check_metrics, check_models
+from distill.loop.trim import check_trim
+from distill.models.load import student_config as load_student_config
+from distill.objective.losses import POSITION_TERMS
 from distill.tasks import get_task
 from distill.tasks.base import Task
 
@@ -58,14 +61,12 @@ def check_model_configs(plan: StagePlan, task: Task) -> None:
             models.label_order(configs[-1], task.labels, f"teacher '{src}'")
         toks.append(models.load_tokenizer(src, revision, t.trust_remote_code))
     s = plan.student
+    student_config = load_student_config(base, s)  # cut to the student's layers when it is cut
     if s.model:
-        student_config = models.load_config(s.model, s.revision, s.trust_remote_code, **dict(s.config_overrides))
         tokenizer = models.load_tokenizer(s.model, s.revision, s.trust_remote_code)
     else:
-        student_config = models.load_config(base.model, base.revision, base.trust_remote_code, **dict(s.config_overrides))
-        layers = models.student_layers(s, student_config.num_hidden_layers, base.model or "")
-        student_config.num_hidden_layers = len(layers)
         tokenizer = models.load_tokenizer(base.model, base.revision, base.trust_remote_code)
-    _, apart, planning = check_models(plan, task, student_config, tokenizer, configs, toks)
+    objective, apart, planning = check_models(plan, task, student_config, tokenizer, configs, toks)
+    check_trim(plan, tokenizer, toks, [n for n in objective.terms if n in POSITION_TERMS])  # student.vocab.trim
     for i in apart:  # each teacher of another tokenizer on its own copy of the task
         bind_tokenizers(get_task(plan.task, plan.data), tokenizer, toks[i], plan_tokenizers=planning)

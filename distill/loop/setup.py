@@ -392,6 +392,17 @@ def setup_stage(plan: StagePlan, accelerator: Accelerator, raw: Optional[Dataset
     rows = {"labelled": len(raw["train"])}
     if loaded and (plan.data.transfer or plan.augment.copies):
         rows = add_transfer_rows(plan, raw, accelerator)  # raw["train"] becomes labelled ∪ transfer ∪ augmented
+    info = ensemble_info(plan, sources)
+    # --- student.vocab.trim: the student keeps the pieces of this stage's training rows (loop/trim.py);
+    # teachers of its tokenizer read its ids, so the task is bound again to the trimmed tokenizer
+    if plan.student.vocab.trim and plan.kind != "teacher":
+        from distill.loop.trim import trim_stage
+
+        position = [n for n in objective.terms if n in POSITION_TERMS]
+        model, tokenizer, info["vocab"] = trim_stage(plan, raw, model, tokenizer, loaded, position, accelerator.is_main_process)
+        toks = [tok for _, tok in loaded]
+        objective, apart, planning = check_models(plan, task, model.config, tokenizer, [m.config for m, _ in loaded], toks)
+    # ---
     features = prepare_data(task, raw, accelerator)
     collate = None
     if len(rows) > 1:
@@ -410,7 +421,7 @@ def setup_stage(plan: StagePlan, accelerator: Accelerator, raw: Optional[Dataset
     return Stage(
         name=plan.kind, out=plan.folder, train=tcfg, task=task, raw=raw, features=features, model=model, tokenizer=tokenizer,
         objective=objective, teacher=teacher, capture=capture, rows=rows,
-        teacher_source=(sources[0] if len(sources) == 1 else sources) or None, info=ensemble_info(plan, sources),
+        teacher_source=(sources[0] if len(sources) == 1 else sources) or None, info=info,
         train_loader=make_loader(task, features["train"], tcfg.batch_size, shuffle=True, collate=collate, **loader_args),
         eval_loaders={
             s: make_loader(task, features[s], eval_bs, **loader_args) for s in ("validation", "test") if s in features
