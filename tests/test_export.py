@@ -21,8 +21,9 @@ from transformers import (
     pipeline,
 )
 
-from distill.ship.card import CARD_CONFIG_NAME, ExportError, load_evidence, repo_name, student_name
 from distill.config import ConfigError, load_config, to_yaml
+from distill.ship.card import CARD_CONFIG_NAME
+from distill.ship.evidence import ExportError, load_evidence, repo_name, student_name
 from distill.ship.export import RESULTS_NAME, export_student, main as export_main, safetensors_keys
 
 POSITIVE = ["Me encantó, volvería sin dudarlo.", "Excelente servicio y muy buena comida.", "Todo perfecto, lo recomiendo."]
@@ -145,13 +146,17 @@ def test_card_parses_back_with_the_runs_numbers(cls_run, tmp_path, capsys):
     assert f"{teacher['test']['accuracy']:.4f}" in body and f"{baseline['test']['accuracy']:.4f}" in body
     summary = {r["stage"]: r for r in json.loads((cls_run / "summary.json").read_text())}
     assert f"{summary['student']['speedup']:.2f}×" in body and "teacher 9.0 ms, this model 3.0 ms" in body
+    # this summary.json does not say how many forwards it timed: the card claims no count
+    assert "median of repeated forwards after a warm-up" in body
     assert "| same student fine-tuned without a teacher |" in body and "already fine-tuned on the task" in body
     assert 'pipeline("text-classification", model="someorg/tiny-distilled-reviews")' in body
     assert "'label': '" in run_usage_snippet(body, "someorg/tiny-distilled-reviews", out, capsys)
     assert f"distill run {CARD_CONFIG_NAME}" in body
     assert "T = 2" in body and "`hidden` × 1" in body and "`kd` × 0.5" in body
     assert str(cls_run) not in body  # local paths stay out of the published card
+    assert_rendered(body)
     results = json.loads((out / RESULTS_NAME).read_text())
+    assert results["repo_id"] == "someorg/tiny-distilled-reviews"  # the repo the card was written for
     assert results["student"]["test"] == metrics["test"] and results["teacher"]["parameters"] > results["student"]["parameters"]
     assert results["teacher"]["cpu_latency_ms"] == 9.0 and results["student"]["speedup_vs_teacher"] == 3.0
     assert "teachers" not in results and "teacher_combine" not in results  # one teacher: the keys as before
@@ -171,6 +176,24 @@ def test_cli_export_and_its_errors(cls_run, tmp_path, capsys):
     with pytest.raises(ExportError, match="not an earlier export"):
         export_student(cls_run / "student", occupied)
     assert (occupied / "notes.txt").read_text() == "mine"
+
+
+def test_an_existing_file_as_out_is_refused_and_kept(tmp_path, capsys):
+    """`--out` naming a file (or a path under one) stops with exit 2, naming the path and what
+    to pass instead, before anything is written; the file keeps its bytes."""
+    stage = make_stage(tmp_path, "classification")
+    taken = tmp_path / "results.json"
+    taken.write_text('{"mine": true}')
+    assert export_main([str(stage), "--out", str(taken)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {taken} is a file, not a folder; it was left as it is" in err
+    assert "a folder that does not exist yet" in err and str(stage / "export") in err
+    assert "Traceback" not in err
+    assert export_main([str(stage), "--out", str(taken / "export")]) == 2
+    assert f"lies under {taken}, which is a file" in capsys.readouterr().err
+    assert taken.read_text() == '{"mine": true}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "run"]  # no temporary folder left
+    assert not (stage / "export").exists()
 
 
 # --- the other task families, from hand-made stage folders ---------------------------------
@@ -195,9 +218,16 @@ def make_stage(root: Path, family: str, overrides: list[str] = ()) -> Path:
     return stage
 
 
+def assert_rendered(card_text: str) -> None:
+    """The template left no Jinja syntax behind, and no run of blank lines where a block was skipped."""
+    assert "{{" not in card_text and "{%" not in card_text and "{#" not in card_text
+    assert "\n\n\n" not in card_text
+
+
 def test_tagging_export_with_hub_dataset_metadata(tmp_path, capsys):
     stage = make_stage(tmp_path, "tagging", ["data.source=conll2002", "data.name=es", "data.revision=refs/convert/parquet", "data.max_eval_samples=200"])
     out = export_student(stage, repo_id="org/tiny-ner")
+    assert_rendered((out / "README.md").read_text())
     tagger = pipeline("token-classification", model=str(out), device="cpu")
     words = tagger("Ana vive en Madrid.")
     assert words and {w["entity"] for w in words} <= {"O", "B-LOC", "I-LOC", "B-PER", "I-PER"}
@@ -230,6 +260,7 @@ def test_qa_export(tmp_path, capsys):
     out = export_student(stage, repo_id="org/tiny-qa")
     AutoModelForQuestionAnswering.from_pretrained(out)
     card = ModelCard.load(out / "README.md")
+    assert_rendered(card.text)
     answer = run_usage_snippet(card.text, "org/tiny-qa", out, capsys).strip()
     assert answer and answer in "El Museo del Prado se encuentra en Madrid."
     assert card.data.pipeline_tag == "question-answering"
@@ -316,6 +347,7 @@ def test_results_list_every_teacher_and_the_combination_rule(tmp_path):
     assert [t["cpu_latency_ms"] for t in listed] == [9.0, 12.0, None]
     assert results["teacher_combine"] == {"rule": "weighted", "weights": [1.0, 3.0, 1.0], "temperature": 2.0, "intermediate_teacher": 1}
     card = (out / "README.md").read_text()  # the card says the same
+    assert_rendered(card)
     assert "- **Teachers** (3; soft targets combined as a weighted mean of their probabilities at temperature T (weights 1, 3, 1)):" in card
 
 
@@ -341,3 +373,36 @@ def test_card_states_how_the_summary_timed_the_models(tmp_path, monkeypatch):
     text = (export_student(stage, repo_id="org/tiny") / "README.md").read_text()
     assert f"median of {used['runs']} forwards after {used['warmup']} warm-up" in text
     assert "teacher 9.0 ms, this model 3.0 ms" in text
+
+
+def test_summary_and_export_pass_trust_remote_code_from_the_recipe(tmp_path, monkeypatch):
+    """A stage whose saved model ships its own code: the closing summary of `distill run` and the
+    export load it with the recipe's trust_remote_code, so transformers never stops at its
+    interactive y/N prompt (under a launcher with no terminal that prompt fails the run)."""
+    from distill.study.summary import summary_rows
+    from tests.test_security import custom_code_model
+
+    prompts = []
+
+    def no_terminal(prompt=""):  # what input() meets when stdin is closed
+        prompts.append(prompt)
+        raise EOFError
+
+    monkeypatch.setattr("builtins.input", no_terminal)
+    stage = make_stage(tmp_path, "classification", ["student.trust_remote_code=true"])
+    custom_code_model(stage / "model", tmp_path / "ran")
+    config = json.loads((stage / "model" / "config.json").read_text())
+    config.update(id2label={"0": "negativo", "1": "positivo"}, label2id={"negativo": 0, "positivo": 1})
+    (stage / "model" / "config.json").write_text(json.dumps(config))
+    cfg = load_config(stage / "config.yaml")
+    metrics = json.loads((stage / "metrics.json").read_text())
+    (row,) = summary_rows(cfg, {"student": metrics})
+    assert row["latency_ms"] > 0 and (row["warmup"], row["runs"]) == (3, 15)
+    assert (tmp_path / "ran").exists() and prompts == []  # the model's own code ran, unasked
+    out = export_student(stage, repo_id="org/custom")
+    assert (out / "model.safetensors").exists() and prompts == []
+    # trust_remote_code off: refused with the way out named, still without a prompt
+    cfg.student.trust_remote_code = False
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        summary_rows(cfg, {"student": metrics})
+    assert prompts == []

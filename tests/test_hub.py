@@ -188,12 +188,33 @@ def test_missing_token_says_how_to_log_in(stage, monkeypatch, capsys):
 
 
 def test_export_for_another_repo_is_refused(stage, monkeypatch):
-    FakeHub(monkeypatch)
+    fake = FakeHub(monkeypatch)
     hub.push(stage, "myorg/first", dry_run=True)
+    results = stage / "export" / "distill_results.json"
+    assert json.loads(results.read_text())["repo_id"] == "myorg/first"
+    # the results file says which repo the card was written for, whatever the card's text says
+    readme = stage / "export" / "README.md"
+    readme.write_text(readme.read_text().replace("myorg/first", "myorg/second"))
     with pytest.raises(hub.PushError, match="exported for myorg/first"):
         hub.push(stage / "export", "myorg/second")
+    # an export that does not record it (written by an older distill) is not guessed at
+    data = json.loads(results.read_text())
+    del data["repo_id"]
+    results.write_text(json.dumps(data))
+    with pytest.raises(hub.PushError, match="does not record the repo its card was written for"):
+        hub.push(stage / "export", "myorg/first")
     with pytest.raises(hub.PushError, match="not a valid Hub repo id"):
         hub.push(stage, "my org/bad name")
+    assert fake.calls == []
+
+
+def test_push_out_to_an_existing_file_is_refused(stage, monkeypatch, capsys):
+    fake = FakeHub(monkeypatch)
+    taken = stage.parent / "notes.txt"
+    taken.write_text("mine")
+    assert hub.main([str(stage), "--repo-id", "myorg/x", "--out", str(taken)]) == 2
+    assert f"--out {taken} is a file, not a folder" in capsys.readouterr().err
+    assert taken.read_text() == "mine" and fake.calls == []
 
 
 def test_push_from_run_names_the_repo_like_the_study(tmp_path, monkeypatch, capsys, caplog):

@@ -4,12 +4,17 @@ The folder holds exactly the student: weights re-saved through the task's plain 
 class (so no tensor the class does not own can ride along: hidden-state projections, teacher
 weights, optimizer state), as safetensors, checked key by key against the trained weights; its
 tokenizer; `config.json` with `id2label`/`label2id`; the resolved recipe as
-`distill_config.yaml`; the scores as `distill_results.json`; and a `README.md` model card.
+`distill_config.yaml`; the scores and the Hub repo id the card names as `distill_results.json`;
+and a `README.md` model card (`distill.ship.card`).
 
 With `--onnx` (or the recipe's `hub.export.onnx`) it also holds `model.onnx`, and with `--int8`
 (`hub.export.int8`) `model.int8.onnx`, both checked by the parity gate of
 `distill.ship.onnx` on the validation split before anything is written; the gate's numbers go
 to `onnx_parity.json` and the card.
+
+The folder is written beside its destination and swapped in whole, so a failed export leaves
+the earlier one (or nothing) in place. `--out` must be a new folder, an empty one, or an earlier
+export; an existing file or a folder of other files is refused untouched.
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import sys
 from contextlib import ExitStack
@@ -28,15 +32,9 @@ import torch
 from safetensors import safe_open
 from transformers import AutoTokenizer
 
-from distill.ship.card import (
-    CARD_CONFIG_NAME,
-    ExportError,
-    RunEvidence,
-    build_card,
-    hub_id_of,
-    load_evidence,
-    repo_name,
-)
+from distill.files import swap_in
+from distill.ship.card import CARD_CONFIG_NAME, build_card
+from distill.ship.evidence import ExportError, RunEvidence, hub_id_of, load_evidence, repo_name, trusts_remote_code
 from distill.tasks import get_task
 
 if TYPE_CHECKING:
@@ -127,22 +125,24 @@ class ParityError(ExportError):
         self.report = report
 
 
-def results_json(ev: RunEvidence, onnx: Optional["ParityReport"] = None) -> dict[str, Any]:
+def results_json(ev: RunEvidence, repo_id: str, onnx: Optional["ParityReport"] = None) -> dict[str, Any]:
     """The scores behind the card, machine-readable, without local paths.
 
-    `teacher` holds the teacher's scores (with several teachers, the best one's, as the card's
-    comparison uses); with several teachers `teachers` also lists every one in recipe order
-    (stage, Hub id or null for a local model, whether it came fine-tuned, its scores, which is
-    best) and `teacher_combine` the rule that combined their soft targets."""
-    out: dict[str, Any] = {"task": ev.cfg.task.name, "metric": ev.metric, "stage": ev.stage}
+    `repo_id` is the Hub repo the card was written for (its usage snippets load it); `distill
+    push` reads it to refuse pushing the folder elsewhere. `teacher` holds the teacher's scores
+    (with several teachers, the best one's, as the card's comparison uses); with several
+    teachers `teachers` also lists every one in recipe order (stage, Hub id or null for a local
+    model, whether it came fine-tuned, its scores, which is best) and `teacher_combine` the rule
+    that combined their soft targets."""
+    out: dict[str, Any] = {"repo_id": repo_id, "task": ev.cfg.task.name, "metric": ev.metric, "stage": ev.stage}
     # speedups are relative to the (first) teacher's timing: none without a teacher row
-    timed = any(str(r.get("stage", "")).startswith("teacher") for r in ev.summary)
+    timed = ev.teacher_row() is not None
     several = len(ev.teachers) > 1
     best = next((i for i, t in enumerate(ev.teachers) if ev.teacher is not None and t["metrics"] is ev.teacher), None)
     teacher_stage = ev.teachers[best]["stage"] if several and best is not None else "teacher"
 
     def scores(metrics: dict, stage: str) -> dict[str, Any]:
-        row = next((r for r in ev.summary if r.get("stage") == stage), {})
+        row = ev.summary_row(stage) or {}
         return {
             "validation": metrics.get("validation", {}),
             "test": metrics.get("test", {}),
@@ -302,21 +302,16 @@ def export_student(
     hub_export = ev.cfg.hub.export
     int8 = hub_export.int8 if int8 is None else int8
     onnx = bool(int8 or (hub_export.onnx if onnx is None else onnx))
-    task = get_task(ev.cfg)
+    task = get_task(ev.cfg.task, ev.cfg.data)
     model_dir = stage_dir / "model"
     out = Path(out) if out else default_out(stage_dir)
-    if out.resolve() in (stage_dir.resolve(), model_dir.resolve()) or model_dir.resolve() in out.resolve().parents:
-        raise ExportError(f"--out {out} would write into the trained model's folder; choose another folder")
-    if out.exists() and any(out.iterdir()) and not is_export(out):
-        raise ExportError(
-            f"{out} exists and is not an earlier export (no {CARD_CONFIG_NAME}); "
-            "choose an empty or new folder with --out"
-        )
+    check_out(out, stage_dir)
     repo_id = repo_id or repo_name(ev.cfg, ev.cfg.hub.org or PLACEHOLDER_ORG)
 
     model_class = task.model_class()
+    trust = trusts_remote_code(ev.cfg, ev.stage)
     try:
-        model, loading = model_class.from_pretrained(model_dir, output_loading_info=True)
+        model, loading = model_class.from_pretrained(model_dir, output_loading_info=True, trust_remote_code=trust)
     except Exception as err:
         raise ExportError(f"{model_dir} does not load as {model_class.__name__}: {err}") from None
     if loading.get("missing_keys"):
@@ -337,7 +332,7 @@ def export_student(
     tmp.mkdir(parents=True)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust)
         tokenizer.save_pretrained(tmp)
         check_student_only(tmp, model, model_dir)
         report = None
@@ -349,21 +344,45 @@ def export_student(
                 threads=ox.LATENCY_THREADS if threads is None else threads,
             )
         shutil.copyfile(stage_dir / "config.yaml", tmp / CARD_CONFIG_NAME)
-        (tmp / RESULTS_NAME).write_text(json.dumps(results_json(ev, report), indent=2) + "\n", encoding="utf-8")
+        (tmp / RESULTS_NAME).write_text(json.dumps(results_json(ev, repo_id, report), indent=2) + "\n", encoding="utf-8")
         build_card(ev, repo_id, task.pipeline_tag, onnx=report).save(tmp / "README.md")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    # swap in the finished folder: a failed export never leaves a half-written one behind
-    if out.exists():
-        old = out.parent / f".{out.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    swap_in(tmp, out)  # a failed export never leaves a half-written folder behind
     return out
+
+
+def check_out(out: Path, stage_dir: Path) -> None:
+    """Refuse, before anything is written, an `--out` that is not a new folder, an empty one or
+    an earlier export: a file, a folder of other files, or the trained model's own folder."""
+    model_dir = stage_dir / "model"
+    if out.resolve() in (stage_dir.resolve(), model_dir.resolve()) or model_dir.resolve() in out.resolve().parents:
+        raise ExportError(f"--out {out} would write into the trained model's folder; choose another folder")
+    taken = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if taken is not None:
+        where = f"--out {out} is a file" if taken == out else f"--out {out} lies under {taken}, which is a file"
+        raise ExportError(
+            f"{where}, not a folder; it was left as it is. Pass a folder that does not exist yet, an "
+            f"empty one or an earlier export (which is replaced), or leave --out out to write {default_out(stage_dir)}"
+        )
+    if out.exists() and any(out.iterdir()) and not is_export(out):
+        raise ExportError(
+            f"{out} exists and is not an earlier export (no {CARD_CONFIG_NAME}); "
+            "choose an empty or new folder with --out"
+        )
+
+
+def exported_for(folder: Path) -> Optional[str]:
+    """The Hub repo id an export's card was written for, as its results file records it (None
+    for an export written before the file recorded it)."""
+    path = folder / RESULTS_NAME
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("repo_id")
+    except (json.JSONDecodeError, AttributeError):
+        return None
 
 
 def list_files(folder: Path) -> list[tuple[str, int]]:
@@ -460,7 +479,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parity = out / "onnx_parity.json"
     if parity.exists():
         print(parity_summary(json.loads(parity.read_text(encoding="utf-8"))))
-    if not args.repo_id and PLACEHOLDER_ORG + "/" in (out / "README.md").read_text(encoding="utf-8"):
+    if not args.repo_id and (exported_for(out) or "").startswith(PLACEHOLDER_ORG + "/"):
         print(
             f"note: the card names the model {PLACEHOLDER_ORG}/...; pass --repo-id, or set hub.org, "
             "or let `distill push` re-export it with the repo id"

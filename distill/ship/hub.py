@@ -7,7 +7,9 @@ and other client errors are not. The export is finished before any upload starts
 push leaves it complete and untouched, and the error says what to re-run.
 
 ONNX files (`--onnx`, `--int8`, or the recipe's `hub.export.onnx` / `hub.export.int8`) are
-written and parity-gated by the export; a stage whose files fail the gate is not pushed.
+written and parity-gated by the export; a stage whose files fail the gate is not pushed. An
+export folder goes only to the repo its card was written for, as its `distill_results.json`
+records it.
 """
 
 from __future__ import annotations
@@ -23,12 +25,15 @@ from huggingface_hub import HfApi, ModelCard, get_token
 from huggingface_hub.errors import HFValidationError, HfHubHTTPError, OfflineModeIsEnabled
 from huggingface_hub.utils import validate_repo_id
 
-from distill.ship.card import CARD_CONFIG_NAME, ExportError, card_repo_id, repo_name
 from distill.config import Config, ConfigError, load_config
+from distill.ship.card import CARD_CONFIG_NAME
+from distill.ship.evidence import ExportError, repo_name
 from distill.ship.export import (
     PLACEHOLDER_ORG,
+    RESULTS_NAME,
     add_onnx_arguments,
     export_student,
+    exported_for,
     format_files,
     is_export,
     list_files,
@@ -195,8 +200,14 @@ def prepare_folder(
                 f"{path} is an export without {', '.join(lacking)}: push the stage folder with the "
                 "same flags (it re-exports), or run `distill export STAGE_DIR --onnx --int8` first"
             )
-        written_for = card_repo_id((path / "README.md").read_text(encoding="utf-8"))
-        if written_for and written_for != repo_id:
+        written_for = exported_for(path)
+        if written_for is None:
+            raise PushError(
+                f"{path} does not record the repo its card was written for (no repo_id in "
+                f"{RESULTS_NAME}; an export from an older distill): push the stage folder instead (it "
+                f"re-exports), or run `distill export STAGE_DIR --out {path} --repo-id {repo_id}`"
+            )
+        if written_for != repo_id:
             raise PushError(
                 f"{path} was exported for {written_for}, not {repo_id}: its card would point readers "
                 f"at the wrong repo. Push the stage folder instead (it re-exports), or run "

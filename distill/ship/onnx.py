@@ -356,8 +356,8 @@ def validation_split(cfg: Any, tokenizer: Any) -> tuple[Any, Any, Any]:
     from distill.data.features import load_data, prepare_data
     from distill.tasks import get_task
 
-    task = get_task(cfg)
-    raw = load_data(cfg, task)  # reads the splits and lets the task read its label names
+    task = get_task(cfg.task, cfg.data)
+    raw = load_data(cfg.data, cfg.seed, task)  # reads the splits and lets the task read its label names
     if "validation" not in raw:
         raise ValueError(f"the data has no validation split (splits: {sorted(raw)})")
     task.bind(tokenizer)
@@ -373,19 +373,6 @@ def check_labels(model: nn.Module, task: Any) -> None:
             f"the model's labels {labels} are not the data's {list(task.labels)} (same order): the "
             "recipe's data is not what this model was trained on"
         )
-
-
-def _concat(chunks: list[np.ndarray]) -> np.ndarray:
-    """Per-batch arrays whose axis 1 (sequence or words) differs, padded with -100 and joined."""
-    if chunks[0].ndim == 1:
-        return np.concatenate(chunks)
-    width = max(c.shape[1] for c in chunks)
-    padded = []
-    for c in chunks:
-        pad = [(0, 0)] * c.ndim
-        pad[1] = (0, width - c.shape[1])
-        padded.append(np.pad(c, pad, constant_values=-100))
-    return np.concatenate(padded)
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, per_token: bool) -> float:
@@ -423,6 +410,7 @@ def check_parity(
     `split`: what `validation_split(cfg, tokenizer)` returned, when the caller already has it.
     """
     from distill.data.features import make_loader
+    from distill.tasks.base import concat_padded
 
     task, features, raw = split or validation_split(cfg, tokenizer)
     check_labels(model, task)
@@ -447,7 +435,7 @@ def check_parity(
     metric = task.metric
     results = {}
     for name, chunks in collected.items():
-        arrays = {k: _concat(v) for k, v in chunks.items()}
+        arrays = {k: concat_padded(v) for k, v in chunks.items()}
         order = np.argsort(arrays["feature_id"], kind="stable")  # feature order, as training scores
         metrics = task.compute_metrics({k: v[order] for k, v in arrays.items()}, features, raw)
         if metric not in metrics:

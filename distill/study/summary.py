@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 from distill.config import Config
+from distill.ship.evidence import trusts_remote_code
 from distill.tasks import get_task
-from distill.loop.folders import stage_dir
+from distill.loop.plan import stage_dir
 
 LABELS = {"teacher": "teacher (fine-tuned)", "student": "student (distilled)", "baseline": "student (fine-tuned alone)"}
 
@@ -17,10 +18,14 @@ def summary_rows(cfg: Config, results: dict[str, dict]) -> list[dict]:
     stages' saved models (batch 1, the recipe's max length), so machine load hits all alike."""
     from distill.latency import measure_interleaved
 
-    task = get_task(cfg)
+    task = get_task(cfg.task, cfg.data)
     metric = task.metric
     stages = list(results)
-    loaded = [task.model_class().from_pretrained(stage_dir(cfg, s) / "model").eval() for s in stages]
+    # the recipe's trust_remote_code, never None: None makes transformers ask on the terminal
+    loaded = [
+        task.model_class().from_pretrained(stage_dir(cfg, s) / "model", trust_remote_code=trusts_remote_code(cfg, s)).eval()
+        for s in stages
+    ]
     timings = measure_interleaved([(m, 1, cfg.data.max_length) for m in loaded], warmup=3, runs=15)
     rows = []
     for stage, timing in zip(stages, timings):
@@ -36,6 +41,8 @@ def summary_rows(cfg: Config, results: dict[str, dict]) -> list[dict]:
                 "latency_ms": timing.median_ms,
                 "latency_iqr_ms": timing.iqr_ms,
                 "threads": timing.threads,
+                "warmup": timing.warmup,  # how it was timed, for the model card's speed sentence
+                "runs": timing.runs,
             }
         )
     # speed is relative to the (first) teacher: `teacher`, or `teacher-<i>` with several
@@ -52,7 +59,7 @@ def print_summary(cfg: Config, results: dict[str, dict]) -> list[dict]:
     if not PartialState().is_main_process:
         return []
     rows = summary_rows(cfg, results)
-    metric = get_task(cfg).metric
+    metric = get_task(cfg.task, cfg.data).metric
     header = f"| model | {metric} ({rows[0]['split']}) | parameters | latency (ms, bs 1, seq {cfg.data.max_length}, CPU) | speed vs teacher |"
     lines = [header, "|---|---|---|---|---|"]
     for r in rows:
