@@ -224,6 +224,19 @@ def assert_rendered(card_text: str) -> None:
     assert "\n\n\n" not in card_text
 
 
+def test_the_card_template_ships_with_the_package():
+    """An installed (not editable) package holds only the data files pyproject lists."""
+    import fnmatch
+    import tomllib
+
+    from distill.ship.card import TEMPLATE
+
+    root = Path(__file__).parent.parent
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["distill"]
+    shipped = TEMPLATE.relative_to(root / "distill").as_posix()
+    assert TEMPLATE.exists() and any(fnmatch.fnmatch(shipped, p) for p in patterns), (shipped, patterns)
+
+
 def test_tagging_export_with_hub_dataset_metadata(tmp_path, capsys):
     stage = make_stage(tmp_path, "tagging", ["data.source=conll2002", "data.name=es", "data.revision=refs/convert/parquet", "data.max_eval_samples=200"])
     out = export_student(stage, repo_id="org/tiny-ner")

@@ -14,7 +14,9 @@ to `onnx_parity.json` and the card.
 
 The folder is written beside its destination and swapped in whole, so a failed export leaves
 the earlier one (or nothing) in place. `--out` must be a new folder, an empty one, or an earlier
-export; an existing file or a folder of other files is refused untouched.
+export; an existing file or a folder of other files is refused untouched. Only a finished
+stage exports (its metrics.json is written last); the export writes locally, `distill push`
+uploads it.
 """
 
 from __future__ import annotations

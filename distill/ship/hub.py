@@ -9,7 +9,7 @@ push leaves it complete and untouched, and the error says what to re-run.
 ONNX files (`--onnx`, `--int8`, or the recipe's `hub.export.onnx` / `hub.export.int8`) are
 written and parity-gated by the export; a stage whose files fail the gate is not pushed. An
 export folder goes only to the repo its card was written for, as its `distill_results.json`
-records it.
+records it. Model repos only: datasets and Spaces are not pushed to.
 """
 
 from __future__ import annotations

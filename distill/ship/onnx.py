@@ -11,6 +11,10 @@ The gate: fp32 ONNX must reproduce PyTorch's outputs to `FP32_ATOL` (largest abs
 difference over the positions a task reads), because it is meant to be the same function; int8
 is expected to round, so it is judged by the task metric, which may drop at most `INT8_MARGIN`
 points (0.5 = half a point of accuracy or F1) below PyTorch's on that split.
+
+Not supported: models over 2 GB (each graph is written as one file, without external data),
+static int8 quantisation with calibration data, and GPU execution providers (files are checked
+and timed on CPU).
 """
 
 from __future__ import annotations
