@@ -1,13 +1,18 @@
-"""A fake stage runner for the search tests, and the worker process of the two-worker test.
+"""A fake stage runner for the search tests, and the worker processes of the multi-process tests.
 
-Kept apart from tests/test_search.py so a worker process imports the search alone, not the
-models and data the other tests build.
+`FakeStage` stands in for `distill.loop.train.run_stage` (tests put it there with monkeypatch,
+where the search looks it up) and resolves every stage name through the loop's own planner
+(`distill.loop.plan.plan_stage`): a stage name the product refuses, the fake refuses too, and a
+teacher stage trains the config the product would (its folder, its own seed). Kept apart from
+tests/test_search.py so a worker process imports the search alone, not the models and data the
+other tests build.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -15,7 +20,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 from distill.errors import NonFiniteLoss, Preempted
-from distill.study import search as S
 
 
 def fake_score(cfg) -> float:
@@ -32,19 +36,18 @@ class FakeStage:
         self.epochs, self.sleep, self.preempt, self.nan = epochs, sleep, preempt, nan
         self.calls: list[tuple[str, str]] = []  # (stage, folder name)
         self.evaluations: dict[str, int] = {}
-        self.configs: dict[str, Any] = {}
+        self.configs: dict[str, Any] = {}  # folder name -> the config the stage trains
 
     def __call__(self, cfg, stage: str, on_evaluate=None) -> dict:
-        teacher = stage.startswith("teacher")
-        if teacher:  # `teacher`, or `teacher-<i>` for an entry of `teachers:`
-            out = Path((cfg.teacher if stage == "teacher" else cfg.teachers[int(stage.split("-")[1])]).dir)
-        else:
-            out = Path(cfg.output_dir) / stage
-        name = out.name if teacher else Path(cfg.output_dir).name
+        from distill.loop.plan import plan_stage
+
+        plan = plan_stage(cfg, stage)  # StageError for a name the recipe has not, as run_stage
+        out, teacher = plan.folder, plan.kind == "teacher"
+        name = out.name if teacher else Path(plan.recipe.output_dir).name
         if (out / "metrics.json").exists():
             return json.loads((out / "metrics.json").read_text())
         self.calls.append((stage, name))
-        self.configs[name] = cfg
+        self.configs[name] = plan.recipe
         if teacher:
             results = {"validation": {"accuracy": 0.95}, "test": {"accuracy": 0.94}, "info": {"parameters": 10}}
         else:
@@ -70,25 +73,77 @@ class FakeStage:
         return results
 
 
+def light_search(runner: FakeStage) -> None:
+    """In a worker process: the fake stage, no preflight (no data or models here) and no figures
+    (the tests are about sharing the study, and matplotlib is slow to start)."""
+    import distill.loop.train
+    from distill.study.search import outputs, trials
+
+    distill.loop.train.run_stage = runner
+    trials.Search.preflight = lambda self: None  # type: ignore[method-assign]
+    outputs.plot = lambda search, study: {}
+    outputs.importances = lambda search, study: {}
+
+
 def run_worker(recipe: str, root: str, worker: int) -> None:
-    """One worker of the two-worker test: the fake stage, no preflight (no data or models here)
-    and no figures (the test is about sharing the study, and matplotlib is slow to start)."""
-    S.Search.preflight = lambda self: None  # type: ignore[method-assign]
-    S.Search.plot = lambda self, study: {}  # type: ignore[method-assign]
-    S.Search.importances = lambda self, study: {}  # type: ignore[method-assign]
-    sys.exit(S.main([recipe, "--root", root, "--worker", str(worker)], runner=FakeStage(sleep=0.05)))
+    """One worker of the two-worker test."""
+    from distill.study.search.command import main
+
+    light_search(FakeStage(sleep=0.05))
+    sys.exit(main([recipe, "--root", root, "--worker", str(worker)]))
 
 
-def run_team(recipe: str, root: str) -> None:
-    """One process of a worker started by torchrun (2 processes): prints what it trained, as
-    a JSON line tagged with its rank."""
-    import os
+def run_team(recipe: str, root: str, trouble: str = "") -> None:
+    """One process of a worker started by torchrun (2 processes): prints what it trained and how
+    the search ended, as a JSON line tagged with its rank.
 
-    S.Search.preflight = lambda self: None  # type: ignore[method-assign]
-    S.Search.plot = lambda self, study: {}  # type: ignore[method-assign]
-    S.Search.importances = lambda self, study: {}  # type: ignore[method-assign]
+    trouble="fail": the main process's sampler raises when it suggests trial 1's values;
+    trouble="hang": it stalls there for 20 s, while the others wait at most 8 s."""
+    import contextlib
+    import io
+
+    from distill.config.search_space import Param
+    from distill.study.search import team
+    from distill.study.search.command import main
+
     runner = FakeStage(epochs=4)
-    code = S.main([recipe, "--root", root], runner=runner)
+    light_search(runner)
+    rank = int(os.environ["RANK"])
+    if trouble == "hang":
+        team.WAIT_S = 8
+    if trouble and rank == 0:
+        suggest = Param.suggest
+
+        def troubled(self, trial):
+            if trial.number == 1:
+                if trouble == "fail":
+                    raise RuntimeError("the sampler broke")
+                time.sleep(20)
+            return suggest(self, trial)
+
+        Param.suggest = troubled  # type: ignore[method-assign]
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            code: Any = main([recipe, "--root", root])
+    except BaseException as err:  # noqa: BLE001 - reported, so that both processes print
+        code = f"{type(err).__name__}: {err}"
     students = [name for stage, name in runner.calls if stage == "student"]
-    print("RESULT " + json.dumps({"rank": int(os.environ["RANK"]), "code": code, "students": students,
+    print("RESULT " + json.dumps({"rank": rank, "code": code, "students": students, "stderr": errors.getvalue(),
                                   "evaluations": runner.evaluations}), flush=True)
+
+
+def take_waiting_trials(url: str, start: Any, taken: Any) -> None:
+    """One of two workers that ask a SQLite study for trials at the same instant (`start`, a
+    barrier): puts the numbers it got in `taken`."""
+    import warnings
+
+    import optuna
+
+    from distill.study.search.study import make_storage
+
+    warnings.simplefilter("ignore")
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.load_study(study_name="race", storage=make_storage(url, heartbeat=60))
+    start.wait()
+    taken.put([study.ask().number for _ in range(3)])

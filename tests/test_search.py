@@ -1,8 +1,10 @@
-"""`distill search`: the space, the section's checks, trials as stages (resume, pruning, Pareto),
-two workers on one SQLite file, launch scripts, and one tiny search through the CLI.
+"""`distill search`: the space, the section's checks, trials as stages (resume, retries, pruning,
+Pareto), workers sharing one SQLite file or journal file, the processes of one worker, launch
+scripts, and tiny searches through the CLI with the real stages.
 
-Most tests inject a fake stage runner (it writes metrics.json like a real stage, from a score
-that depends on the trial's values) so the search's own logic runs in a fraction of a second.
+Most tests put a fake stage runner where the search looks up `run_stage` (it resolves stage names
+with the loop's own planner and writes metrics.json like a real stage, from a score that depends
+on the trial's values), so the search's own logic runs in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -12,18 +14,35 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
-from distill.config import ConfigError, load_config
+from distill.config import Config, ConfigError, SearchConfig, leaf_types, load_config
+from distill.config.search_space import (
+    Param, SearchError, direction, parse_duration, parse_space, pruner_name, resolve_objectives,
+)
 from distill.errors import Preempted
-from distill.study import search as S
+from distill.study.search.command import main as search_main
+from distill.study.search.team import Team
+from distill.study.search.trials import Pruning, Search, trial_latency, trial_macs
 from tests.search_fakes import FakeStage, fake_score
 
 REPO = Path(__file__).resolve().parents[1]
+LEAVES = leaf_types(Config)
+
+
+def space_of(space: dict) -> list[Param]:
+    return parse_space(space, LEAVES)
+
+
+def use(monkeypatch, runner: FakeStage) -> FakeStage:
+    """Stages run as `runner` (where the search looks up the loop's run_stage)."""
+    monkeypatch.setattr("distill.loop.train.run_stage", runner)
+    return runner
 
 
 def fake_recipe(folder: Path, search: str, name: str = "polarity") -> Path:
@@ -45,7 +64,7 @@ def fake_recipe(folder: Path, search: str, name: str = "polarity") -> Path:
 @pytest.fixture
 def no_preflight(monkeypatch):
     """The fake runs have no data or models to check; preflight is covered end to end below."""
-    monkeypatch.setattr(S.Search, "preflight", lambda self: None)
+    monkeypatch.setattr(Search, "preflight", lambda self: None)
 
 
 def study_of(root: Path, name: str = "polarity") -> optuna.Study:
@@ -63,7 +82,7 @@ SPACE = textwrap.dedent("""\
 
 # --- the space -----------------------------------------------------------------------------------
 def test_space_kinds_and_suggestions():
-    params = S.parse_space({
+    params = space_of({
         "train.lr": {"low": "1e-5", "high": 1e-4, "log": True},  # YAML reads 1e-5 as a string
         "train.batch_size": {"low": 8, "high": 32, "step": 8},
         "distill.ce_weight": {"low": 0.0, "high": 1.0, "step": 0.25},
@@ -71,8 +90,8 @@ def test_space_kinds_and_suggestions():
         "student": {"from_teacher_layers": [[0, 5], [0, 3, 5]]},  # nested, as the command line gives it
     })
     by_key = {p.key: p for p in params}
-    assert by_key["train.lr"] == S.Param("train.lr", "float", 1e-5, 1e-4, log=True)
-    assert by_key["train.batch_size"] == S.Param("train.batch_size", "int", 8, 32, step=8)
+    assert by_key["train.lr"] == Param("train.lr", "float", 1e-5, 1e-4, log=True)
+    assert by_key["train.batch_size"] == Param("train.batch_size", "int", 8, 32, step=8)
     assert by_key["distill.ce_weight"].step == 0.25
     assert by_key["distill.temperature"].choices == (1.0, 2.0, 5.0)  # a float key's choices are floats
     layers = by_key["student.from_teacher_layers"]
@@ -106,17 +125,17 @@ def test_space_kinds_and_suggestions():
     ({"teacher.dir": ["a", "b"]}, "cannot be searched"),
 ])
 def test_space_errors(space: dict, message: str):
-    with pytest.raises(S.SearchError, match=message.replace("(", r"\(").replace("[", r"\[").replace("?", r"\?")):
-        S.parse_space(space)
+    with pytest.raises(SearchError, match=message.replace("(", r"\(").replace("[", r"\[").replace("?", r"\?")):
+        space_of(space)
 
 
 def test_time_budget_and_directions():
-    assert S.parse_duration("2h") == 7200 and S.parse_duration("30m") == 1800
-    assert S.parse_duration("1h30m") == 5400 and S.parse_duration("5400") == 5400 and S.parse_duration(90) == 90
+    assert parse_duration("2h") == 7200 and parse_duration("30m") == 1800
+    assert parse_duration("1h30m") == 5400 and parse_duration("5400") == 5400 and parse_duration(90) == 90
     for bad in ("2 hours", "h", "0", "-5m"):
-        with pytest.raises(S.SearchError, match="time_budget"):
-            S.parse_duration(bad)
-    assert [S.direction(o) for o in ("accuracy", "f1", "loss", "latency", "macs")] == \
+        with pytest.raises(SearchError, match="time_budget"):
+            parse_duration(bad)
+    assert [direction(o) for o in ("accuracy", "f1", "loss", "latency", "macs")] == \
         ["maximize", "maximize", "minimize", "minimize", "minimize"]
 
 
@@ -144,45 +163,116 @@ def test_section_errors_stop_the_recipe(tmp_path: Path, family: str, search: str
 def test_section_defaults_and_command_line_form():
     cfg = load_config(None, ["task.family=tagging", "student.model=x", "search.trials=5",
                              "search.space.distill.temperature=[1,2]"])
-    assert S.resolve_objectives(cfg) == ["f1"]  # the family's headline metric
-    assert S.pruner_name(cfg, ["f1"]) == "hyperband"
-    assert S.pruner_name(cfg, ["f1", "latency"]) == "none"  # the default never blocks a Pareto search
-    assert [p.key for p in S.parse_space(cfg.search.space)] == ["distill.temperature"]
+    assert resolve_objectives(cfg) == ["f1"]  # the family's headline metric
+    assert pruner_name(cfg, ["f1"]) == "hyperband"
+    assert pruner_name(cfg, ["f1", "latency"]) == "none"  # the default never blocks a Pareto search
+    assert [p.key for p in space_of(cfg.search.space)] == ["distill.temperature"]
+
+
+def test_a_command_line_space_entry_replaces_the_recipes(tmp_path: Path, no_preflight, monkeypatch, capsys):
+    """`search.space.<key>=...` on the command line (as docs/search.md shows it) replaces the
+    recipe's entry for that key, whether the recipe writes it dotted or nested."""
+    recipe = fake_recipe(tmp_path, SPACE + "trials: 3\npruner: none\n")
+    over = ["search.space.distill.temperature=[2,4]", "search.space.train.lr={low: 1e-3, high: 1e-2}"]
+    params = {p.key: p for p in Search(recipe, over, tmp_path / "s").params}
+    assert sorted(params) == ["distill.kd_loss", "distill.temperature", "train.lr"]
+    assert params["distill.temperature"].choices == (2.0, 4.0)
+    assert (params["train.lr"].low, params["train.lr"].high, params["train.lr"].log) == (1e-3, 1e-2, False)
+    root = tmp_path / "search"
+    assert search_main([str(recipe), *over, "--root", str(root), "--dry-run"]) == 0
+    assert "distill.temperature: one of 2.0, 4.0" in capsys.readouterr().out
+    runner = use(monkeypatch, FakeStage())
+    assert search_main([str(recipe), *over, "--root", str(root)]) == 0
+    assert {runner.configs[f"trial-{n}"].distill.temperature for n in range(3)} <= {2.0, 4.0}
+    # the recipe's nested form is replaced alike; one recipe giving a key both ways is refused
+    nested = fake_recipe(tmp_path, "trials: 3\nspace: {distill: {temperature: [1, 2]}}\n", name="nested")
+    assert space_of(load_config(nested, over[:1]).search.space)[0].choices == (2.0, 4.0)
+    both = fake_recipe(tmp_path, "trials: 3\nspace: {distill.temperature: [1], distill: {temperature: [2]}}\n",
+                       name="both")
+    with pytest.raises(ConfigError, match="search.space: 'distill.temperature' is given twice"):
+        load_config(both)
+
+
+def test_keys_inside_config_overrides_can_be_searched(tmp_path: Path, no_preflight, monkeypatch):
+    """`student.config_overrides` is a mapping: a key inside it is searched like any recipe key,
+    in the recipe or on the command line, as a list of choices or a range."""
+    recipe = fake_recipe(tmp_path, textwrap.dedent("""\
+        trials: 4
+        sampler: bruteforce
+        pruner: none
+        space:
+          student:
+            config_overrides: {hidden_dropout_prob: [0.0, 0.2]}
+        """))
+    over = ["search.space.student.config_overrides.attention_probs_dropout_prob=[0.0,0.1]"]
+    keys = ["student.config_overrides.hidden_dropout_prob", "student.config_overrides.attention_probs_dropout_prob"]
+    assert [p.key for p in Search(recipe, over, tmp_path / "s").params] == keys
+    ranged = load_config(recipe, ["search.space.student.config_overrides.hidden_dropout_prob={low: 0.0, high: 0.3}"])
+    assert space_of(ranged.search.space)[0] == Param(keys[0], "float", 0.0, 0.3)
+    root = tmp_path / "search"
+    runner = use(monkeypatch, FakeStage())
+    assert search_main([str(recipe), *over, "--root", str(root)]) == 0
+    trials = study_of(root).trials
+    assert {tuple(t.params[k] for k in keys) for t in trials} == {(0.0, 0.0), (0.0, 0.1), (0.2, 0.0), (0.2, 0.1)}
+    for t in trials:
+        overrides = runner.configs[f"trial-{t.number}"].student.config_overrides
+        assert overrides == {"hidden_dropout_prob": t.params[keys[0]], "attention_probs_dropout_prob": t.params[keys[1]]}
+    best = load_config(root / "best.yaml")
+    assert best.student.config_overrides["hidden_dropout_prob"] in (0.0, 0.2)
+
+
+def test_the_storage_may_be_a_journal_file(tmp_path: Path, no_preflight, monkeypatch):
+    from distill.config.search_space import journal_path
+
+    assert journal_path("journal:///runs/study.log") == "runs/study.log"
+    assert journal_path("journal:////shared/study.log") == "/shared/study.log"
+    assert journal_path("/shared/study.journal") == "/shared/study.journal" and journal_path("runs/s.db") is None
+    journal = tmp_path / "shared" / "study.log"
+    recipe = fake_recipe(tmp_path, SPACE + f"trials: 3\npruner: none\nstorage: {journal}\n")
+    root = tmp_path / "search"
+    use(monkeypatch, FakeStage())
+    assert search_main([str(recipe), "--root", str(root)]) == 0
+    assert journal.is_file() and not (root / "study.db").exists()
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    trials = optuna.load_study(study_name="polarity", storage=storage).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert f"storage journal:///{journal}" not in (root / "trials.md").read_text()  # the path as given
+    assert f"storage {journal}" in (root / "trials.md").read_text()
 
 
 def test_every_end_of_the_space_must_make_a_valid_recipe(tmp_path: Path):
     recipe = fake_recipe(tmp_path, "trials: 2\nspace: {distill.kd_loss: [kl, kld]}\n")
-    with pytest.raises(S.SearchError, match="search.space.distill.kd_loss: the value 'kld' is not valid here: "
+    with pytest.raises(SearchError, match="search.space.distill.kd_loss: the value 'kld' is not valid here: "
                                             "distill.kd_loss='kld' is not one of: kl, ce, mse"):
-        S.Search(recipe, [], tmp_path / "s").preflight()
+        Search(recipe, [], tmp_path / "s").preflight()
     recipe = fake_recipe(tmp_path, "trials: 2\nspace: {train.warmup_ratio: {low: 0.0, high: 1.0}}\n")
-    with pytest.raises(S.SearchError, match="train.warmup_ratio: the value 1.0 is not valid here: "
+    with pytest.raises(SearchError, match="train.warmup_ratio: the value 1.0 is not valid here: "
                                             "train.warmup_ratio=1.0 is out of range"):
-        S.Search(recipe, [], tmp_path / "s").preflight()
+        Search(recipe, [], tmp_path / "s").preflight()
     recipe = fake_recipe(tmp_path, "trials: 2\nspace: {train.lr: [1e-4, 1e-3]}\n")
-    with pytest.raises(S.SearchError, match="scores trials on the validation split, and this recipe has none"):
-        S.Search(recipe, ["data.splits.validation=null"], tmp_path / "s").preflight()
-    with pytest.raises(S.SearchError, match="sampler_options .* do not fit TPESampler"):
-        S.Search(recipe, ["search.sampler_options={n_startup: 3}"], tmp_path / "s")
-    with pytest.raises(S.SearchError, match="pruner_options are set but search.pruner=none"):
-        S.Search(recipe, ["search.pruner=none", "search.pruner_options={n_startup_trials: 3}"], tmp_path / "s")
-    with pytest.raises(S.SearchError, match="the search has no end"):
-        S.Search(recipe, ["search.trials=null"], tmp_path / "s").run()
+    with pytest.raises(SearchError, match="scores trials on the validation split, and this recipe has none"):
+        Search(recipe, ["data.splits.validation=null"], tmp_path / "s").preflight()
+    with pytest.raises(SearchError, match="sampler_options .* do not fit TPESampler"):
+        Search(recipe, ["search.sampler_options={n_startup: 3}"], tmp_path / "s")
+    with pytest.raises(SearchError, match="pruner_options are set but search.pruner=none"):
+        Search(recipe, ["search.pruner=none", "search.pruner_options={n_startup_trials: 3}"], tmp_path / "s")
+    with pytest.raises(SearchError, match="the search has no end"):
+        Search(recipe, ["search.trials=null"], tmp_path / "s").run()
 
 
 # --- trials as stages ----------------------------------------------------------------------------
-def test_search_shares_the_teacher_and_writes_the_best_recipe(tmp_path: Path, no_preflight):
+def test_search_shares_the_teacher_and_writes_the_best_recipe(tmp_path: Path, no_preflight, monkeypatch):
     recipe = fake_recipe(tmp_path, SPACE + "trials: 5\npruner: none\n")
     root = tmp_path / "search"
-    runner = FakeStage()
-    assert S.main([str(recipe), "--root", str(root)], runner=runner) == 0
+    runner = use(monkeypatch, FakeStage())
+    assert search_main([str(recipe), "--root", str(root)]) == 0
     assert runner.calls[0] == ("teacher", "teacher") and [c for c in runner.calls if c[0] == "teacher"] == [runner.calls[0]]
     folders = [name for stage, name in runner.calls if stage == "student"]
     assert folders == [f"trial-{n}" for n in range(5)]
     for name in folders:
         cfg = runner.configs[name]
         assert cfg.teacher.dir == str(root / "teacher") and cfg.distill.cache_dir == str(root / "teacher_cache")
-        assert cfg.output_dir == str(root / name) and cfg.search == S.SearchConfig()
+        assert cfg.output_dir == str(root / name) and cfg.search == SearchConfig()
 
     study = study_of(root)
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
@@ -195,7 +285,7 @@ def test_search_shares_the_teacher_and_writes_the_best_recipe(tmp_path: Path, no
     cfg = load_config(root / "best.yaml")
     assert cfg.train.lr == pytest.approx(best.params["train.lr"])
     assert (cfg.distill.temperature, cfg.distill.kd_loss) == (best.params["distill.temperature"], best.params["distill.kd_loss"])
-    assert cfg.teacher.dir == str(root / "teacher") and cfg.search == S.SearchConfig()
+    assert cfg.teacher.dir == str(root / "teacher") and cfg.search == SearchConfig()
     assert cfg.output_dir == "runs/x"  # the user's own output folder
 
     table = (root / "trials.md").read_text()
@@ -218,33 +308,36 @@ def test_search_shares_the_teacher_and_writes_the_best_recipe(tmp_path: Path, no
     assert f"Best: trial {best.number}" in out.getvalue() and "| trial | state | train.lr |" in out.getvalue()
 
 
-def test_resume_continues_the_count_and_never_reruns_a_trial(tmp_path: Path, no_preflight):
+def test_resume_continues_the_count_and_never_reruns_a_trial(tmp_path: Path, no_preflight, monkeypatch):
     recipe = fake_recipe(tmp_path, SPACE + "pruner: none\n")
     root = tmp_path / "search"
     first = FakeStage()
-    assert S.main([str(recipe), "search.trials=3", "--root", str(root)], runner=first) == 0
+    use(monkeypatch, first)
+    assert search_main([str(recipe), "search.trials=3", "--root", str(root)]) == 0
     assert [n for s, n in first.calls if s == "student"] == ["trial-0", "trial-1", "trial-2"]
     again = FakeStage()
-    assert S.main([str(recipe), "search.trials=3", "--root", str(root)], runner=again) == 0
+    use(monkeypatch, again)
+    assert search_main([str(recipe), "search.trials=3", "--root", str(root)]) == 0
     assert again.calls == []  # the budget is spent; the teacher folder is complete
     more = FakeStage()
-    assert S.main([str(recipe), "search.trials=5", "--root", str(root)], runner=more) == 0
+    use(monkeypatch, more)
+    assert search_main([str(recipe), "search.trials=5", "--root", str(root)]) == 0
     assert more.calls == [("student", "trial-3"), ("student", "trial-4")]
     trials = study_of(root).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 5
     # the resumed run drew new points, not the first run's sequence again
     assert trials[3].params != trials[0].params and trials[4].params != trials[1].params
     # another recipe on the same storage is refused, naming what differs
-    with pytest.raises(S.SearchError, match=r"started with another recipe \(differs in train.epochs\)"):
-        S.Search(recipe, ["train.epochs=4", "search.trials=6"], root).run()
+    with pytest.raises(SearchError, match=r"started with another recipe \(differs in train.epochs\)"):
+        Search(recipe, ["train.epochs=4", "search.trials=6"], root).run()
 
 
-def test_the_first_trial_runs_the_recipe_as_written(tmp_path: Path, no_preflight):
+def test_the_first_trial_runs_the_recipe_as_written(tmp_path: Path, no_preflight, monkeypatch):
     # train.lr=5e-5 lies outside the space: the sampler picks it; the other two keys keep the recipe's values
     recipe = fake_recipe(tmp_path, SPACE + "trials: 4\npruner: none\n")
     root = tmp_path / "search"
-    runner = FakeStage()
-    assert S.main([str(recipe), "distill.temperature=5", "distill.kd_loss=ce", "--root", str(root)], runner=runner) == 0
+    runner = use(monkeypatch, FakeStage())
+    assert search_main([str(recipe), "distill.temperature=5", "distill.kd_loss=ce", "--root", str(root)]) == 0
     trials = study_of(root).trials
     first = trials[0]
     assert first.user_attrs["recipe_setting"] is True and not any(t.user_attrs.get("recipe_setting") for t in trials[1:])
@@ -263,15 +356,16 @@ def test_the_first_trial_runs_the_recipe_as_written(tmp_path: Path, no_preflight
                 else "The recipe's own setting (trial 0): accuracy")
     assert expected in table
     # a resumed study never queues it again
-    assert S.main([str(recipe), "distill.temperature=5", "distill.kd_loss=ce", "search.trials=6", "--root", str(root)],
-                  runner=FakeStage()) == 0
+    use(monkeypatch, FakeStage())
+    assert search_main([str(recipe), "distill.temperature=5", "distill.kd_loss=ce", "search.trials=6", "--root", str(root)]) == 0
     assert sum(bool(t.user_attrs.get("recipe_setting")) for t in study_of(root).trials) == 1
 
 
-def test_start_from_recipe_can_be_turned_off(tmp_path: Path, no_preflight):
+def test_start_from_recipe_can_be_turned_off(tmp_path: Path, no_preflight, monkeypatch):
     recipe = fake_recipe(tmp_path, SPACE + "trials: 2\npruner: none\nstart_from_recipe: false\n")
     root = tmp_path / "search"
-    assert S.main([str(recipe), "--root", str(root)], runner=FakeStage()) == 0
+    use(monkeypatch, FakeStage())
+    assert search_main([str(recipe), "--root", str(root)]) == 0
     assert not any(t.user_attrs.get("recipe_setting") for t in study_of(root).trials)
     assert "recipe's own setting" not in (root / "trials.md").read_text()
 
@@ -291,7 +385,7 @@ def test_recipe_values_map_onto_the_space():
     assert Param("a", "float", 0.0, 1.0).stored_of("x") is None
 
 
-def test_several_teachers_are_fine_tuned_once_and_shared(tmp_path: Path, no_preflight):
+def test_several_teachers_are_fine_tuned_once_and_shared(tmp_path: Path, no_preflight, monkeypatch):
     recipe = tmp_path / "ensemble.yaml"
     mine = tmp_path / "my-teacher"
     recipe.write_text(textwrap.dedent("""\
@@ -308,35 +402,47 @@ def test_several_teachers_are_fine_tuned_once_and_shared(tmp_path: Path, no_pref
         search:
         """ % mine) + textwrap.indent(SPACE + "trials: 3\npruner: none\n", "  "))
     root = tmp_path / "search"
-    runner = FakeStage()
-    assert S.main([str(recipe), "--root", str(root)], runner=runner) == 0
+    runner = use(monkeypatch, FakeStage())
+    assert search_main([str(recipe), "--root", str(root)]) == 0
     # teachers[0] and [2] fine-tuned once, before any trial; teachers[1] is taken as it is
     assert runner.calls[:2] == [("teacher-0", "teacher-0"), ("teacher-2", "my-teacher")]
     assert [c for c in runner.calls if c[0].startswith("teacher")] == runner.calls[:2]
+    assert (runner.configs["teacher-0"].seed, runner.configs["my-teacher"].seed) == (1, 2)  # each its own
     for name in ("trial-0", "trial-1", "trial-2"):
         dirs = [t.dir for t in runner.configs[name].teachers]
         assert dirs == [str(root / "teacher-0"), None, str(mine)]
     best = load_config(root / "best.yaml")
     assert [t.dir for t in best.teachers] == [str(root / "teacher-0"), None, str(mine)]
-    assert best.teachers[1].finetuned and best.search == S.SearchConfig()
+    assert best.teachers[1].finetuned and best.search == SearchConfig()
     # a teacher key in the space cannot mean one of several teachers
     bad = recipe.read_text().replace("space:", "space:\n    teacher.lr: [1e-5, 2e-5]")
     recipe.write_text(bad)
-    with pytest.raises(S.SearchError, match=r"teacher.lr set the single `teacher:`.*lists `teachers:`"):
-        S.Search(recipe, [], tmp_path / "other")
+    with pytest.raises(SearchError, match=r"teacher.lr set the single `teacher:`.*lists `teachers:`"):
+        Search(recipe, [], tmp_path / "other")
 
 
-def test_a_stopped_trial_is_retried_in_its_own_folder(tmp_path: Path, no_preflight):
+def test_the_teacher_stage_trains_with_the_teachers_own_seed(tmp_path: Path, no_preflight, monkeypatch):
+    """The search runs the `teacher` stage as `distill run` does: the loop resolves the teacher's
+    own seed; the search sets none of its own for it, nor for the trials."""
+    recipe = fake_recipe(tmp_path, SPACE + "trials: 2\npruner: none\n")
+    recipe.write_text(recipe.read_text().replace("teacher: {model: some/teacher}", "teacher: {model: some/teacher, seed: 3}"))
+    runner = use(monkeypatch, FakeStage())
+    assert search_main([str(recipe), "--root", str(tmp_path / "search")]) == 0
+    assert runner.configs["teacher"].seed == 3
+    assert runner.configs["trial-0"].seed == runner.configs["trial-1"].seed == 42  # the recipe's
+
+
+def test_a_stopped_trial_is_retried_in_its_own_folder(tmp_path: Path, no_preflight, monkeypatch):
     recipe = fake_recipe(tmp_path, SPACE + "trials: 3\npruner: none\n")
     root = tmp_path / "search"
-    runner = FakeStage(preempt="trial-1")
+    runner = use(monkeypatch, FakeStage(preempt="trial-1"))
     with pytest.raises(Preempted):
-        S.main([str(recipe), "--root", str(root)], runner=runner)
+        search_main([str(recipe), "--root", str(root)])
     trials = study_of(root).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
     assert trials[2].params == trials[1].params and trials[2].user_attrs["folder"] == "trial-1"
 
-    assert S.main([str(recipe), "--root", str(root)], runner=runner) == 0
+    assert search_main([str(recipe), "--root", str(root)]) == 0
     students = [n for s, n in runner.calls if s == "student"]
     assert students == ["trial-0", "trial-1", "trial-1", "trial-3"]  # trial-1 resumed, then one new trial
     assert runner.configs["trial-1"].train.lr == pytest.approx(trials[1].params["train.lr"])
@@ -347,16 +453,17 @@ def test_a_stopped_trial_is_retried_in_its_own_folder(tmp_path: Path, no_preflig
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the orphan is made by hand, outside optimize
-def test_a_trial_left_running_by_a_dead_process_is_retried(tmp_path: Path, no_preflight):
+def test_a_trial_left_running_by_a_dead_process_is_retried(tmp_path: Path, no_preflight, monkeypatch):
     recipe = fake_recipe(tmp_path, SPACE + "trials: 2\npruner: none\n")
     root = tmp_path / "search"
-    search = S.Search(recipe, [], root, runner=FakeStage())
+    use(monkeypatch, FakeStage())
+    search = Search(recipe, [], root)
     study = search.study()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     orphan = study.ask({"train.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)})
-    for key, value in {"folder": "trial-0", "host": __import__("socket").gethostname(), "pid": dead.pid}.items():
-        orphan.set_user_attr(key, value)
+    orphan.set_user_attr("folder", "trial-0")
+    orphan.set_user_attr("process", {"trial": 0, "host": __import__("socket").gethostname(), "pid": dead.pid})
     search.run()
     trials = study_of(root).trials
     assert trials[0].state == TrialState.FAIL
@@ -365,17 +472,66 @@ def test_a_trial_left_running_by_a_dead_process_is_retried(tmp_path: Path, no_pr
     assert search.used(trials) == 2
 
 
-def test_a_failing_trial_is_recorded_and_the_search_goes_on(tmp_path: Path, no_preflight):
+def test_a_trial_whose_heartbeat_goes_stale_is_retried(tmp_path: Path, no_preflight, monkeypatch):
+    """A worker on another machine beat once and went silent: after two heartbeats Optuna fails
+    its trial and its retry callback queues a copy, which the next trial resumes in its folder."""
+    recipe = fake_recipe(tmp_path, SPACE + "trials: 2\npruner: none\nheartbeat: 1\nstart_from_recipe: false\n")
+    root = tmp_path / "search"
+    runner = use(monkeypatch, FakeStage())
+    search = Search(recipe, [], root)
+    study, storage = search.study(), search.storage()
+    with pytest.warns(UserWarning, match="Heartbeat of storage"):  # a trial asked for outside optimize
+        silent = study.ask({"train.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)})
+    silent.set_user_attr("folder", "trial-0")
+    silent.set_user_attr("process", {"trial": 0, "host": "another-machine", "pid": 1})
+    study_id = storage.get_study_id_from_name("polarity")
+    storage.record_heartbeat(storage.get_trial_id_from_study_id_trial_number(study_id, silent.number))
+    time.sleep(3.5)  # longer than the grace period of 2 heartbeats (SQLite keeps whole seconds)
+    search.run()
+    trials = study_of(root).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert trials[1].user_attrs["folder"] == "trial-0"
+    assert trials[1].params["train.lr"] == trials[0].params["train.lr"]  # what the silent trial had chosen
+    assert optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(trials[1]) == 0
+    assert [n for s, n in runner.calls if s == "student"] == ["trial-0", "trial-2"]
+    assert search.used(trials) == 2
+
+
+def test_two_workers_never_take_the_same_waiting_trial(tmp_path: Path):
+    """Two workers asking a SQLite study for trials at the same instant each get their own (the
+    queued ones included): the storage takes its write lock before it checks a trial is free."""
+    import multiprocessing
+
+    from distill.study.search.study import make_storage
+    from tests.search_fakes import take_waiting_trials
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="race", storage=make_storage(url, heartbeat=60))
+    for k in range(3):
+        study.enqueue_trial({"x": k})
+    spawn = multiprocessing.get_context("spawn")
+    start, taken = spawn.Barrier(2), spawn.Queue()
+    workers = [spawn.Process(target=take_waiting_trials, args=(url, start, taken)) for _ in range(2)]
+    for w in workers:
+        w.start()
+    numbers = [n for _ in workers for n in taken.get(timeout=120)]
+    for w in workers:
+        w.join(timeout=60)
+    assert sorted(numbers) == list(range(6))
+
+
+def test_a_failing_trial_is_recorded_and_the_search_goes_on(tmp_path: Path, no_preflight, monkeypatch):
     recipe = fake_recipe(tmp_path, SPACE + "trials: 3\npruner: none\n")
     root = tmp_path / "search"
-    assert S.main([str(recipe), "--root", str(root)], runner=FakeStage(nan="trial-1")) == 0
+    use(monkeypatch, FakeStage(nan="trial-1"))
+    assert search_main([str(recipe), "--root", str(root)]) == 0
     trials = study_of(root).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
     assert "non-finite loss" in trials[1].user_attrs["error"]
     assert "| 1 | fail |" in (root / "trials.md").read_text()
 
 
-def test_pruning_stops_bad_trials_at_their_first_evaluation(tmp_path: Path, no_preflight):
+def test_pruning_stops_bad_trials_at_their_first_evaluation(tmp_path: Path, no_preflight, monkeypatch):
     search_section = """\
         trials: 4
         space: {train.lr: [1e-3, 1e-1]}
@@ -384,8 +540,8 @@ def test_pruning_stops_bad_trials_at_their_first_evaluation(tmp_path: Path, no_p
         """
     recipe = fake_recipe(tmp_path, search_section)
     root = tmp_path / "search"
-    runner = FakeStage(epochs=4)
-    search = S.Search(recipe, [], root, runner=runner)
+    runner = use(monkeypatch, FakeStage(epochs=4))
+    search = Search(recipe, [], root)
     for lr in (1e-3, 1e-1, 1e-3, 1e-1):  # good, bad, good, bad
         search.study().enqueue_trial({"train.lr": lr})
     search.run()
@@ -402,15 +558,15 @@ def test_pruning_stops_bad_trials_at_their_first_evaluation(tmp_path: Path, no_p
 def test_pruning_callback_reports_by_step_when_the_loop_evaluates_by_step():
     study = optuna.create_study(direction="maximize", pruner=optuna.pruners.NopPruner())
     trial = study.ask()
-    by_step = S.Pruning(trial, "accuracy", by_epoch=False, team=S.Team())
+    by_step = Pruning(trial, "accuracy", by_epoch=False, team=Team())
     by_step(10, 0, {"accuracy": 0.5})
     by_step(20, 0, {"accuracy": 0.6})  # the same epoch: reported at its own step
     assert study.trials[0].intermediate_values == {10: 0.5, 20: 0.6}
-    with pytest.raises(S.SearchError, match="have no 'f1'"):
-        S.Pruning(trial, "f1", by_epoch=True, team=S.Team())(10, 1, {"accuracy": 0.5})
+    with pytest.raises(SearchError, match="have no 'f1'"):
+        Pruning(trial, "f1", by_epoch=True, team=Team())(10, 1, {"accuracy": 0.5})
 
 
-def test_pareto_front_of_accuracy_and_size(tmp_path: Path, no_preflight):
+def test_pareto_front_of_accuracy_and_size(tmp_path: Path, no_preflight, monkeypatch):
     search_section = """\
         trials: 8
         sampler: random
@@ -421,7 +577,8 @@ def test_pareto_front_of_accuracy_and_size(tmp_path: Path, no_preflight):
         """
     recipe = fake_recipe(tmp_path, search_section)
     root = tmp_path / "search"
-    assert S.main([str(recipe), "--root", str(root)], runner=FakeStage()) == 0
+    use(monkeypatch, FakeStage())
+    assert search_main([str(recipe), "--root", str(root)]) == 0
     trials = [t for t in study_of(root).trials if t.state == TrialState.COMPLETE]
     assert len(trials) == 8
     points = {t.number: (t.values[0], t.values[1]) for t in trials}
@@ -444,10 +601,11 @@ def test_pareto_front_of_accuracy_and_size(tmp_path: Path, no_preflight):
     assert "complete (pareto)" in (root / "trials.md").read_text()
 
 
-def test_outputs_with_a_single_complete_trial_skip_importances(tmp_path: Path, no_preflight):
+def test_outputs_with_a_single_complete_trial_skip_importances(tmp_path: Path, no_preflight, monkeypatch):
     recipe = fake_recipe(tmp_path, SPACE + "trials: 1\npruner: none\n")
     root = tmp_path / "search"
-    assert S.main([str(recipe), "--root", str(root)], runner=FakeStage()) == 0
+    use(monkeypatch, FakeStage())
+    assert search_main([str(recipe), "--root", str(root)]) == 0
     info = json.loads((root / "search.json").read_text())
     assert info["importances"] == {"skipped": "needs 2 complete trials, the study has 1"}
     assert info["plots"]["importances.png"].startswith("skipped: needs 2 complete trials")
@@ -486,7 +644,7 @@ def test_the_processes_of_one_worker_run_the_same_trials(tmp_path: Path):
         pruner_options: {n_startup_trials: 1}
         """))
     root = tmp_path / "search"
-    search = S.Search(recipe, [], root)
+    search = Search(recipe, [], root)
     for lr in (1e-3, 1e-1, 1e-3, 1e-1):
         search.study().enqueue_trial({"train.lr": lr})
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -509,7 +667,7 @@ def test_the_processes_of_one_worker_run_the_same_trials(tmp_path: Path):
 def test_workers_write_launch_scripts(tmp_path: Path):
     recipe = fake_recipe(tmp_path, SPACE + "trials: 30\n")
     root = tmp_path / "search"
-    assert S.main([str(recipe), "train.epochs=2", "--root", str(root), "--workers", "3",
+    assert search_main([str(recipe), "train.epochs=2", "--root", str(root), "--workers", "3",
                    "--slurm-opt", "partition=gpu", "--slurm-opt", "gres=gpu:1"]) == 0
     commands = (root / "commands.sh").read_text()
     assert commands.count(" --prepare") == 1 and commands.count("--worker") == 3
@@ -533,11 +691,11 @@ def test_latency_and_macs_of_a_saved_model(tiny_bert_dir: Path):
     from distill.bench.flops import count
     from transformers import AutoConfig
 
-    timing = S.trial_latency(tiny_bert_dir, SearchLatencyConfig(batch=2, seq=16, runs=3, warmup=1, threads=1, device="cpu"))
+    timing = trial_latency(tiny_bert_dir, SearchLatencyConfig(batch=2, seq=16, runs=3, warmup=1, threads=1, device="cpu"))
     assert timing["batch"] == 2 and timing["seq"] == 16 and timing["runs"] == 3 and timing["median_ms"] > 0
     assert timing["threads"] == 1
     expected = count(AutoConfig.from_pretrained(tiny_bert_dir), batch=1, seq=64).macs / 1e9
-    assert S.trial_macs(tiny_bert_dir, 1, 64) == pytest.approx(expected)
+    assert trial_macs(tiny_bert_dir, 1, 64) == pytest.approx(expected)
 
 
 # --- one tiny search, for real, through the CLI ----------------------------------------------------

@@ -69,14 +69,17 @@ def _parse_overrides(overrides: list[str]) -> DictConfig:
         raise ConfigError(f"overrides: {str(err).splitlines()[0]}") from None
 
 
-def _flat_search_space(node: DictConfig) -> DictConfig:
-    """`node` (a recipe, or the command line's overrides) with its `search.space` keys written in
-    full (`search_space.flatten_space`), so that merging the command line replaces the recipe's
-    entry for a searched key however either one nests it."""
+def _search_space_replacing(cfg: DictConfig, node: DictConfig) -> DictConfig:
+    """`node` (a recipe, or the command line's overrides) ready to merge onto `cfg`: its
+    `search.space` keys written in full (`search_space.flatten_space`), and each one dropped
+    from `cfg` first, so that the later source replaces a searched key's whole entry (its range
+    or its choices) however either source nests it."""
     search = node.get("search")
     space = search.get("space") if isinstance(search, DictConfig) else None
     if isinstance(space, DictConfig):
         search.space = flatten_space(OmegaConf.to_container(space), leaf_types(Config))
+        for key in search.space:
+            cfg.search.space.pop(key, None)
     return node
 
 
@@ -85,12 +88,12 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> 
     cfg = OmegaConf.structured(Config)
     if recipe is not None:
         try:
-            cfg = OmegaConf.merge(cfg, _flat_search_space(_read_recipe(recipe)))
+            cfg = OmegaConf.merge(cfg, _search_space_replacing(cfg, _read_recipe(recipe)))
         except OmegaConfBaseException as err:
             raise _explain(err, str(recipe)) from None
     if overrides:
         try:
-            cfg = OmegaConf.merge(cfg, _flat_search_space(_parse_overrides(list(overrides))))
+            cfg = OmegaConf.merge(cfg, _search_space_replacing(cfg, _parse_overrides(list(overrides))))
         except OmegaConfBaseException as err:
             raise _explain(err, "command line") from None
         except TypeError:  # a dotted key that indexes into a list (teachers.1.seed=3)

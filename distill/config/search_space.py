@@ -1,8 +1,8 @@
-"""The search section's grammar and checks: the space, objectives, sampler, pruner, budget.
+"""The search section's grammar and checks: the space, objectives, sampler, pruner, budget, storage.
 
-Kept apart from the search itself (distill/study/search.py, which runs Optuna) and free of
-project imports but the errors, so the config's validation can check a recipe's `search:`
-section without importing the study tooling.
+`distill.config` checks a recipe's `search:` section with these functions whenever it loads one
+(`distill validate` included); the search itself (distill/study/search/) runs Optuna on what
+they return. Nothing here imports Optuna or any project module but the errors.
 """
 
 from __future__ import annotations
@@ -221,20 +221,41 @@ def _parse_range(key: str, spec: Mapping[str, Any], hint: Any) -> Param:
     return Param(key, "float", low, high, log, step)
 
 
-def parse_space(space: Mapping[str, Any], prefix: str, leaves: Mapping[str, Any]) -> list[Param]:
-    """The `search.space` mapping -> Params, every problem reported with the key it concerns.
+def flatten_space(space: Mapping[str, Any], leaves: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`search.space` with every searched key written in full: `{train: {lr: [..]}}` (what
+    `search.space.train.lr=[..]` on the command line makes) and `{train.lr: [..]}` both give
+    `{"train.lr": [..]}`, so a command-line entry replaces the recipe's entry for the same key.
 
-    Keys are full recipe keys (`train.lr`); nested mappings (what `search.space.train.lr=...` on
-    the command line makes) are read as dotted keys.
+    A mapping is a range when it holds a range key (low, high, log, step); otherwise it is a
+    section of the recipe (`train`) or of a dict-typed key (`student.config_overrides`), read
+    one level deeper. Keys the schema lacks are kept as they are, for `parse_space` to report.
     """
-    params: list[Param] = []
+    flat: dict[str, Any] = {}
     for name, spec in space.items():
         key = f"{prefix}{name}"
         hint = key_type(key, leaves)
-        is_range = isinstance(spec, Mapping) and any(k in spec for k in RANGE_KEYS)
-        if isinstance(spec, Mapping) and not is_range and hint is None and any(l.startswith(key + ".") for l in leaves):
-            params.extend(parse_space(spec, key + ".", leaves))  # a section: search.space.train.lr=...
-            continue
+        section = hint is None and any(leaf.startswith(key + ".") for leaf in leaves)
+        in_dict = hint is not None and (hint is Any or typing.get_origin(hint) is dict)
+        if isinstance(spec, Mapping) and not any(k in spec for k in RANGE_KEYS) and (section or in_dict):
+            items = flatten_space(spec, leaves, key + ".").items()
+        else:
+            items = [(key, spec)]
+        for full, value in items:
+            if full in flat:
+                raise SearchError(f"search.space: '{full}' is given twice")
+            flat[full] = value
+    return flat
+
+
+def parse_space(space: Mapping[str, Any], leaves: Mapping[str, Any]) -> list[Param]:
+    """The `search.space` mapping -> Params, every problem reported with the key it concerns.
+
+    Keys are full recipe keys (`train.lr`), or nested as `flatten_space` reads them; `leaves`
+    is the schema's keys and types (`leaf_types(Config)`).
+    """
+    params: list[Param] = []
+    for key, spec in flatten_space(space, leaves).items():
+        hint = key_type(key, leaves)
         if hint is None:
             raise SearchError(f"search.space: '{key}' is not a recipe key.{closest_key(key, leaves)}")
         if key.split(".")[0] in NOT_SEARCHABLE or key in NOT_SEARCHABLE:
@@ -242,7 +263,7 @@ def parse_space(space: Mapping[str, Any], prefix: str, leaves: Mapping[str, Any]
                               "does not change a trial's result")
         where = f"search.space.{key}"
         if isinstance(spec, Mapping):
-            if not is_range:
+            if not any(k in spec for k in RANGE_KEYS):
                 raise SearchError(f"{where}: a range needs low and high (got keys {', '.join(map(str, spec))})")
             params.append(_parse_range(key, spec, hint))
         elif isinstance(spec, (list, tuple)):
@@ -257,11 +278,6 @@ def parse_space(space: Mapping[str, Any], prefix: str, leaves: Mapping[str, Any]
         else:
             raise SearchError(f"{where}: {spec!r} is neither a range {{low, high}} nor a list of choices; a fixed "
                               "value belongs in the recipe")
-    seen: set[str] = set()
-    for p in params:
-        if p.key in seen:
-            raise SearchError(f"search.space: '{p.key}' is given twice")
-        seen.add(p.key)
     return params
 
 
@@ -312,7 +328,7 @@ def check_section(cfg: Any, leaves: Mapping[str, Any]) -> None:
     """Every check of the search section that needs neither data nor models; called by
     `distill.config.validate`, so `distill validate` and every command catch a bad section."""
     s = cfg.search
-    parse_space(s.space, "", leaves)
+    parse_space(s.space, leaves)
     objectives = resolve_objectives(cfg)
     if s.sampler not in SAMPLERS:
         raise SearchError(f"search.sampler='{s.sampler}' is not one of: {', '.join(SAMPLERS)}"
@@ -336,9 +352,20 @@ def check_section(cfg: Any, leaves: Mapping[str, Any]) -> None:
     for key, (value, ok) in checks.items():
         if not ok:
             raise SearchError(f"{key}={value} is out of range")
-    if s.storage is not None and "://" not in s.storage:
-        raise SearchError(f"search.storage={s.storage!r} is not a database URL; write e.g. sqlite:///runs/study.db "
-                          "or postgresql://user@host/db (default: study.db in the search folder)")
+    if s.storage is not None and "://" not in s.storage and journal_path(s.storage) is None:
+        raise SearchError(f"search.storage={s.storage!r} is not a database URL nor a journal file; write e.g. "
+                          "sqlite:///runs/study.db, postgresql://user@host/db, journal:///runs/study.log or a path "
+                          "ending in .log or .journal (default: study.db in the search folder)")
+
+
+def journal_path(storage: str) -> Optional[str]:
+    """The file of an Optuna journal storage (`journal:///runs/study.log`, or a path ending in
+    .log or .journal; `journal:////shared/study.log` is absolute, as with sqlite:///), else None."""
+    if storage.startswith("journal:///"):
+        return storage[len("journal:///"):] or None
+    if "://" not in storage and storage.endswith((".log", ".journal")):
+        return storage
+    return None
 
 
 def value_text(value: Any) -> str:
