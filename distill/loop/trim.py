@@ -16,7 +16,8 @@ own tokenizer and the stage distils across tokenizers, as with any student of an
 tokenizer; the terms that compare token positions are refused.
 
 metrics.json's info records `vocab`: pieces and parameters before and after, and for each
-evaluation split the share of its pieces that are the unknown token, before and after.
+evaluation split how many pieces its text makes and the share of them that are the unknown
+token, before and after.
 """
 
 from __future__ import annotations
@@ -89,9 +90,9 @@ def trim_stage(
     unknown = {}
     for split, t in evaluation.items():
         after = vocabulary_coverage(trimmed, t)
-        unknown[split] = {
-            "pieces": after["tokens"], "unknown_share": after["unknown_share"],
-            "unknown_share_before": before[split]["unknown_share"],
+        unknown[split] = {  # a word re-segmented into smaller kept pieces makes more pieces
+            "pieces": after["tokens"], "pieces_before": before[split]["tokens"],
+            "unknown_share": after["unknown_share"], "unknown_share_before": before[split]["unknown_share"],
         }
     info = {**report.summary(), "corpus": list(v.corpus), "unknown": unknown}
     if loaded:
