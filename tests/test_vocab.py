@@ -356,3 +356,26 @@ def test_trimmed_model_exports_to_onnx(tokenizers_built, tmp_path):
     got = session.run(None, {k: batch[k].numpy() for k in names})[0]
     with torch.no_grad():
         np.testing.assert_allclose(got, model(**batch).logits.numpy(), atol=1e-5)
+
+
+def test_the_padding_id_stays_only_where_positions_count_from_it(tokenizers_built):
+    roberta, bert = tiny_model(tokenizers_built["bpe"], "bpe"), tiny_model(tokenizers_built["wordpiece"], "wordpiece")
+    assert V.positions_from_padding(roberta) and not V.positions_from_padding(bert)
+    # a BERT tokenizer whose padding token comes after the pieces (ModernBERT's is id 50283):
+    # the trim moves it, and padded batches still give the original logits
+    tok = wordpiece_tokenizer()
+    tok.pad_token = None
+    tok.add_special_tokens({"pad_token": "[PAD2]"})
+    assert tok.pad_token_id == 600
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, pad_token_id=tok.pad_token_id)
+    original = AutoModelForSequenceClassification.from_config(config).eval()
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    model, new, report = V.trim_vocabulary(model, tok, TRAIN)
+    assert new.pad_token_id == len(new) - 1 < 300 and model.config.pad_token_id == new.pad_token_id
+    with torch.no_grad():
+        ours = model(**new(TRAIN[:6], padding=True, return_tensors="pt")).logits
+        theirs = original(**tok(TRAIN[:6], padding=True, return_tensors="pt")).logits
+    assert torch.equal(ours, theirs)

@@ -30,7 +30,9 @@ from distill import models
 from distill.data.rows import task_columns
 from distill.errors import StageError
 from distill.loop.plan import StagePlan
-from distill.models.vocab import Text, read_corpus, trim_embeddings, trim_vocabulary, vocabulary_coverage
+from distill.models.vocab import (
+    Text, positions_from_padding, read_corpus, trim_embeddings, trim_vocabulary, vocabulary_coverage,
+)
 
 # the task columns that hold text (tagging's `tokens`: a sentence's words)
 TEXT_ROLES = ("text", "text_pair", "question", "context", "tokens")
@@ -79,8 +81,11 @@ def trim_stage(
     }
     before = {split: vocabulary_coverage(tokenizer, t) for split, t in evaluation.items()}
     share = [i for i, (_, tok) in enumerate(loaded) if models.same_tokenizer(tok, tokenizer)] if v.min_count == 1 else []
+    pad = tokenizer.pad_token_id
+    # a teacher whose position ids count from the padding id needs it where it was
+    in_place = range(pad + 1) if pad is not None and any(positions_from_padding(loaded[i][0]) for i in share) else ()
     try:
-        model, trimmed, report = trim_vocabulary(model, tokenizer, texts, v.min_count, list(v.keep))
+        model, trimmed, report = trim_vocabulary(model, tokenizer, texts, v.min_count, list(v.keep), in_place)
     except ValueError as err:
         raise StageError(f"cannot trim the student's vocabulary: {err}") from None
     for i in share:

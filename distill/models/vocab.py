@@ -23,8 +23,8 @@ What the trimmed tokenizer does:
 Exactness needs a few pieces beyond those the text uses: BPE keeps every piece a kept piece is
 merged from (so all merges that build a kept word survive); Unigram keeps its lowest-scoring
 piece (the penalty of an unknown character is derived from it); byte-fallback models keep
-their byte pieces; and the ids up to the padding id keep their place (RoBERTa-style models
-count positions from the padding id).
+their byte pieces; and in RoBERTa-style models, whose position ids count from the padding id,
+the ids up to it keep their place.
 """
 
 from __future__ import annotations
@@ -216,9 +216,6 @@ def kept_ids(
     ids = _structural_ids(spec, tokenizer) | set(extra_ids)
     ids |= {i for i, c in counts.items() if c >= min_count}
     ids |= {index[p] if p in index else tokenizer.convert_tokens_to_ids(p) for p in keep}
-    pad = tokenizer.pad_token_id
-    if pad is not None:
-        ids |= set(range(pad + 1))  # positions count from the padding id in RoBERTa-style models
     if model.get("byte_fallback"):
         ids |= {i for i, p in enumerate(pieces) if _BYTE_PIECE.match(p)}
     if model["type"] == "BPE":
@@ -312,6 +309,11 @@ def _token_id_keys(config: Any) -> dict[str, int]:
     }
 
 
+def positions_from_padding(model: nn.Module) -> bool:
+    """RoBERTa-style embeddings, whose position ids start after the padding id (they hold it)."""
+    return any(not isinstance(m, nn.Embedding) and getattr(m, "padding_idx", None) is not None for m in model.modules())
+
+
 def trim_embeddings(model: PreTrainedModel, old_ids: list[int]) -> PreTrainedModel:
     """Keep only rows `old_ids` of the input embeddings (in place; returns the model), and of an
     output layer over the vocabulary (tied or not); renumber the config's token ids and
@@ -357,16 +359,20 @@ def trim_embeddings(model: PreTrainedModel, old_ids: list[int]) -> PreTrainedMod
 
 def trim_vocabulary(
     model: PreTrainedModel, tokenizer: Any, texts: Iterable[Text], min_count: int = 1, keep: Sequence[str] = (),
+    keep_ids: Iterable[int] = (),
 ) -> tuple[PreTrainedModel, Any, TrimReport]:
     """(model, tokenizer, report) keeping the special tokens and the pieces `texts` use at least
-    `min_count` times, plus `keep` (the model is changed in place). See the module docstring
-    for what the trimmed tokenizer does with other text."""
+    `min_count` times, plus the pieces `keep` and the ids `keep_ids` (the model is changed in
+    place). See the module docstring for what the trimmed tokenizer does with other text."""
     if min_count < 1:
         raise ValueError(f"min_count={min_count}: a piece must occur at least once")
     counts = piece_counts(tokenizer, texts)
-    config_ids = _token_id_keys(model.config).values()
+    extra = [i for i in _token_id_keys(model.config).values() if 0 <= i < len(tokenizer)] + list(keep_ids)
+    pad = tokenizer.pad_token_id
+    if pad is not None and positions_from_padding(model):
+        extra += range(pad + 1)  # the padding id keeps its value: position ids count from it
     rows = model.get_input_embeddings().num_embeddings
-    old_ids = kept_ids(tokenizer, counts, min_count, keep, extra_ids=[i for i in config_ids if 0 <= i < len(tokenizer)])
+    old_ids = kept_ids(tokenizer, counts, min_count, keep, extra_ids=extra)
     if old_ids[-1] >= rows:
         raise ValueError(f"the tokenizer's id {old_ids[-1]} is past the model's {rows} embedding rows: not its tokenizer?")
     parameters_before, pieces_before = count_parameters(model), len(tokenizer)
