@@ -664,6 +664,55 @@ def test_the_processes_of_one_worker_run_the_same_trials(tmp_path: Path):
     assert [t.state for t in study_of(root).trials] == [TrialState.COMPLETE, TrialState.PRUNED] * 2
 
 
+def run_two_processes(tmp_path: Path, recipe: Path, root: Path, trouble: str) -> list[dict]:
+    """tests.search_fakes.run_team under torchrun with 2 CPU processes: each one's RESULT line."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    script = tmp_path / "team.py"
+    script.write_text("import sys; from tests.search_fakes import run_team; run_team(sys.argv[1], sys.argv[2], sys.argv[3])")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(recipe), str(root), trouble], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=240)
+    results = sorted((json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines()
+                      if line.startswith("RESULT ")), key=lambda r: r["rank"])
+    assert proc.returncode == 0 and [r["rank"] for r in results] == [0, 1], proc.stderr[-3000:]
+    return results
+
+
+@pytest.mark.slow
+def test_a_failure_of_the_main_process_reaches_the_others(tmp_path: Path):
+    """The main process fails while it suggests trial 1's values, before it shares them: the
+    other process stops at once with an error naming the main process, what it was doing and
+    the line that raised, instead of waiting for a trial that never comes."""
+    # the pruner's reports keep the processes in step (it prunes nothing before 5 trials)
+    recipe = fake_recipe(tmp_path, SPACE + "trials: 3\npruner: median\npruner_options: {n_startup_trials: 5}\n")
+    root = tmp_path / "search"
+    Search(recipe, [], root).study()  # created here: the processes only open it
+    started = time.monotonic()
+    main, other = run_two_processes(tmp_path, recipe, root, "fail")
+    assert time.monotonic() - started < 200  # far below the wait limit (30 min)
+    assert main["code"] == "RuntimeError: the sampler broke"
+    assert main["students"] == other["students"] == ["trial-0"]
+    assert other["code"] == 2
+    assert ("distill search: process 1 of 2 stops: the main process (0) failed while choosing trial 1: "
+            "RuntimeError: the sampler broke (raised in troubled, search_fakes.py:") in other["stderr"]
+
+
+@pytest.mark.slow
+def test_the_others_stop_waiting_for_a_silent_main_process(tmp_path: Path):
+    """The main process stalls before it shares trial 1 (20 s, against a wait limit of 8 s set
+    for the test): the other process gives up with an error instead of waiting forever."""
+    # the pruner's reports keep the processes in step (it prunes nothing before 5 trials)
+    recipe = fake_recipe(tmp_path, SPACE + "trials: 3\npruner: median\npruner_options: {n_startup_trials: 5}\n")
+    root = tmp_path / "search"
+    Search(recipe, [], root).study()
+    main, other = run_two_processes(tmp_path, recipe, root, "hang")
+    assert other["code"] == 2 and other["students"] == ["trial-0"]
+    assert ("distill search: process 1 of 2 waited for the main process (0) while choosing the next trial, and "
+            "heard nothing within 8 s") in other["stderr"]
+    assert main["code"] == 2 and "the main process could not reach the other 1 process(es) while choosing trial 1" \
+        in main["stderr"]
+
+
 def test_workers_write_launch_scripts(tmp_path: Path):
     recipe = fake_recipe(tmp_path, SPACE + "trials: 30\n")
     root = tmp_path / "search"
@@ -746,3 +795,77 @@ search:
     assert cli(["search", str(recipe), "--root", str(root)]) == 0
     assert len(study_of(root).trials) == 2
     assert all(p.stat().st_mtime == t for p, t in stamps.items())
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_journal_file(tmp_path: Path, small_vocab_models):
+    """Two worker processes on one Optuna journal file (no database server), 2 trials each, with
+    the real stages: every trial once, in its own folder, and both workers did work."""
+    teacher, _ = small_vocab_models
+    journal = tmp_path / "shared" / "study.log"
+    recipe = write_recipe(tmp_path, teacher, extra=f"""
+search:
+  trials: 4
+  sampler: random
+  pruner: none
+  storage: journal:///{journal}
+  space:
+    train.lr: [1e-3, 5e-4, 2e-4, 1e-4]
+""")
+    root = tmp_path / "search"
+    from distill.cli import main as cli
+
+    assert cli(["search", str(recipe), "--root", str(root), "--prepare"]) == 0  # the teacher, once
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-m", "distill", "search", str(recipe), "--root", str(root),
+                               "--worker", str(i), "--max-trials", "2"], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=500)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [out[-3000:] for out in outputs]
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    trials = optuna.load_study(study_name="polarity", storage=storage).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    assert sorted(t.user_attrs["worker"] for t in trials) == [0, 0, 1, 1]
+    assert sorted(t.user_attrs["folder"] for t in trials) == [f"trial-{n}" for n in range(4)]
+    for t in trials:
+        metrics = json.loads((root / t.user_attrs["folder"] / "student" / "metrics.json").read_text())
+        assert t.values[0] == metrics["validation"]["accuracy"]
+    assert not (root / "study.db").exists() and "storage journal:///" in (root / "trials.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_search_over_two_teachers_through_the_cli(tmp_path: Path, small_vocab_models):
+    """`distill search` on a recipe with `teachers:`, with the real stages: each teacher is
+    fine-tuned once with its own seed into the search folder, as the very run `distill run`
+    would make (so `distill teacher` on best.yaml finds both complete), and the trials use them."""
+    from distill.cli import main as cli
+    from distill.loop.plan import plan_stage
+
+    teacher, _ = small_vocab_models
+    recipe = write_recipe(tmp_path, teacher, extra="""
+search:
+  trials: 2
+  sampler: bruteforce
+  space:
+    distill.temperature: [1, 2]
+""")
+    recipe.write_text(recipe.read_text().replace(
+        f"teacher: {{model: {teacher}, epochs: 1}}",
+        f"teachers:\n  - {{model: {teacher}, epochs: 1, seed: 7}}\n  - {{model: {teacher}, epochs: 1, seed: 8}}"))
+    root = tmp_path / "search"
+    assert cli(["search", str(recipe), "--root", str(root)]) == 0
+    trials = study_of(root).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    for i, seed in ((0, 7), (1, 8)):
+        folder = root / f"teacher-{i}"
+        saved = load_config(folder / "config.yaml")
+        assert saved.seed == seed and json.loads((folder / "metrics.json").read_text())["info"]["stage"] == "teacher"
+        # the run `distill run` makes for this teacher: the same identity (folders aside)
+        assert plan_stage(saved, "teacher").identity == plan_stage(load_config(recipe), f"teacher-{i}").identity
+    for t in trials:
+        saved = load_config(root / f"trial-{t.number}" / "student" / "config.yaml")
+        assert [x.dir for x in saved.teachers] == [str(root / "teacher-0"), str(root / "teacher-1")]
+        assert saved.distill.temperature == t.params["distill.temperature"] and saved.seed == 42
+    stamps = {p: p.stat().st_mtime for p in root.glob("teacher-*/metrics.json")}
+    assert cli(["teacher", str(root / "best.yaml")]) == 0  # both found complete: nothing trains again
+    assert len(stamps) == 2 and all(p.stat().st_mtime == t for p, t in stamps.items())
