@@ -286,6 +286,12 @@ def test_repo_names_follow_the_study():
     assert repo_name(cfg, "dccuchile") == "dccuchile/albert-base-6-spanish-distilled-pawsx"
     cut = load_config(None, ["teacher.model=dccuchile/bert-base-spanish-wwm-cased", "student.num_layers=4", "task.name=xnli"])
     assert student_name(cut) == "bert-base-spanish-wwm-cased-4-layers"
+    # a cut of the student's own model, and a trimmed vocabulary, are students of their own
+    own = load_config(None, ["student.model=/models/multilingual-e5-small", "student.num_layers=4", "task.name=pos"])
+    assert student_name(own) == "multilingual-e5-small-4-layers"
+    trimmed = load_config(None, ["student.model=/models/multilingual-e5-small", "student.num_layers=2",
+                                 "student.vocab.trim=true", "task.name=pos"])
+    assert repo_name(trimmed, "org") == "org/multilingual-e5-small-2-layers-trimmed-distilled-pos"
     bad = load_config(None, ["student.model=albeto-tiny"])
     bad.hub.repo_id = "{org}/{model}"
     with pytest.raises(ConfigError, match="hub.repo_id"):

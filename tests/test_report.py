@@ -228,3 +228,13 @@ def test_cli_writes_both_tables(tree: Path, tmp_path: Path, capsys):
     printed = capsys.readouterr().out
     assert "## Summary" in printed and "## All results" in printed and "validation scores" in printed
     assert {p.name for p in (tmp_path / "tables").iterdir()} == {"tables.md", "summary.csv", "results.csv"}
+
+
+def test_cuts_and_trims_of_one_model_are_rows_of_their_own():
+    from distill.study.runs import student_ref
+
+    base = {"student": {"model": "/m/e5", "num_layers": None, "vocab": {"trim": False}}}
+    four = {"student": {"model": "/m/e5", "num_layers": 4, "vocab": {"trim": False}}}
+    trimmed = {"student": {"model": "/m/e5", "num_layers": 4, "vocab": {"trim": True}}}
+    assert [student_ref(c) for c in (base, four, trimmed)] == ["/m/e5", "/m/e5-4-layers", "/m/e5-4-layers-trimmed"]
+    assert student_ref({"student": {"num_layers": 2}}) == "layers-2"

@@ -207,11 +207,14 @@ def hub_dataset_id(cfg: Config) -> Optional[str]:
 
 def student_name(cfg: Config) -> str:
     """The student's part of a Hub name: study naming for catalog students
-    (albeto-base-6 -> albert-base-6-spanish), `<teacher>-<k>-layers` for layer-subset students."""
-    if cfg.student.model:
-        return models.short_name(cfg.student.model)
-    k = len(cfg.student.from_teacher_layers) or cfg.student.num_layers
-    return f"{models.short_name(main_teacher(cfg).model or 'teacher')}-{k}-layers"
+    (albeto-base-6 -> albert-base-6-spanish), `<model>-<k>-layers` for a cut (of `student.model`,
+    or of the teacher when it is unset), and `-trimmed` for a vocabulary trimmed to the task."""
+    s = cfg.student
+    name = models.short_name(s.model or main_teacher(cfg).model or "teacher")
+    k = len(s.from_teacher_layers) or s.num_layers
+    if k:
+        name += f"-{k}-layers"
+    return name + ("-trimmed" if s.vocab.trim else "")
 
 
 def repo_name(cfg: Config, org: str) -> str:

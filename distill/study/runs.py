@@ -47,17 +47,19 @@ def _get(tree: dict[str, Any], dotted: str, default: Any = None) -> Any:
 
 
 def student_ref(config: dict[str, Any]) -> str:
-    """How a run names its student: the model reference, or `layers-N` / `layers-0-6-11` for a
-    student cut out of the teacher (the same name whatever the teacher, like the study's rows)."""
+    """How a run names its student: the model reference (`<model>-N-layers` for a cut of it), or
+    `layers-N` / `layers-0-6-11` for a student cut out of the teacher (the same name whatever the
+    teacher, like the study's rows); `-trimmed` when its vocabulary is trimmed to the task."""
     model = _get(config, "student.model")
+    trimmed = "-trimmed" if _get(config, "student.vocab.trim") else ""
+    n = _get(config, "student.num_layers")
     if model:
-        return str(model)
+        return f"{model}{f'-{n}-layers' if n else ''}{trimmed}"  # a cut of the model: its own row
     layers = _get(config, "student.from_teacher_layers") or []
     if layers:
-        return "layers-" + "-".join(str(i) for i in layers)
-    n = _get(config, "student.num_layers")
+        return "layers-" + "-".join(str(i) for i in layers) + trimmed
     if n:
-        return f"layers-{n}"
+        return f"layers-{n}{trimmed}"
     raise ReportError("the config names no student (student.model, from_teacher_layers or num_layers)")
 
 
