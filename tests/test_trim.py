@@ -130,3 +130,10 @@ def test_distill_run_writes_a_trimmed_student_that_a_pipeline_loads(world):
         assert classify([text])[0]["label"] in KEYWORDS
     student = json.loads((world / "run" / "student" / "metrics.json").read_text())["info"]["vocab"]
     assert student["teachers_read_student_ids"] == [0]  # hidden-state term and KD on one tokenization
+    # the model card says the vocabulary was trimmed, how far, and what it costs on the test split
+    from distill.ship.card import card_body
+    from distill.ship.evidence import load_evidence
+
+    body = card_body(load_evidence(world / "run" / "student"), "org/reviews", "text-classification")
+    assert f"- **Vocabulary:** trimmed to the pieces of the task's training text: 30,522 → {student['pieces_after']:,} pieces" in body
+    assert f"{100 * student['unknown']['test']['unknown_share']:.2f} % of the test split's pieces are unknown" in body

@@ -193,7 +193,8 @@ def student_fields(ev: RunEvidence) -> dict[str, Any]:
         except KeyError:
             hub, overrides = hub_id_of(cfg.student.model), {}
         changes = {**overrides, **dict(cfg.student.config_overrides)}
-        return {**shape, "cut_from_teacher": False, "source": hub, "changes": changes}
+        return {**shape, "cut_from_teacher": False, "source": hub, "changes": changes, "cut": cfg.student.num_layers,
+                "vocab": ev.info.get("vocab")}
     return {
         **shape,
         "cut_from_teacher": True,
@@ -201,6 +202,7 @@ def student_fields(ev: RunEvidence) -> dict[str, Any]:
         "layers_kept": mc.get("distill_teacher_layers") or list(cfg.student.from_teacher_layers),
         "num_layers": cfg.student.num_layers,
         "teacher_index": cfg.distill.intermediate_teacher,
+        "vocab": ev.info.get("vocab"),
     }
 
 
