@@ -472,6 +472,7 @@ def test_a_trial_left_running_by_a_dead_process_is_retried(tmp_path: Path, no_pr
     assert search.used(trials) == 2
 
 
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # retried_trial_number
 def test_a_trial_whose_heartbeat_goes_stale_is_retried(tmp_path: Path, no_preflight, monkeypatch):
     """A worker on another machine beat once and went silent: after two heartbeats Optuna fails
     its trial and its retry callback queues a copy, which the next trial resumes in its folder."""
