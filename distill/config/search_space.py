@@ -26,7 +26,7 @@ FAMILY_METRICS = {
 # Objectives measured on the trial's saved model, all minimised: name -> unit in the tables.
 MODEL_OBJECTIVES = {"latency": "ms", "macs": "GMACs", "parameters": "M"}
 DEFAULT_METRIC = {"classification": "accuracy", "tagging": "f1", "qa": "f1"}  # as each family's default_metric
-LOWER_IS_BETTER = ("loss",)  # as distill.tasks.base.Task.lower_is_better
+LOWER_IS_BETTER = ("loss",)  # metrics where lower is better (every task's others are maximized)
 SAMPLERS = {
     "tpe": "TPESampler", "random": "RandomSampler", "nsgaii": "NSGAIISampler", "nsgaiii": "NSGAIIISampler",
     "gp": "GPSampler", "cmaes": "CmaEsSampler", "qmc": "QMCSampler", "bruteforce": "BruteForceSampler",

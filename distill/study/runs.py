@@ -22,11 +22,11 @@ from typing import Any, Iterable, Optional, Sequence
 
 import yaml
 
+from distill.config.search_space import LOWER_IS_BETTER
 from distill.study.published import DISTILLED, FINETUNED
 
 log = logging.getLogger("distill.report")
 
-LOWER_IS_BETTER = ("loss",)  # as distill.tasks.base.Task.lower_is_better
 BEST_FILE = "best.json"
 BEST_TREE = "best"
 SKIP_DIRS = {"model", "checkpoints", "teacher_cache", ".best-tmp", ".model-tmp", BEST_TREE}

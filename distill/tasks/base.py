@@ -26,6 +26,7 @@ import torch
 from datasets import Dataset, DatasetDict
 
 from distill.config import DataConfig, TaskConfig
+from distill.config.search_space import LOWER_IS_BETTER
 from distill.errors import DataError
 from distill.models import tokenizer_digest
 
@@ -57,7 +58,7 @@ class Task:
     # what compute_metrics returns (with "loss", which evaluation adds): checked before training
     metric_names: tuple[str, ...] = ()
     # metrics where lower is better; everything else is maximized
-    lower_is_better: tuple[str, ...] = ("loss",)
+    lower_is_better: tuple[str, ...] = LOWER_IS_BETTER
     # per-feature tensors `kd_targets` returns, with their shape after the batch dimension
     kd_target_keys: tuple[str, ...] = ()
 
@@ -76,16 +77,21 @@ class Task:
 
     def bind(
         self, tokenizer: Any, teacher_tokenizer: Any = None, plan_tokenizers: Sequence[Any] = (),
-        teacher_windows: tuple[Optional[int], Optional[int]] = (None, None),
+        teacher_windows: tuple[Optional[int], Optional[int]] = (None, None), teacher_key: str = "teacher",
     ) -> None:
         """Tokenizer of the trained model, and the teacher's when it tokenizes differently.
         `plan_tokenizers`: further tokenizers (other teachers') whose lengths shape the features
         as the two bound ones do, without their inputs being stored (see the module docstring).
         `teacher_windows`: the teacher's own (max_length, doc_stride), read by QA only (its
-        teacher sees the context in windows of its own tokens)."""
+        teacher sees the context in windows of its own tokens); `teacher_key` names that teacher
+        in the recipe (`teacher`, `teachers[1]`) for messages."""
         self.tokenizer = tokenizer
         self.teacher_tokenizer = teacher_tokenizer
         self.plan_tokenizers = list(plan_tokenizers)
+
+    def check_windows(self, raw: DatasetDict) -> None:
+        """Before any stage trains: every row of `raw` fits the bound tokenizers' windows (QA:
+        every question leaves room for context). Nothing to check by default."""
 
     def preprocess(self, raw: Dataset, split: str) -> Dataset:
         """Raw rows -> features (with `example_id`, `feature_id`, `length`, labels)."""
