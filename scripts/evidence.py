@@ -34,6 +34,9 @@ Spec (see docs/evidence/specs/ for the shipped ones):
       best: {overrides_file: "runs/search/{task}/best.yaml", keys: [train.lr, distill]}
     reference: finetune                     # optional: what "delta" compares with
     speed_reference: logits                 # optional: step time is given relative to it
+    exclude:                                # optional: cells left out of the product; an entry
+      - {depth: "1", mode: hidden}          # names axis values, a mode and/or a task, and drops
+                                            # every cell that matches all it names
 
 Overrides are `key=value` strings or a mapping (nested or dotted keys); OmegaConf interpolations
 such as `${task.name}` resolve per task. Axes and modes apply to
@@ -115,7 +118,13 @@ class Spec:
     per_seed_teacher: bool = False
     reference: Optional[str] = None
     speed_reference: Optional[str] = None
+    exclude: list[dict[str, str]] = field(default_factory=list)  # {axis|"mode"|"task": value}
     path: Optional[str] = None
+
+    def excluded(self, task: str, combo: dict[str, str], mode: str) -> bool:
+        """Whether the cell (task, axis values, mode) is left out by an `exclude` entry."""
+        cell = {"task": task, "mode": mode, **combo}
+        return any(all(cell.get(k) == v for k, v in rule.items()) for rule in self.exclude)
 
 
 def _value(value: Any) -> str:
@@ -218,7 +227,8 @@ def parse_spec(raw: Any, name: Optional[str] = None, path: Optional[str] = None)
     raw = _mapping(raw, "spec")
     _check_keys(
         raw,
-        {"name", "title", "seeds", "tasks", "modes", "axes", "overrides", "teacher", "reference", "speed_reference"},
+        {"name", "title", "seeds", "tasks", "modes", "axes", "overrides", "teacher", "reference", "speed_reference",
+         "exclude"},
         "spec",
     )
     name = _name(raw.get("name") or name or "evidence", "spec.name")
@@ -274,6 +284,19 @@ def parse_spec(raw: Any, name: Optional[str] = None, path: Optional[str] = None)
     for key, value in (("reference", reference), ("speed_reference", raw.get("speed_reference"))):
         if value is not None and value not in mode_names:
             raise SpecError(f"spec.{key}: {value!r} is not a mode ({', '.join(mode_names)})")
+    exclude = raw.get("exclude") or []
+    if not isinstance(exclude, list):
+        raise SpecError(f"spec.exclude: expected a list of mappings (e.g. {{depth: '1', mode: hidden}}), got {exclude!r}")
+    known = {"task": [t.name for t in tasks], "mode": mode_names, **{a: list(v) for a, v in axes.items()}}
+    rules = []
+    for i, rule in enumerate(exclude):
+        where = f"spec.exclude[{i}]"
+        rule = _mapping(rule, where)
+        _check_keys(rule, set(known), where)
+        for key, value in rule.items():
+            if str(value) not in known[key]:
+                raise SpecError(f"{where}.{key}: {value!r} is not one of {', '.join(known[key])}")
+        rules.append({k: str(v) for k, v in rule.items()})
     return Spec(
         name=name,
         title=str(raw.get("title") or name),
@@ -286,6 +309,7 @@ def parse_spec(raw: Any, name: Optional[str] = None, path: Optional[str] = None)
         per_seed_teacher=bool(teacher.get("per_seed", False)),
         reference=reference,
         speed_reference=raw.get("speed_reference"),
+        exclude=rules,
         path=path,
     )
 
@@ -360,6 +384,8 @@ def plan(spec: Spec, root: Path, python: str = "python") -> tuple[list[Run], lis
             for combo in axis_combos(spec):
                 axis_overrides = [o for name, value in combo.items() for o in spec.axes[name][value]]
                 for mode in spec.modes:
+                    if spec.excluded(task.name, combo, mode.name):
+                        continue
                     problem = None
                     try:
                         overrides = mode_overrides(mode, task.name)
@@ -666,6 +692,8 @@ def summarize(spec: Spec, teachers: list[dict], cells: list[dict]) -> list[dict]
             speed_ref = [c["samples_per_s"] for c in group
                          if c["mode"] == spec.speed_reference and c.get("samples_per_s")]
             for mode in spec.modes:
+                if spec.excluded(task.name, combo, mode.name):
+                    continue
                 test = by_seed(mode.name)
                 deltas = [test[s] - ref[s] for s in sorted(test) if s in ref]
                 runs = [c for c in group if c["mode"] == mode.name]
@@ -779,6 +807,9 @@ def render_markdown(spec: Spec, header: dict, teachers: list[dict], cells: list[
     for axis, values in spec.axes.items():
         lines.append("")
         lines.append(f"Axis `{axis}`: " + "; ".join(f"{v} = {' '.join(f'`{o}`' for o in o_) or '–'}" for v, o_ in values.items()))
+    if spec.exclude:
+        lines += ["", "Not run (left out of the product by the spec): "
+                  + "; ".join(" × ".join(f"{k} {v}" for k, v in rule.items()) for rule in spec.exclude) + "."]
 
     ref = spec.reference
     for task in spec.tasks:
@@ -855,7 +886,7 @@ def write_outputs(spec: Spec, out: Path, header: dict, teachers: list[dict], cel
                  "tasks": [vars(t) for t in spec.tasks], "modes": [vars(m) for m in spec.modes],
                  "axes": spec.axes, "overrides": spec.overrides, "teacher_seed": spec.teacher_seed,
                  "per_seed_teacher": spec.per_seed_teacher, "reference": spec.reference,
-                 "speed_reference": spec.speed_reference},
+                 "speed_reference": spec.speed_reference, "exclude": spec.exclude},
         **header,
         "teachers": teachers,
         "runs": cells,
