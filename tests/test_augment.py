@@ -331,3 +331,48 @@ def test_augmented_rows_join_the_student_rows_without_gold(tiny_encoder_dir, tmp
     assert counts["transfer"] == 1 and counts["augmented"] == 2
     assert out["text"][7:] == ["Luis corre hoy.", "Luis duerme muy rápido por la ciudad.", "Luis duerme hoy."]
     assert out[HAS_GOLD] == [True] * 7 + [False] * 3
+
+
+# --- the cache is checked before it is trusted ----------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated"])
+def test_a_damaged_cache_is_built_again(damage, tiny_encoder_dir, tmp_path, caplog):
+    """A cut-short data.arrow used to fail every re-run with a pyarrow traceback until deleted by
+    hand, and flipped bits were read as rows: the checksums written with the cache catch both."""
+    rows, model = classification_rows(), str(tiny_encoder_dir)
+    first = aug.augment_rows(rows, "classification", {}, settings(), model, tmp_path, seed=0).to_list()
+    (folder,) = tmp_path.glob("augment-*")
+    arrow = folder / "data.arrow"
+    data = bytearray(arrow.read_bytes())
+    if damage == "flipped":
+        data[len(data) // 2] ^= 0x20
+    else:
+        data = data[: len(data) // 3]
+    arrow.write_bytes(bytes(data))
+    again = aug.augment_rows(rows, "classification", {}, settings(), model, tmp_path, seed=0).to_list()
+    assert again == first
+    assert f"augmented rows {folder} is damaged" in caplog.text and "building it again" in caplog.text
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name]  # nothing left aside
+
+
+def test_a_full_disk_is_said_before_augmenting(tiny_encoder_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from distill import files
+    from distill.errors import StageError
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda p: real(p)._replace(free=1024))
+    with pytest.raises(StageError, match=r"not enough disk space to write the augmented rows in .*augment\.cache_dir"):
+        aug.augment_rows(classification_rows(), "classification", {}, settings(), str(tiny_encoder_dir), tmp_path, seed=0)
+    assert not list(tmp_path.glob("*augment-*"))
+    monkeypatch.undo()
+
+    def no_space(*args, **kwargs):  # the disk fills up while the rows are written
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(aug.ArrowWriter, "write_batch", no_space)
+    with pytest.raises(StageError, match=r"the disk holding .* filled up while writing the augmented rows"):
+        aug.augment_rows(classification_rows(), "classification", {}, settings(), str(tiny_encoder_dir), tmp_path, seed=0)
+    assert not list(tmp_path.glob("*augment-*"))

@@ -76,6 +76,8 @@ def world(tmp_path_factory, tiny_bert_dir, tiny_roberta_dir) -> World:
     (root / "latin1.jsonl").write_bytes(
         json.dumps(rows(1, 9)[0]).encode() + b"\n" + '{"text": "ni\u00f1o", "label": "pos"}\n'.encode("latin-1")
     )
+    (root / "latin1.txt").write_bytes("muy bueno\n".encode() + "el ni\u00f1o lleg\u00f3\n".encode("latin-1"))
+    write_jsonl(root / "numbers.jsonl", [{"text": i} for i in range(5)])
     (root / "ud.conllu").write_text("# sent_id = 1\n1\tHola\thola\tINTJ\ti\t_\t0\troot\t_\t_\n\n")
     (root / "not-a-model").mkdir()
     (root / "not-a-model" / "config.json").write_text("{}")
@@ -212,6 +214,28 @@ CASES = {
     ),
     "unknown-tracker": Case("run", ["tracking.report_to=[wandbb]"], ["unknown tracker 'wandbb'", "Did you mean 'wandb'?"]),
     "negative-seed": Case("run", ["seed=-3"], ["seed=-3 is out of range"]),
+    "albeto-base-beyond-12-layers": Case(
+        "student", ["student.num_layers=null", "student.model=albeto-base-13"],
+        ["'albeto-base-13' is not in the student catalog: ALBETO base has 12 layers (albeto-base-N: N in 1..12)"],
+    ),
+    "model-folder-missing": Case(
+        "student", ["student.num_layers=null", "student.model={root}/models/gone"], ["no such folder: {root}/models/gone"],
+    ),
+    "eval-checkpoint-missing": Case(
+        "eval", ["checkpoint={root}/no-such-run/student/model"], ["checkpoint={root}/no-such-run/student/model: no such folder"],
+    ),
+    "augment-mlm-without-head": Case(
+        "run", ["augment.copies=1", "augment.method=mlm", "augment.model={bert}"],
+        ["augment.model='{bert}' has no trained masked-LM head", "method=embedding"],
+    ),
+    "transfer-file-not-utf8": Case(
+        "student", ["data.transfer=[{{files: [{root}/latin1.txt]}}]"],
+        ["data.transfer[0]: {root}/latin1.txt:2: not valid UTF-8 (byte 0xf1", "latin1"],
+    ),
+    "transfer-column-of-numbers": Case(
+        "student", ["data.transfer=[{{files: [{root}/numbers.jsonl]}}]"],
+        ["data.transfer[0]: column 'text' (text) holds int values", "data.transfer[0].columns.text=<column>"],
+    ),
     "validation-from-train-not-a-fraction-or-count": Case(
         "run", ["data.validation_from_train=1.5"], ["data.validation_from_train=1.5: use a fraction"],
     ),
@@ -275,6 +299,10 @@ PREFLIGHT_CASES = {
     "student-not-loadable": (["student.num_layers=null", "student.model={root}/not-a-model"], "exists but is not a loadable model"),
     "student-layers-out-of-range": (["student.from_teacher_layers=[0,2]", "student.num_layers=null"], "must be increasing, unique and in 0..1"),
     "student-data-missing-column": (["data.columns.text=sentence"], "has no column 'sentence'"),
+    # known before the teacher trains: the augmenting masked LM, the transfer files
+    "augment-mlm-without-head": (["augment.copies=1", "augment.method=mlm", "augment.model={bert}"], "has no trained masked-LM head"),
+    "transfer-file-not-utf8": (["data.transfer=[{{files: [{root}/latin1.txt]}}]"], "latin1.txt:2: not valid UTF-8"),
+    "transfer-column-of-numbers": (["data.transfer=[{{files: [{root}/numbers.jsonl]}}]"], "column 'text' (text) holds int values"),
 }
 
 
@@ -310,3 +338,61 @@ def test_preflight_passes_a_good_recipe_and_refuses_a_different_student_config(w
     other = load_config(world.recipe, [f"output_dir={run}", "distill.temperature=4.0"])
     with pytest.raises(train.StageError, match="holds a run with a different config"):
         preflight(other, ["teacher", "student"])
+
+
+# --- QA: what the tokenizers make of the rows, known before the teacher trains -----------------
+
+
+def qa_recipe(root: Path, teacher: str, student: str, extra: str = "") -> Path:
+    data = Path(__file__).resolve().parents[1] / "distill" / "sample_data" / "qa_es"
+    recipe = root / "qa.yaml"
+    recipe.write_text(
+        f"""# QA preflight: distill run qa.yaml output_dir=...
+task: {{family: qa, name: tiny-qa}}
+data:
+  files: {{train: {data}/train.json, validation: {data}/validation.json}}
+  max_length: 128
+  doc_stride: 32
+teacher: {{model: {teacher}{extra}}}
+student: {{model: {student}}}
+distill: {{ce_weight: 0.0, kd_weight: 1.0}}
+train: {{batch_size: 4, epochs: 1}}
+tracking: {{report_to: []}}
+"""
+    )
+    return recipe
+
+
+def test_qa_teacher_windows_too_short_for_the_questions_name_the_teachers_key(world, tmp_path):
+    """Across tokenizers the teacher reads the questions in windows of its own `max_length`; a
+    question that leaves no room there is named with that key (not data.max_length), before the
+    teacher is fine-tuned."""
+    from distill.config import load_config
+    from distill.errors import DataError
+
+    recipe = qa_recipe(tmp_path, world.paths["roberta"], world.paths["bert"], ", max_length: 12, doc_stride: 4")
+    cfg = load_config(recipe, [f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(DataError) as info:
+        preflight(cfg, ["teacher", "student"])
+    message = str(info.value)
+    assert "of split 'train': the question has" in message and "teacher.max_length=12 leaves no room" in message
+    assert "raise teacher.max_length" in message and "data.max_length" not in message
+    assert not (tmp_path / "run").exists()
+    good = load_config(recipe, [f"output_dir={tmp_path / 'run'}", "teacher.max_length=128", "teacher.doc_stride=32"])
+    preflight(good, ["teacher", "student"])
+
+
+def test_qa_with_a_left_padding_tokenizer_is_refused_before_any_step(world, tmp_path):
+    """The QA features place the context mask, answer positions and CLS index for right padding;
+    a tokenizer that pads on the left would misalign every batch."""
+    from distill.config import load_config
+
+    left = tmp_path / "left-padding-bert"
+    shutil.copytree(world.paths["bert"], left)
+    config = json.loads((left / "tokenizer_config.json").read_text())
+    (left / "tokenizer_config.json").write_text(json.dumps({**config, "padding_side": "left"}))
+    recipe = qa_recipe(tmp_path, world.paths["bert"], str(left))
+    cfg = load_config(recipe, [f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(train.StageError, match=rf"the tokenizer {left} \(\w+\) pads on the left.*\"padding_side\": \"right\""):
+        preflight(cfg, ["teacher", "student"])
+    assert not (tmp_path / "run").exists()

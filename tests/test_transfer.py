@@ -334,3 +334,34 @@ def test_tagging_and_qa_features_of_transfer_rows(tmp_path, tiny_bert_dir):
     s, e = torch.log_softmax(out.start_logits, -1), torch.log_softmax(out.end_logits, -1)  # [rows, seq]
     expected = -(s[0, feats["start_positions"][0]] + e[0, feats["end_positions"][0]]) / 2
     assert torch.allclose(out.loss, expected, atol=1e-6)
+
+
+# --- what a transfer file holds is checked, not converted -----------------------------------------
+
+
+def test_numbers_or_lists_in_a_transfer_column_are_refused_not_made_text(tmp_path):
+    """A mapped column of numbers (an id column) or lists would become their digits or their
+    repr, and the student would be distilled on them; it is refused as a labelled column is."""
+    numbers = write_jsonl(tmp_path / "numbers.jsonl", [{"premise": i, "hypothesis": "b"} for i in range(3)])
+    with pytest.raises(DataError, match=r"data\.transfer\[0\]: column 'premise' \(text\) holds int values \(row 0: '0'\), not text.*columns\.text=<column>"):
+        check_transfer(pair_raw(), "classification", PAIR_COLUMNS, [TransferSource(files=[str(numbers)])])
+    lists = write_jsonl(tmp_path / "lists.jsonl", [{"premise": "a", "hypothesis": ["b", "c"]}])
+    with pytest.raises(DataError, match=r"column 'hypothesis' \(text_pair\) holds list values"):
+        build_student_train_rows(pair_raw(), "classification", PAIR_COLUMNS, [TransferSource(files=[str(lists)])])
+    ids = write_jsonl(tmp_path / "ids.jsonl", [{"tokens": [1, 2, 3]}])
+    with pytest.raises(DataError, match=r"column 'tokens' \(tokens\) holds list values.*not lists of words"):
+        check_transfer(tagging_raw(), "tagging", TAG_COLUMNS, [TransferSource(files=[str(ids)])])
+    fine = write_jsonl(tmp_path / "fine.jsonl", [{"premise": "a", "hypothesis": "b", "n": 3}])
+    check_transfer(pair_raw(), "classification", PAIR_COLUMNS, [TransferSource(files=[str(fine)])])  # other columns: ignored
+
+
+@pytest.mark.parametrize("name", ["news.txt", "news.conll"])
+def test_a_latin1_text_transfer_file_names_the_encoding_and_the_line(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes("Hola\nAdiós\n".encode("utf-8") + "El niño llegó\n".encode("latin-1"))
+    with pytest.raises(DataError, match=rf"data\.transfer\[0\]: .*{name}:3: not valid UTF-8 \(byte 0xf1 at column 6\).*latin1"):
+        check_transfer(tagging_raw(), "tagging", TAG_COLUMNS, [TransferSource(files=[str(path)])])
+    bom = tmp_path / f"bom-{name}"
+    bom.write_bytes(b"\xef\xbb\xbf" + "Hola Ana\n".encode("utf-8"))  # a UTF-8 byte-order mark is fine
+    out, _ = build_student_train_rows(tagging_raw(), "tagging", TAG_COLUMNS, [TransferSource(files=[str(bom)])])
+    assert out["tokens"][1][0] == "Hola"

@@ -20,12 +20,10 @@ Both methods skip special tokens, continuation pieces (##xx), tokens that are no
 original word's casing (Madrid -> Barcelona). Replaceable words are runs of 3+ letters: digits,
 punctuation, hyphenated words and short function words (de, el, la, en, of, to) stay.
 
-What each family keeps aligned:
-- classification: the text and the text pair are both augmented;
-- tagging: one token for one token, so the word count (and the teacher's word-level targets)
-  never changes;
-- QA: the question and the context outside every answer span are augmented; answers keep
-  their text and `answer_start` is moved by the length changes before it.
+What each family keeps aligned: classification augments the text and the text pair; tagging
+replaces one token by one token, so the word count (and the teacher's word-level targets) never
+changes; QA augments the question and the context outside every answer span, answers keep their
+text and `answer_start` moves by the length changes before it.
 
 Determinism: the random draws of row i come from their own generator seeded by (seed, i), and
 the model's scores are computed per word with fixed padding and rounded before ranking (ties
@@ -36,7 +34,8 @@ Cache: `<cache_dir>/augment-<key>/` holds `data.arrow` (memory-mapped when read)
 max_length, keep_words), the model's weights fingerprint and tokenizer, the task family, the
 column roles and the content of the input rows; batch size and cache folder are not part of it.
 Rows are written batch by batch (never a list of all rows in memory) into a temporary folder
-renamed when complete, so an interrupted build is never read.
+renamed when complete, so an interrupted build is never read; the disk is checked first, and
+the folder carries its files' checksums, verified on every reuse (a damaged set is rebuilt).
 
 One concern over ~500 lines: the two candidate sources (embedding, masked LM) share the word
 plan, the splice and the cache key that makes copies deterministic.
@@ -62,6 +61,7 @@ from datasets import Dataset, Features, Value
 from datasets.arrow_writer import ArrowWriter
 
 from distill.errors import DataError, ModelLoadError
+from distill.files import check_free_space, full_disk_error, reusable, write_checksums
 from distill.data.rows import locate_answer, task_columns, word_spans
 
 log = logging.getLogger("distill")
@@ -71,6 +71,7 @@ SOURCE_INDEX = "source_index"  # the input row an augmented row was made from
 MIN_WORD_CHARS = 3  # shorter words are mostly function words (de, el, of, to): replacing them breaks grammar
 SCORE_DECIMALS = {"embedding": 9, "mlm": 5}  # rounding before ranking: batch-size independence
 PAD_MULTIPLE = 16  # masked rows are padded to a multiple of this, whatever their batch
+SPACE_FACTOR = 2.0  # free space asked for, as a multiple of the copies' estimated size
 
 
 def is_replaceable(word: str) -> bool:
@@ -254,9 +255,7 @@ class WordVocabulary:
         return [self.position.get(enc[0]) if len(enc) == 1 else None for enc in encoded]
 
 
-def top_candidates(
-    scores: np.ndarray, vocab: WordVocabulary, k: int, word: str, own: Optional[int]
-) -> list[str]:
+def top_candidates(scores: np.ndarray, vocab: WordVocabulary, k: int, word: str, own: Optional[int]) -> list[str]:
     """The k best-scoring vocabulary words ([words] scores, already rounded), best first, ties
     to the lower token id, without the word itself."""
     target = fold(word)
@@ -375,31 +374,23 @@ class MaskedLMCandidates:
         return results
 
 
-def load_candidates(settings: Any, model_name: str) -> tuple[Any, str]:
-    """The candidate source of `settings.method` over `model_name`, and a fingerprint of what
-    it depends on (weights and tokenizer) for the cache key."""
+def load_model(method: str, model_name: str) -> Any:
+    """The model that proposes words: an encoder (embedding), or a masked LM with its trained head
+    (mlm; ModelLoadError without one). Also the preflight check of `augment.model`."""
     from transformers import AutoModel, AutoModelForMaskedLM
 
     from distill import models
 
-    tokenizer = models.load_tokenizer(model_name)
     source, _ = models.resolve(model_name)
-    vocab = WordVocabulary(tokenizer)
     try:
-        if settings.method == "embedding":
-            model = AutoModel.from_pretrained(source)
-        else:
-            model, info = AutoModelForMaskedLM.from_pretrained(source, output_loading_info=True)
+        if method == "embedding":
+            return AutoModel.from_pretrained(source)
+        model, info = AutoModelForMaskedLM.from_pretrained(source, output_loading_info=True)
     except Exception as err:
         raise ModelLoadError(
             f"augment: cannot load model '{model_name}' (from '{source}'): {type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else ''}"
         ) from None
-    digest = models.tokenizer_digest(tokenizer)
-    if settings.method == "embedding":
-        embeddings = model.get_input_embeddings()
-        found = EmbeddingNeighbours(tokenizer, embeddings.weight, settings.top_k, vocab)
-        return found, f"{models.fingerprint(embeddings)}-{digest}"
     missing = sorted(info.get("missing_keys", []))
     if missing:
         raise ModelLoadError(
@@ -407,6 +398,22 @@ def load_candidates(settings: Any, model_name: str) -> tuple[Any, str]:
             f"{missing[:4]}{' ...' if len(missing) > 4 else ''}); method=mlm needs a pretrained "
             "MLM checkpoint such as dccuchile/bert-base-spanish-wwm-cased, or use method=embedding"
         )
+    return model
+
+
+def load_candidates(settings: Any, model_name: str) -> tuple[Any, str]:
+    """The candidate source of `settings.method` over `model_name`, and a fingerprint of what
+    it depends on (weights and tokenizer) for the cache key."""
+    from distill import models
+
+    tokenizer = models.load_tokenizer(model_name)
+    vocab = WordVocabulary(tokenizer)
+    model = load_model(settings.method, model_name)
+    digest = models.tokenizer_digest(tokenizer)
+    if settings.method == "embedding":
+        embeddings = model.get_input_embeddings()
+        found = EmbeddingNeighbours(tokenizer, embeddings.weight, settings.top_k, vocab)
+        return found, f"{models.fingerprint(embeddings)}-{digest}"
     model.eval()
     if torch.cuda.is_available():
         model.to("cuda")
@@ -451,10 +458,7 @@ def _augment_batch(
     names = list(batch)
     rows = [{n: batch[n][j] for n in names} for j in range(len(batch[names[0]]))]
     fields = [row_fields(family, cols, row, keep) for row in rows]
-    plans = [
-        plan_copies(f, settings.copies, settings.p, random.Random(f"augment:{seed}:{offset + j}"))
-        for j, f in enumerate(fields)
-    ]
+    plans = [plan_copies(f, settings.copies, settings.p, random.Random(f"augment:{seed}:{offset + j}")) for j, f in enumerate(fields)]
     wanted = sorted({(j, fi, wi) for j, plan in enumerate(plans) for chosen in plan for (fi, wi) in chosen})
     if candidates.method == "embedding":
         def word(j: int, fi: int, wi: int) -> str:
@@ -525,13 +529,7 @@ def cache_key(
 
 
 def augment_rows(
-    rows: Dataset,
-    family: str,
-    columns: Mapping[str, str],
-    settings: Any,
-    model: str,
-    cache_dir: str | Path,
-    seed: int,
+    rows: Dataset, family: str, columns: Mapping[str, str], settings: Any, model: str, cache_dir: str | Path, seed: int,
 ) -> Dataset:
     """`settings.copies` augmented copies of each row of `rows` (fewer when a row has nothing
     to replace or a copy repeats another), with the input row's index in `source_index`.
@@ -549,11 +547,15 @@ def augment_rows(
     key = cache_key(settings, family, cols, model_fp, _rows_digest(rows), seed)
     cache_dir = Path(cache_dir)
     final = cache_dir / f"augment-{key}"
-    if (final / "metadata.json").is_file():
+    if reusable(final, "metadata.json", "augmented rows"):
         log.info("augmented rows: reusing %s", final)
         return Dataset.from_file(str(final / "data.arrow"))
 
     features = Features({**rows.features, SOURCE_INDEX: Value("int64")})
+    advice = "Point augment.cache_dir at a larger disk or free some space, then re-run the same command."
+    # copies of the rows, plus a margin: an estimate is all there is before the words are drawn
+    check_free_space(cache_dir, int(rows.data.nbytes * max(1, settings.copies) * SPACE_FACTOR),
+                     "the augmented rows", advice=advice)
     tmp = cache_dir / f".augment-{key}.{uuid.uuid4().hex[:8]}.tmp"
     tmp.mkdir(parents=True)
     keep = {fold(w) for w in settings.keep_words}
@@ -573,16 +575,18 @@ def augment_rows(
                 bar.update(len(next(iter(batch.values()))))
         writer.finalize()
         writer.close()
-        meta = {
-            "key": key, "rows": written, "inputs": len(rows), "method": settings.method,
-            "copies": settings.copies, "p": settings.p, "top_k": settings.top_k, "seed": seed,
-            "model": model, "model_fingerprint": model_fp, "seconds": round(time.time() - began, 1),
-        }
+        meta = {"key": key, "rows": written, "inputs": len(rows), "method": settings.method, "copies": settings.copies,
+                "p": settings.p, "top_k": settings.top_k, "seed": seed, "model": model, "model_fingerprint": model_fp,
+                "seconds": round(time.time() - began, 1)}
         (tmp / "metadata.json").write_text(json.dumps(meta, indent=2))
+        write_checksums(tmp)  # verified whenever the rows are reused
         try:
             tmp.rename(final)
         except OSError:  # another process finished the same key first: use theirs
             shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise full_disk_error(err, cache_dir, "the augmented rows", advice) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
 import pyarrow as pa
 import torch
@@ -20,6 +21,8 @@ from torch.utils.data import DataLoader
 from distill.data import read as data_mod
 from distill.config import DataConfig
 from distill.errors import DataError
+from distill.files import sha256_file
+from distill.launch import main_first
 from distill.data.sampling import LengthGroupedBatchSampler
 
 
@@ -43,7 +46,7 @@ def prepare_data(task: Any, raw: DatasetDict, accelerator: Optional[Any] = None)
     """Raw splits -> features with the task's (bound) tokenizers. With an accelerator, the main
     process tokenizes first and the others then read the datasets cache."""
     features = {}
-    first = accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext()
+    first = main_first(accelerator, "tokenizing the data") if accelerator is not None else contextlib.nullcontext()
     with first:
         for split, ds in raw.items():
             try:
@@ -125,7 +128,22 @@ def data_fingerprint(features: Dataset) -> str:
     return sink.digest.hexdigest()[:16]
 
 
-def data_identity(raw: DatasetDict) -> dict[str, str]:
-    """A content hash of every raw split (as `read_raw` gives them): a stage resumed or skipped as
-    complete must have been trained on exactly this data."""
-    return {split: data_fingerprint(ds) for split, ds in raw.items()}
+def data_identity(raw: DatasetDict, transfer: Sequence[Any] = ()) -> dict[str, str]:
+    """A content hash of every raw split (as `read_raw` gives them) and of each `data.transfer`
+    entry (keyed `data.transfer[i]`: local files by their bytes, a Hub source by its rows): a
+    stage resumed or skipped as complete must have been trained on exactly this data."""
+    out = {split: data_fingerprint(ds) for split, ds in raw.items()}
+    for i, src in enumerate(transfer):
+        files = list(src.files) or ([src.source] if src.source and Path(src.source).is_file() else [])
+        if not files:
+            from distill.data.transfer import read_transfer_source
+
+            out[f"data.transfer[{i}]"] = data_fingerprint(read_transfer_source(src, i))
+            continue
+        digest = hashlib.sha256()
+        for f in files:
+            if not Path(f).is_file():
+                raise DataError(f"data.transfer[{i}]: file not found: {f}")
+            digest.update(sha256_file(Path(f)).encode())
+        out[f"data.transfer[{i}]"] = digest.hexdigest()[:16]
+    return out

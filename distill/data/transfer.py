@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
-from datasets import Dataset, DatasetDict, Features, List, Value, concatenate_datasets, load_dataset
+from datasets import Dataset, DatasetDict, Features, LargeList, List, Value, concatenate_datasets, load_dataset
 
 from distill.errors import DataError
 from distill.data.rows import GOLD_ROLE, split_words, task_columns
@@ -153,7 +153,7 @@ _TRANSFER_EXT = {".txt": "text", ".text": "text", ".conll": "conll"}
 
 def _text_lines(path: str, stamp: Any) -> Iterator[dict]:
     """One example per non-empty line (`stamp` only keys the datasets cache to the file)."""
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8-sig") as handle:
         for line in handle:
             line = line.strip()
             if line:
@@ -164,7 +164,7 @@ def _conll_tokens(path: str, stamp: Any) -> Iterator[dict]:
     """CoNLL-style text: one token per line (its first field; tags, if any, ignored), a blank
     line between sentences, -DOCSTART- lines skipped."""
     tokens: list[str] = []
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8-sig") as handle:
         for line in handle:
             fields = line.split()
             if not fields or fields[0] == "-DOCSTART-":
@@ -185,6 +185,12 @@ def read_transfer_file(path: str | Path, fmt: Optional[str], where: str) -> Data
         raise DataError(f"{where}: file not found: {path}")
     fmt = fmt or _TRANSFER_EXT.get(path.suffix.lower())
     if fmt in ("text", "conll"):
+        from distill.data.formats import check_utf8
+
+        try:  # the generator's decode error would reach the user as "error generating the dataset"
+            check_utf8(path)
+        except DataError as err:
+            raise DataError(f"{where}: {err}") from None
         stat = path.stat()
         generator, features = (_text_lines, TEXT_FEATURES) if fmt == "text" else (_conll_tokens, TOKENS_FEATURES)
         try:
@@ -252,6 +258,28 @@ def _source_column(ds: Dataset, where: str, role: str, col: str) -> str:
     return col
 
 
+def _check_text_column(ds: Dataset, where: str, role: str, col: str, words: bool) -> None:
+    """Refuse a mapped column whose values are not text (numbers, lists, nulls): read as text
+    they would become their digits or their repr (labelled columns are refused alike)."""
+    feature = ds.features[col]
+    if words and getattr(feature, "dtype", None) in ("string", "large_string"):
+        return  # text where words are expected: map_transfer_rows says to map it as text
+    inner = getattr(feature, "feature", None) if words else feature
+    if words and not isinstance(feature, (List, LargeList)):
+        inner = None
+    if getattr(inner, "dtype", None) in ("string", "large_string"):
+        return
+    values = ds.select_columns([col]).select(range(min(len(ds), 1000)))[col]
+    row, value = next(((i, v) for i, v in enumerate(values) if v is not None), (0, None))
+    kind = "only nulls" if value is None else f"{type(value).__name__} values (row {row}: {str(value)[:60]!r})"
+    want = "lists of words" if words else "text"
+    raise DataError(
+        f"{where}: column '{col}' ({role}) holds {kind}, not {want}: read as text they would train "
+        f"the student on their repr. Map the right column with {where}.columns.{role}=<column> "
+        f"(the source has {ds.column_names})"
+    )
+
+
 def map_transfer_rows(
     ds: Dataset,
     family: str,
@@ -300,6 +328,9 @@ def map_transfer_rows(
         if id_col in ds.column_names:
             mapping["id"] = id_col
 
+    for role, col in mapping.items():
+        if role != "id":
+            _check_text_column(ds, where, "text" if split_text else role, col, words=family == "tagging" and not split_text)
     first = ds[0]
     if family == "tagging" and not split_text:
         value = first[mapping["tokens"]]

@@ -8,7 +8,6 @@ checkpoints and exits with REQUEUE_EXIT_CODE, and the same command resumes mid-e
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -23,7 +22,8 @@ from accelerate.utils import DistributedType
 from torch import nn
 
 from distill.errors import REQUEUE_EXIT_CODE, Preempted
-from distill.files import check_free_space, link_tree, swap_in
+from distill.launch import on_main, together
+from distill.files import check_free_space, link_tree, swap_in, verify_checksums, write_checksums
 
 log = logging.getLogger("distill")
 
@@ -42,34 +42,13 @@ class LoopState:
     history: list = field(default_factory=list)
 
 
-CHECKSUMS = "checksums.json"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
-
-
 def verify(checkpoint: Path) -> Optional[str]:
     """None when every file of `checkpoint` matches its recorded checksum, else what is wrong."""
     try:
-        recorded = json.loads((checkpoint / CHECKSUMS).read_text())
         json.loads((checkpoint / "loop_state.json").read_text())
     except (OSError, ValueError) as err:
-        return f"no readable {CHECKSUMS} / loop_state.json ({err})"
-    present = {str(p.relative_to(checkpoint)) for p in _files(checkpoint)}
-    missing = sorted(set(recorded) - present)
-    if missing:
-        return f"missing files {missing}"
-    bad = [name for name, digest in recorded.items() if _sha256(checkpoint / name) != digest]
-    return f"files that changed since they were written (damaged or truncated): {bad}" if bad else None
+        return f"no readable loop_state.json ({err})"
+    return verify_checksums(checkpoint)
 
 
 def latest_checkpoint(ckpt_root: Path, verified: bool = False) -> Optional[Path]:
@@ -97,24 +76,27 @@ def save_checkpoint(
     `keep`. The disk is checked first: a full disk fails with a message, never mid-file."""
     final = ckpt_root / f"step-{state.global_step}"
     tmp = ckpt_root / f".tmp-step-{state.global_step}"
-    if accelerator.is_main_process:
+
+    def make_room() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         ckpt_root.mkdir(parents=True, exist_ok=True)
         check_free_space(ckpt_root, needed_bytes, "a checkpoint")
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+
+    def seal() -> None:
         if best_dir.exists():
             link_tree(best_dir, tmp / "best")
         (tmp / "loop_state.json").write_text(json.dumps(asdict(state)))
-        sums = {str(p.relative_to(tmp)): _sha256(p) for p in _files(tmp)}
-        (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1))
+        write_checksums(tmp)
         swap_in(tmp, final)
         olds = sorted((p for p in ckpt_root.glob("step-*") if p != final), key=lambda p: int(p.name.split("-")[1]))
         for old in olds[: max(0, len(olds) - keep + 1)]:
             shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+
+    # a failure on one process (a full disk on the main one) stops every process, naming it
+    on_main(accelerator, f"making room for checkpoint {final}", make_room)
+    with together(accelerator, f"saving checkpoint {final}"):
+        accelerator.save_state(str(tmp))
+    on_main(accelerator, f"sealing checkpoint {final} (checksums, rename)", seal)
     return final
 
 
@@ -122,11 +104,13 @@ def resume_from(accelerator: Accelerator, checkpoint: Path, best_dir: Path) -> L
     """Restore model, optimizer, scheduler and RNG states, the best model so far and the loop
     state saved in `checkpoint`."""
     accelerator.load_state(str(checkpoint))
-    if accelerator.is_main_process:
+
+    def restore_best() -> None:
         shutil.rmtree(best_dir, ignore_errors=True)
         if (checkpoint / "best").exists():
             link_tree(checkpoint / "best", best_dir)
-    accelerator.wait_for_everyone()
+
+    on_main(accelerator, f"restoring the best model of {checkpoint}", restore_best)
     return LoopState(**json.loads((checkpoint / "loop_state.json").read_text()))
 
 
@@ -137,7 +121,8 @@ def save_model_folder(accelerator: Accelerator, trainee: nn.Module, folder: Path
     which alone writes. `trainee` is the prepared module whose `.model` is the trained model.
     """
     state = accelerator.get_state_dict(trainee)  # full weights on the main process
-    if accelerator.is_main_process:
+
+    def save() -> None:
         model = accelerator.unwrap_model(trainee).model
         check_free_space(folder.parent, sum(p.numel() * p.element_size() for p in model.parameters()) * 2, "the model")
         weights = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
@@ -147,7 +132,8 @@ def save_model_folder(accelerator: Accelerator, trainee: nn.Module, folder: Path
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         swap_in(tmp, folder)
-    accelerator.wait_for_everyone()
+
+    on_main(accelerator, f"saving the model to {folder}", save)
 
 
 def load_model_weights(accelerator: Accelerator, trainee: nn.Module, folder: Path) -> None:

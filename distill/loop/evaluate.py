@@ -20,6 +20,8 @@ from torch.utils.data import DataLoader
 
 from distill import models
 from distill.config import Config
+from distill.errors import StageError
+from distill.models.load import looks_like_path
 from distill.data.features import load_data, make_loader, prepare_data
 from distill.objective.losses import Trainee
 from distill.tasks import get_task
@@ -107,6 +109,10 @@ def write_predictions(task: Task, arrays: dict[str, np.ndarray], features: Datas
 
 def evaluate_checkpoint(cfg: Config, checkpoint: str) -> dict[str, dict[str, float]]:
     """Metrics per evaluation split for the model saved at `checkpoint` (a model folder)."""
+    if looks_like_path(checkpoint) and not Path(checkpoint).expanduser().is_dir():
+        raise StageError(f"checkpoint={checkpoint}: no such folder ({Path(checkpoint).expanduser().resolve()}); "
+                         "point it at a saved model folder, e.g. runs/x/student/model")
+    models.load_config(checkpoint)  # a folder that is not a model, a Hub id not cached: said before any work
     accelerator = Accelerator()
     task = get_task(cfg.task, cfg.data)
     raw = load_data(cfg.data, cfg.seed, task)

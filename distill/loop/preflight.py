@@ -4,8 +4,10 @@
 tokenizers only (no weights), so a broken student setting does not surface only after hours of
 teacher fine-tuning. A student whose teacher is not fine-tuned yet is checked against the
 pretrained teacher, which has the same tokenizer, depth and width (the teacher stage gives it the
-data's labels). Every stage repeats its full checks when it starts; this only moves the failures
-earlier.
+data's labels). The rows are checked against the tokenizers' windows (a QA question too long for
+a teacher's own `max_length`), transfer files are read (columns, encoding) and a masked LM that
+proposes augmentation words is loaded (its head). Every stage repeats its full checks when it
+starts; this only moves the failures earlier.
 """
 
 from __future__ import annotations
@@ -39,17 +41,25 @@ def preflight(cfg: Config, stages: Sequence[str]) -> None:
             continue
         check_writable(plan.folder, keep=False)
         check_metrics(task, plan.train.select_metric)
-        check_model_configs(plan, task)
+        check_model_configs(plan, task, raw)
+        if plan.kind == "student" and plan.augment.copies > 0 and plan.augment.method == "mlm":
+            from distill.data.augment import load_model
+
+            load_model("mlm", plan.augment.model)  # a masked LM with its trained head
 
 
-def check_model_configs(plan: StagePlan, task: Task) -> None:
+def check_model_configs(plan: StagePlan, task: Task, raw: Any = None) -> None:
     """`setup.check_models` on the stage's configs and tokenizers, loaded without weights (`task`
-    has read its labels from the data)."""
+    has read its labels from the data), and, given the raw splits `raw`, that every row fits the
+    tokenizers' windows (`task.check_windows`: QA questions, in a teacher's own windows too)."""
     base = plan.base
     if plan.kind == "teacher":
         config = models.load_config(base.model, base.revision, base.trust_remote_code)
-        models.load_tokenizer(base.model, base.revision, base.trust_remote_code)
+        tokenizer = models.load_tokenizer(base.model, base.revision, base.trust_remote_code)
         check_lengths(plan.data.max_length, "data.max_length", config)
+        task.bind(tokenizer)  # e.g. a QA model's tokenizer must pad on the right
+        if raw is not None:
+            task.check_windows(raw)
         return
     configs: list[Any] = []
     toks: list[Any] = []
@@ -67,6 +77,8 @@ def check_model_configs(plan: StagePlan, task: Task) -> None:
     else:
         tokenizer = models.load_tokenizer(base.model, base.revision, base.trust_remote_code)
     objective, apart, planning = check_models(plan, task, student_config, tokenizer, configs, toks)
+    if raw is not None:
+        task.check_windows(raw)
     check_trim(plan, tokenizer, toks, [n for n in objective.terms if n in POSITION_TERMS])  # student.vocab.trim
     for i in apart:  # each teacher of another tokenizer on its own copy of the task
         bind_tokenizers(get_task(plan.task, plan.data), tokenizer, toks[i], plan_tokenizers=planning)

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from distill import models
 from distill.config import DistillConfig, TrainConfig
 from distill.errors import StageError
+from distill.launch import board, main_first, precision_note
 from distill.data.features import load_data, make_loader, prepare_data
 from distill.objective.losses import POSITION_TERMS, GoldTerm, HiddenStateLoss, HiddenTerm, Objective, SoftLabelTerm, Term
 from distill.loop.folders import check_writable
@@ -179,10 +180,11 @@ def ensemble_info(plan: StagePlan, sources: Sequence[str]) -> dict[str, Any]:
 
 def bind_tokenizers(
     task: Task, tokenizer: Any, teacher_tok: Any, position_terms: Sequence[str] = (), plan_tokenizers: Sequence[Any] = (),
-    teacher_windows: tuple[Optional[int], Optional[int]] = (None, None), kd_loss: str = "kl",
+    teacher_windows: tuple[Optional[int], Optional[int]] = (None, None), kd_loss: str = "kl", teacher_key: str = "teacher",
 ) -> None:
     """Give the task its tokenizers (the other teachers' to plan features over, and the teacher's
-    own QA windows); refuse a teacher/student pair the task or a term cannot align."""
+    own QA windows, `teacher_key` naming it); refuse a teacher/student pair the task or a term
+    cannot align."""
     if teacher_tok is None or models.same_tokenizer(tokenizer, teacher_tok):
         try:
             task.bind(tokenizer, plan_tokenizers=plan_tokenizers)
@@ -204,7 +206,7 @@ def bind_tokenizers(
             "compares distributions: use distill.kd_loss=kl or ce."
         )
     try:
-        task.bind(tokenizer, teacher_tok, plan_tokenizers=plan_tokenizers, teacher_windows=teacher_windows)
+        task.bind(tokenizer, teacher_tok, plan_tokenizers=plan_tokenizers, teacher_windows=teacher_windows, teacher_key=teacher_key)
     except ValueError as err:
         raise StageError(f"teacher and student tokenizers cannot be aligned for {task.family}: {err}") from None
 
@@ -282,7 +284,7 @@ def add_transfer_rows(plan: StagePlan, raw: DatasetDict, accelerator: Accelerato
     (leak-filtered against validation and test); returns how many of each it holds."""
     from distill.data.transfer import build_student_train_rows
 
-    with accelerator.main_process_first():  # the main process builds (and caches) the augmented rows
+    with main_first(accelerator, "building the student's training rows (transfer sets, augmented copies)"):  # the main process builds (and caches) the augmented rows
         train, counts = build_student_train_rows(
             raw, plan.task.family, plan.data.columns, plan.data.transfer, plan.augment,
             augment_model=plan.base.model,  # the pretrained id: retuning the teacher keeps the cache
@@ -366,7 +368,8 @@ def check_models(
     main_tok = teacher_toks[main] if teacher_toks else None
     position = [n for n in objective.terms if n in POSITION_TERMS]
     windows = plan.teachers[main].windows if plan.teachers else (None, None)
-    bind_tokenizers(task, tokenizer, main_tok, position, planning, windows, plan.distill.kd_loss)
+    key = plan.teachers[main].key if plan.teachers else "teacher"
+    bind_tokenizers(task, tokenizer, main_tok, position, planning, windows, plan.distill.kd_loss, key)
     return objective, apart, planning
 
 
@@ -437,8 +440,13 @@ def make_accelerator(plan: StagePlan) -> Accelerator:
         except ImportError:
             log.warning("wandb is not installed; logging to log.jsonl only (pip install 'distill[wandb]')")
             trackers.remove("wandb")
-    return Accelerator(
+    accelerator = Accelerator(
         gradient_accumulation_steps=plan.train.grad_accum,
         log_with=trackers or None,
         project_dir=str(plan.folder),
     )
+    board(accelerator)  # this process beats from now on: the others can tell it is alive while they wait
+    note = precision_note(accelerator)  # e.g. fp16 on a CPU: said once, and not recorded as used
+    if note and accelerator.is_main_process:
+        log.warning("%s", note)
+    return accelerator

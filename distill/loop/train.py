@@ -40,7 +40,8 @@ from distill.objective.losses import Trainee
 from distill.loop.setup import Stage, make_accelerator, setup_stage
 from distill.data.features import data_identity, read_raw
 from distill.files import atomic_write
-from distill.loop.folders import DATA_FILE, JsonlLog, check_stage_dir, clear_stage_dir, locked
+from distill.launch import on_main
+from distill.loop.folders import DATA_FILE, JsonlLog, check_no_readers, check_stage_dir, clear_stage_dir, locked, reading
 from distill.loop.plan import StagePlan, plan_stage
 
 log = logging.getLogger("distill")
@@ -212,24 +213,47 @@ def run_stage(cfg: Config, stage: str, on_evaluate: Optional[EvalCallback] = Non
 
         datasets.disable_progress_bars()
     raw = read_raw(plan.data, plan.seed)  # read once: hashed here, set up below
-    data = data_identity(raw)  # a run on other data is never resumed into nor skipped as complete
-    status = check_stage_dir(plan, data)  # every process reads it before anyone changes it
-    accelerator.wait_for_everyone()
-    if status == "complete":
-        if main:
-            print(f"[distill] {stage}: complete with the same config, skipping ({out})", flush=True)
-        return json.loads((out / "metrics.json").read_text())
-    with locked(accelerator, out):
-        with SignalsRaise():  # SIGTERM while setting up (e.g. building the cache): exit 75, no temp folders
-            s = setup_stage(plan, accelerator, raw)  # every check; nothing written yet
-        if main:  # every check passed: replace an old run (overwrite=true), record the config
-            if status == "overwrite":
-                clear_stage_dir(out)
-            atomic_write(out / "config.yaml", to_yaml(plan.recipe))
-            atomic_write(out / DATA_FILE, json.dumps(data, indent=1))
-            print(f"[distill] stage {stage} -> {out}\n{to_yaml(plan.recipe)}", flush=True)
-        accelerator.wait_for_everyone()
-        return train_stage(accelerator, plan, s, status, on_evaluate)
+    # a run on other data (splits, and the student's transfer sets) is never resumed into nor
+    # skipped as complete
+    data = data_identity(raw, plan.data.transfer if plan.kind == "student" else ())
+    where = f"checking the stage folder {out}"
+    status = on_main(accelerator, where, lambda: check_stage_dir(plan, data))  # refuses a different config at once
+    if status != "complete":
+
+        def under_lock() -> str:
+            """The status again, now that no other run can finish or start the stage; a stage
+            about to be written must not be one another run is reading."""
+            now = check_stage_dir(plan, data)
+            if now != "complete":
+                check_no_readers(out)
+            return now
+
+        with locked(accelerator, out, under_lock, what=f"stage {stage}") as status:
+            if status != "complete":
+                teachers = [t.folder for t in plan.teachers if not t.finetuned]
+                with reading(accelerator, teachers, f"stage {stage} in {out}"):
+                    return set_up_and_train(accelerator, plan, raw, data, status, on_evaluate)
+    if main:
+        print(f"[distill] {stage}: complete with the same config, skipping ({out})", flush=True)
+    return json.loads((out / "metrics.json").read_text())
+
+
+def set_up_and_train(accelerator: Accelerator, plan: StagePlan, raw: Any, data: dict, status: str, on_evaluate: Optional[EvalCallback]) -> dict:
+    """With the stage's folder locked: set it up, record its config, train it."""
+    out, stage = plan.folder, plan.name
+    with SignalsRaise():  # SIGTERM while setting up (e.g. building the cache): exit 75, no temp folders
+        s = setup_stage(plan, accelerator, raw)  # every check; nothing written yet
+
+    def record() -> None:
+        """Every check passed: replace an old run (overwrite=true), record the config."""
+        if status == "overwrite":
+            clear_stage_dir(out)
+        atomic_write(out / "config.yaml", to_yaml(plan.recipe))
+        atomic_write(out / DATA_FILE, json.dumps(data, indent=1))
+        print(f"[distill] stage {stage} -> {out}\n{to_yaml(plan.recipe)}", flush=True)
+
+    on_main(accelerator, f"recording the stage's config in {out}", record)
+    return train_stage(accelerator, plan, s, status, on_evaluate)
 
 
 def train_stage(accelerator: Accelerator, plan: StagePlan, s: Stage, status: str, on_evaluate: Optional[EvalCallback]) -> dict:
@@ -363,12 +387,14 @@ def finish(accelerator: Accelerator, plan: StagePlan, s: Stage, trainee: Any, ev
     }
     accelerator.log({f"{k}/{m}": v for k, ms in results.items() if k != "info" for m, v in ms.items()}, step=state.global_step)
     save_model_folder(accelerator, trainee, out / "model", s.tokenizer)
-    if main:
+
+    def write_metrics() -> None:
         atomic_write(out / "metrics.json", json.dumps(results, indent=2))
         shutil.rmtree(out / "best", ignore_errors=True)
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         print(f"[distill] {s.name} done: " + json.dumps({k: v for k, v in results.items() if k != "info"}), flush=True)
-    accelerator.wait_for_everyone()
+
+    on_main(accelerator, f"writing {out / 'metrics.json'}", write_metrics)
     for tracker in accelerator.trackers:  # not end_training(): it ends the process group, and
         tracker.finish()  # `distill run` goes on with the next stage
     accelerator.free_memory()

@@ -92,15 +92,29 @@ def short_name(name: str) -> str:
     return Path(name.rstrip("/")).name
 
 
+def looks_like_path(name: str) -> bool:
+    """A reference only a local folder can be: absolute, relative (./, ../, ~), or with more
+    than one '/' (a Hub id is `name` or `owner/name`)."""
+    return name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or "\\" in name
+
+
 def _explain_load_error(name: str, source: str, err: Exception) -> ModelLoadError:
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     local = Path(source).exists()
+    catalog = _TRUNCATED.match(name)
+    if catalog and not local and not 1 <= int(catalog.group(1)) <= 12:
+        return ModelLoadError(
+            f"'{name}' is not in the student catalog: ALBETO base has 12 layers (albeto-base-N: N in "
+            "1..12); pick N in that range, or albeto-tiny / albeto-large"
+        )
     if local:
         hint = f"the folder {source} exists but is not a loadable model ({err})"
+    elif looks_like_path(source):
+        hint = f"no such folder: {Path(source).expanduser()} (a path, not a Hub id): check the path"
     elif offline:
         hint = (
             "HF_HUB_OFFLINE is set and it is not in the local cache: run once with network "
-            "access (or `hf download` it), or point to a local folder"
+            f"access (or `hf download` it), or point to a local folder (there is no folder {Path(source).resolve()})"
         )
     else:
         hint = f"it is neither a local folder nor a reachable Hub id ({type(err).__name__}: {err})"

@@ -63,7 +63,7 @@ from datasets import Dataset, DatasetDict, Features, List, Value
 from transformers import AutoModelForQuestionAnswering
 
 from distill.data.rows import locate_answer
-from distill.errors import DataError
+from distill.errors import DataError, StageError
 from distill.tasks.metrics import answer_start_mismatch, squad_metrics, squad_v2_metrics
 from distill.models import same_tokenizer
 from distill.tasks.base import TEACHER_PREFIX, LogitPair, Task, column, fit_width, pad_lists, require_columns
@@ -78,6 +78,7 @@ from distill.tasks.qa_spans import (
     map_positions,
     move_probabilities,
     pick_teacher_window,
+    question_lengths,
     tokenize_windows,
 )
 
@@ -105,6 +106,7 @@ class QATask(Task):
         super().__init__(settings, data)
         self.teacher_max_length: Optional[int] = None
         self.teacher_doc_stride: Optional[int] = None
+        self.teacher_key = "teacher"  # how the recipe names the teacher (its windows' messages)
 
     def setup(self, raw: DatasetDict) -> None:
         """Check columns, answers and texts of every split (fails naming split and row)."""
@@ -159,13 +161,24 @@ class QATask(Task):
     # --- tokenizers -------------------------------------------------------------------------
     def bind(
         self, tokenizer: Any, teacher_tokenizer: Any = None, plan_tokenizers: Sequence[Any] = (),
-        teacher_windows: tuple[Optional[int], Optional[int]] = (None, None),
+        teacher_windows: tuple[Optional[int], Optional[int]] = (None, None), teacher_key: str = "teacher",
     ) -> None:
         """Tokenizer of the trained model, and the teacher's. A teacher that tokenizes
         differently is aligned through the context's characters (see the module docstring), in
-        windows of its own `teacher_windows` = (max_length, doc_stride) when given.
+        windows of its own `teacher_windows` = (max_length, doc_stride) when given (`teacher_key`:
+        how the recipe names that teacher, for messages).
         QA windows follow one teacher's tokenizer: further tokenizers to plan over are refused
-        (several QA teachers share the student's tokenizer)."""
+        (several QA teachers share the student's tokenizer). The trained model's tokenizer must
+        pad on the right: the context mask, answer positions and CLS index are built for that."""
+        if getattr(tokenizer, "padding_side", "right") == "left":
+            raise StageError(
+                f"the tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__} "
+                f"({type(tokenizer).__name__}) pads on the left, but QA features place the context "
+                "mask, answer positions and CLS index for right padding, so every batch would be "
+                "misaligned. Save the tokenizer with \"padding_side\": \"right\" in its "
+                "tokenizer_config.json, or use a model whose tokenizer pads on the right."
+            )
+        self.teacher_key = teacher_key
         if plan_tokenizers:
             raise ValueError(
                 "QA windows follow the student's and one teacher's tokenizer; several teachers "
@@ -216,10 +229,24 @@ class QATask(Task):
     def model_class(self) -> Any:
         return AutoModelForQuestionAnswering
 
-    def _window_sizes(self, tok: Any, teacher: bool) -> tuple[int, int]:
-        max_length = (teacher and self.teacher_max_length) or self.data.max_length
+    def _window_sizes(self, tok: Any, teacher: bool) -> tuple[int, int, str]:
+        """(max_length, doc_stride, the key that sets max_length) of one side's windows."""
+        own = teacher and self.teacher_max_length
+        max_length = own or self.data.max_length
         stride = (teacher and self.teacher_doc_stride) or self.data.doc_stride
-        return min(max_length, tok.model_max_length), stride
+        return min(max_length, tok.model_max_length), stride, f"{self.teacher_key}.max_length" if own else "data.max_length"
+
+    def check_windows(self, raw: DatasetDict) -> None:
+        """Before any stage trains: every question of every split leaves room for context in
+        the student's windows and, across tokenizers, in the teacher's (DataError naming the
+        split, the row and the key to raise)."""
+        sides = [(self.tokenizer, False)] + ([(self.teacher_tokenizer, True)] if self.teacher_tokenizer is not None else [])
+        for split, ds in raw.items():
+            questions = [str(q or "").lstrip() for q in ds[self.question_col]]
+            where = [f"row {i} of split '{split}'" for i in range(len(questions))]
+            for tok, teacher in sides:
+                max_length, _, key = self._window_sizes(tok, teacher)
+                question_lengths(tok, questions, max_length, where, key)
 
     # --- features -------------------------------------------------------------------------
     def preprocess(self, raw: Dataset, split: str) -> Dataset:
@@ -240,10 +267,12 @@ class QATask(Task):
             questions = [q.lstrip() for q in rows[self.question_col]]
             contexts = rows[self.context_col]
             where = [f"row {i} of split '{split}'" for i in idx]
-            student = tokenize_windows(tok, questions, contexts, *self._window_sizes(tok, False), where)
+            max_length, stride, key = self._window_sizes(tok, False)
+            student = tokenize_windows(tok, questions, contexts, max_length, stride, where, key)
             teacher = None
             if ttok is not None:
-                teacher = tokenize_windows(ttok, questions, contexts, *self._window_sizes(ttok, True), where)
+                max_length, stride, key = self._window_sizes(ttok, True)
+                teacher = tokenize_windows(ttok, questions, contexts, max_length, stride, where, key)
 
             # Character span of each row's first answer (None: no answer, or not in the text).
             spans: list[tuple[int, int] | None] = []

@@ -77,6 +77,23 @@ class Window:
         return min(a for a, _ in spans), max(b for _, b in spans)
 
 
+def question_lengths(
+    tok: Any, questions: Sequence[str], max_length: int, where: Sequence[str], length_key: str = "data.max_length",
+) -> list[int]:
+    """Each question's length in `tok`'s tokens; DataError naming the row (`where[i]`) and the
+    setting (`length_key`) when a question leaves no room for the context in `max_length`."""
+    room = max_length - tok.num_special_tokens_to_add(pair=True)
+    q_lens = [len(ids) for ids in tok(list(questions), add_special_tokens=False)["input_ids"]]
+    for i, n in enumerate(q_lens):
+        if room - n < 1:
+            raise DataError(
+                f"{where[i]}: the question has {n} tokens and {length_key}={max_length} leaves "
+                f"no room for the context with {type(tok).__name__}; questions are never "
+                f"truncated, so raise {length_key}."
+            )
+    return q_lens
+
+
 def tokenize_windows(
     tok: Any,
     questions: Sequence[str],
@@ -84,23 +101,18 @@ def tokenize_windows(
     max_length: int,
     stride: int,
     where: Sequence[str],
+    length_key: str = "data.max_length",
 ) -> list[list[Window]]:
     """Each row's windows, in context order, for one tokenizer.
 
     The question is never truncated: a row whose question leaves no room for the context is an
-    error (`where[i]` names the row). Rows whose question leaves room for fewer than `stride`
-    context tokens get a smaller stride of their own instead of failing the batch.
+    error (`where[i]` names the row, `length_key` the setting to raise). Rows whose question
+    leaves room for fewer than `stride` context tokens get a smaller stride of their own instead
+    of failing the batch.
     """
     question_first = tok.padding_side == "right"
     room = max_length - tok.num_special_tokens_to_add(pair=True)
-    q_lens = [len(ids) for ids in tok(list(questions), add_special_tokens=False)["input_ids"]]
-    for i, n in enumerate(q_lens):
-        if room - n < 1:
-            raise DataError(
-                f"{where[i]}: the question has {n} tokens and data.max_length={max_length} leaves "
-                f"no room for the context with {type(tok).__name__}; questions are never "
-                "truncated, so raise data.max_length."
-            )
+    q_lens = question_lengths(tok, questions, max_length, where, length_key)
 
     def encode(rows: list[int], row_stride: int) -> Any:
         qs, cs = [questions[i] for i in rows], [contexts[i] for i in rows]

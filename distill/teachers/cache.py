@@ -12,7 +12,10 @@ and `data/` (one row per feature, ordered by feature_id: `feature_id` plus one f
 per target). The key hashes everything that changes the outputs (teacher weights, tokenizers,
 preprocessing options, label order, the features' content, precision, stored hidden layers), so
 a stale cache is never read and a matching one is shared across runs, e.g. by every student of
-a grid. Folders are written under a temporary name and renamed when complete.
+a grid. Folders are written under a temporary name and renamed when complete, with the sha256
+of every file in `checksums.json`; a reuse verifies them first, so a damaged or cut-short cache
+is built again rather than trained on. The precision in the key is the one that applies
+(`launch.effective_precision`: fp16 on a CPU runs, and is recorded, as fp32).
 
 Rows of varying length are trimmed before storage and zero-padded to the batch on read: a
 target's axis 1 is cut to the row's value of a batch column (`task.kd_target_lengths`, e.g.
@@ -51,7 +54,8 @@ from torch.utils.data import DataLoader
 from distill import models
 from distill.data.sampling import sorted_batches
 from distill.tasks.base import Task
-from distill.files import check_free_space
+from distill.files import check_free_space, reusable, write_checksums
+from distill.launch import effective_precision, on_main, together
 from distill.errors import CacheError
 from distill.data.features import data_fingerprint
 
@@ -319,12 +323,8 @@ def build_cache(
     main = accelerator.is_main_process
     start = time.perf_counter()
     path = Path(path)
-    token = [uuid.uuid4().hex[:8] if main else None]
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        broadcast_object_list(token)
-    tmp = path.parent / f".tmp-{path.name}-{token[0]}"
+    token = on_main(accelerator, f"naming the teacher cache {path}", lambda: uuid.uuid4().hex[:8])
+    tmp = path.parent / f".tmp-{path.name}-{token}"
     forward = _Teacher(teacher, task, accelerator, hidden_layers)
     was_training = teacher.training
     teacher.eval()
@@ -351,10 +351,11 @@ def build_cache(
         advice="Point distill.cache_dir at a larger disk, free space, or use distill.teacher_outputs=online",
     )
 
-    if main:
+    def make_folder() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
+
+    on_main(accelerator, f"creating {tmp}", make_folder)
 
     # --- this process's shard ---------------------------------------------------------------
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -363,24 +364,25 @@ def build_cache(
     loader = DataLoader(shard, batch_sampler=sorted_batches(shard["length"], batch_size), collate_fn=task.collate)
     schema = _features_schema(specs)
     clamped = rows = 0
-    writer = ArrowWriter(features=schema, path=str(_shard_file(tmp, rank)))
-    try:
-        for batch in loader:
-            batch = _to_device(batch, accelerator.device)
-            table, n_clamped = _batch_table(specs, forward(batch), batch, task)
-            writer.write_table(table)
-            clamped += n_clamped
-            rows += table.num_rows
-        writer.finalize()
-    finally:
-        writer.close()
+    # every process learns whether every shard was written (a failure names its process)
+    with together(accelerator, f"writing teacher cache shards in {tmp}"):
+        writer = ArrowWriter(features=schema, path=str(_shard_file(tmp, rank)))
+        try:
+            for batch in loader:
+                batch = _to_device(batch, accelerator.device)
+                table, n_clamped = _batch_table(specs, forward(batch), batch, task)
+                writer.write_table(table)
+                clamped += n_clamped
+                rows += table.num_rows
+            writer.finalize()
+        finally:
+            writer.close()
     teacher.train(was_training)
     if clamped:
         log.warning("teacher cache: %d values beyond the float16 range were clamped to +-%g", clamped, FLOAT16_MAX)
-    accelerator.wait_for_everyone()
 
     # --- merge on the main process ----------------------------------------------------------
-    if main:
+    def merge() -> None:
         with _QuietProgress():
             shards = [Dataset.from_file(str(_shard_file(tmp, r))) for r in range(world)]
             merged = concatenate_datasets([s for s in shards if len(s)]) if any(len(s) for s in shards) else shards[0]
@@ -407,6 +409,7 @@ def build_cache(
         for r in range(world):
             _shard_file(tmp, r).unlink(missing_ok=True)
         (tmp / "metadata.json").write_text(json.dumps(metadata, indent=2))
+        write_checksums(tmp)  # verified whenever the cache is reused
         try:
             os.replace(tmp, path)
         except OSError:
@@ -414,7 +417,8 @@ def build_cache(
                 raise
             # another run finished the same cache first: theirs is identical, keep it
             shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
+
+    on_main(accelerator, f"merging the teacher cache shards into {path}", merge)
     return path
 
 
@@ -509,10 +513,12 @@ def get_or_build(
 ) -> TeacherCache:
     """The cache under `root` for this (teacher, tokenizers, preprocessing `settings`, data,
     stored hidden layers): reused when it exists, built (on every process, merged once) when it
-    does not."""
-    key, parts = cache_key(task, teacher, train_features, accelerator.mixed_precision, settings, hidden_layers)
+    does not. A cache is reused only when its files match the checksums written with it; a
+    damaged or cut-short one is removed (with a warning naming it) and built again."""
+    # the precision that applies (fp16 on a CPU runs in fp32: the same outputs, the same key)
+    key, parts = cache_key(task, teacher, train_features, effective_precision(accelerator), settings, hidden_layers)
     path = Path(root) / key
-    if (path / "metadata.json").exists():
+    if on_main(accelerator, f"checking the teacher cache {path}", lambda: reusable(path, "metadata.json", "teacher cache")):
         if accelerator.is_main_process:
             print(f"[distill] teacher cache: reusing {path}", flush=True)
     else:
@@ -532,4 +538,12 @@ def get_or_build(
                 f"{_format_bytes(meta['bytes'])}",
                 flush=True,
             )
-    return TeacherCache(path)
+    try:
+        return TeacherCache(path)
+    except CacheError:
+        raise
+    except Exception as err:  # checked above: a cache damaged since, or one written by other code
+        raise CacheError(
+            f"teacher cache {path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}): "
+            "delete that folder and re-run the same command to rebuild it"
+        ) from None

@@ -28,6 +28,7 @@ from datasets import Dataset
 from torch import nn
 
 from distill.teachers import cache as cache_mod
+from distill.launch import effective_precision
 from distill.teachers.ensemble import MASKED_LOGIT, combine
 from distill.errors import CacheError
 from distill.objective.losses import Signals
@@ -133,8 +134,9 @@ def place_teacher(teacher: nn.Module, accelerator: Accelerator) -> nn.Module:
     trains in bf16/fp16: it only infers, so its weights need not stay fp32 (half the memory and
     bandwidth; DeepSpeed, which trains without autocast, needs it anyway)."""
     teacher.to(accelerator.device)
-    if accelerator.mixed_precision in ("bf16", "fp16"):
-        teacher.to(torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float16)
+    precision = effective_precision(accelerator)  # fp16 does not apply on a CPU: fp32 there
+    if precision in ("bf16", "fp16"):
+        teacher.to(torch.bfloat16 if precision == "bf16" else torch.float16)
     return teacher
 
 
