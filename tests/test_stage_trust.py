@@ -490,3 +490,28 @@ def test_changed_transfer_rows_are_not_resumed_into(setup, tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert "was trained on other data (data.transfer[0] changed since)" in err
     assert (run / "student" / "checkpoints").is_dir()  # nothing lost: the old run is still there
+
+
+def test_a_moved_teacher_is_the_same_teacher_and_a_changed_one_is_named(setup, tmp_path, capsys):
+    """Through `distill run`: a fine-tuned teacher folder moved elsewhere (`teacher.dir`) keeps the
+    finished student complete; a student whose fine-tuned teacher is given by path
+    (`teacher.model`, finetuned) and now points elsewhere is refused naming that key."""
+    _, recipe, reference = setup
+    shared, moved = tmp_path / "shared-teacher", tmp_path / "moved-teacher"
+    shutil.copytree(reference / "teacher", shared)
+    run = tmp_path / "run"
+    assert main(["run", str(recipe), f"output_dir={run}", f"teacher.dir={shared}"]) == 0
+    shared.rename(moved)
+    capsys.readouterr()
+    assert main(["run", str(recipe), f"output_dir={run}", f"teacher.dir={moved}"]) == 0
+    assert "student: complete with the same config, skipping" in capsys.readouterr().out
+
+    given = tmp_path / "given"
+    args = ["run", str(recipe), f"output_dir={given}", "teacher.finetuned=true"]
+    assert main([*args, f"teacher.model={moved / 'model'}"]) == 0
+    (moved / "model").rename(tmp_path / "model-elsewhere")
+    capsys.readouterr()
+    assert main([*args, f"teacher.model={tmp_path / 'model-elsewhere'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{given / 'student'} holds a run with a different config (differs in: teacher.model)" in err
+    assert "overwrite=true" in err

@@ -361,15 +361,16 @@ def train_stage(accelerator: Accelerator, plan: StagePlan, s: Stage, status: str
 def finish(accelerator: Accelerator, plan: StagePlan, s: Stage, trainee: Any, eval_loaders: dict, state: LoopState, select: str) -> dict:
     """Reload the best model, score validation and test, write model/, predictions and
     metrics.json (last: its presence marks the stage complete)."""
-    main, out = accelerator.is_main_process, s.out
+    out = s.out
     accelerator.wait_for_everyone()
     if (out / "best").exists():
         load_model_weights(accelerator, trainee, out / "best")
     results: dict[str, dict[str, Any]] = {}
     for split, loader in eval_loaders.items():
         results[split], arrays = evaluate(accelerator, trainee, s.task, loader, s.features[split], s.raw[split])
-        if main:
-            write_predictions(s.task, arrays, s.features[split], s.raw[split], out / f"predictions_{split}.jsonl")
+        target = out / f"predictions_{split}.jsonl"
+        on_main(accelerator, f"writing {target}",
+                lambda: write_predictions(s.task, arrays, s.features[split], s.raw[split], target))
     results["info"] = {
         "stage": s.name,
         "task": plan.task.name,
