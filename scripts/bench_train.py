@@ -8,12 +8,20 @@ for every mode:
   trainer   KD with the teacher online, as a `transformers.Trainer` subclass overriding
             `compute_loss` does it (written below the way users write it)
   online    our loop's step with the teacher online (`teachers.OnlineTeacher`)
-  cached    our loop's step reading the teacher cache (`distill.teachers.cache`)
+  cached    our loop's step reading the teacher's logits from the cache (`distill.teachers.cache`)
+  hidden    the same plus the hidden-state term, its teacher states (4 mapped layers) cached too
+  phase2    a two-phase stage (hidden, attention and relation terms, then KD) in its second
+            phase: logits from the cache; the Q/K/V hooks stay attached, the online teacher idle
   build     the cache build on its own, next to one plain teacher inference pass
 
-Each group runs in its own process, one after the other: build; plain, cached and online
-interleaved batch by batch (so that all three see the same machine load); peak memory of plain
-and of cached training (teacher not resident), one process each; the Trainer.
+Every mode of our loop is the stage's own: the objective `loop.setup.build_objective` builds,
+the teacher `teachers.make_teacher` builds, the training collate that gathers cached rows
+(`teachers.with_cached_targets`) and `loop.step.train_step`. A mode's epoch time counts its
+batches' collation (the cache gather included) and its steps. Each group runs in its own
+process, one after the other: build; the modes of our loop interleaved batch by batch (so that
+all see the same machine load), then one untimed pass each counting host reads per optimizer
+step; peak memory of plain and of cached training (teacher not resident), one process each;
+the Trainer.
 
 plus the padding ratio (real / processed tokens) with and without length grouping, on lengths
 drawn like XNLI sentence pairs (long-tailed; median ~45 tokens, truncated at 128).
@@ -60,7 +68,9 @@ STUDENT_SHAPE = dict(
     num_attention_heads=12, intermediate_size=1248,
 )
 TARGETS = {
-    "cached_vs_plain": ("cached KD epoch / plain fine-tuning epoch", "<=", 1.10),
+    "cached_vs_plain": ("cached logits KD epoch / plain fine-tuning epoch", "<=", 1.02),
+    "hidden_vs_plain": ("cached hidden-state KD epoch / plain fine-tuning epoch", "<=", 1.10),
+    "phase2_vs_cached": ("two-phase, second phase epoch / logits-only KD epoch", "<=", 1.05),
     "trainer_vs_cached": ("Trainer-subclass online KD epoch / cached KD epoch", ">=", 4.0),
     "build_vs_inference": ("cache build / one plain teacher inference pass", "<=", 1.2),
     "padding_grouped": ("padding ratio with length grouping", ">=", 0.90),
@@ -235,51 +245,97 @@ def cached_teacher(cfg, task, teacher, features, accelerator):
 
 
 class OurLoop:
-    """The training loop's own step (`distill.loop.train.train_step`) with the objective the stage
-    builds (`distill.loop.setup.build_objective`): teacher signals (online or cached) -> student
-    forward -> weighted loss terms -> backward -> clip -> step. Nothing here re-implements it."""
+    """A stage's own parts, timed: the objective `loop.setup.build_objective` builds (from the two
+    models' configs), the student capture when a term reads Q/K/V, the training collate that
+    gathers the cached teacher's rows (`teachers.with_cached_targets`), and
+    `loop.step.train_step`: teacher signals (online or cached) -> student forward -> weighted loss
+    terms -> backward -> clip -> the one read -> step. Nothing here re-implements them.
+    `phase` puts a two-phase objective in that phase (and tells the teacher)."""
 
-    def __init__(self, cfg, task, student, features, args, teacher_fn=None):
+    def __init__(self, cfg, task, student, features, args, teacher_fn=None, teacher_config=None, phase=None):
+        from torch.utils.data import DataLoader
         from transformers import get_linear_schedule_with_warmup
 
+        from distill.loop.setup import build_objective, student_capture
+        from distill.loop.step import StepGuard
         from distill.objective.losses import Trainee
-        from distill.loop.setup import build_objective
+        from distill.teachers.teacher import select, with_cached_targets
 
         self.accelerator = make_accelerator(args)
         self.task, self.teacher_fn = task, teacher_fn
-        # a teacher config only decides that there is a teacher (the KD terms read no layers)
-        objective = build_objective(task, cfg.distill, student.config, student.config if teacher_fn else None)
-        trainee = Trainee(student, objective)
+        # without a teacher config the student's stands in (the KD terms read no layers)
+        objective = build_objective(task, cfg.distill, student.config, (teacher_config or student.config) if teacher_fn else None)
+        if phase is not None:
+            objective.intermediate_phase = phase == 1
+        if teacher_fn is not None:
+            select(teacher_fn, objective.needs("teacher"))
+        self.objective = objective
+        trainee = Trainee(student, objective, student_capture(objective, student))
         optimizer = torch.optim.AdamW(trainee.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-        train_loader = loader(task, features, args)
-        scheduler = get_linear_schedule_with_warmup(optimizer, 0, 10 * len(train_loader) * (args.repeats + 2))
+        collate = with_cached_targets(teacher_fn, task.collate)
+        train_loader = DataLoader(features, batch_sampler=batch_sampler(features, args), collate_fn=collate)
+        scheduler = get_linear_schedule_with_warmup(optimizer, 0, 10 * len(train_loader) * (args.repeats + 4))
         self.trainee, self.optimizer, self.loader, self.scheduler = self.accelerator.prepare(
             trainee, optimizer, train_loader, scheduler
         )
+        self.guard = StepGuard(self.accelerator)
         self.trainee.train()
 
-    def batches(self) -> list[dict]:
-        """Epoch 0's collated batches (the same every call)."""
+    def batches(self):
+        """Epoch 0's batches, collated by this mode's collate as they are drawn."""
         self.loader.set_epoch(0)  # the prepared loader would otherwise count epochs itself
-        return list(self.loader)
+        return iter(self.loader)
 
     def step(self, batch: dict) -> None:
-        from distill.loop.train import train_step
+        from distill.loop.step import train_step
 
         result = train_step(
-            self.accelerator, self.trainee, batch, self.task, self.teacher_fn, self.optimizer, self.scheduler, 1.0
+            self.accelerator, self.trainee, batch, self.task, self.teacher_fn, self.optimizer, self.scheduler, 1.0, self.guard
         )
-        if result.bad is not None:
-            raise RuntimeError(f"non-finite loss {result.terms}")
+        if result.error is not None:
+            raise RuntimeError(f"non-finite {result.error}: {result.terms}")
 
     def epoch(self) -> tuple[float, float]:
         """(wall, CPU) seconds for one pass over epoch 0's batches, loading included."""
-        self.loader.set_epoch(0)
         start, cpu = time.perf_counter(), time.process_time()
-        for batch in self.loader:
+        for batch in self.batches():
             self.step(batch)
         synchronize(self.accelerator)
         return time.perf_counter() - start, time.process_time() - cpu
+
+
+READS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
+
+
+def reads_per_step(loop: OurLoop) -> float:
+    """Host reads of device values (item, tolist, bool/float/int of a tensor, cpu, numpy) made by
+    the project's code in the steps of one epoch of `loop`, per optimizer step. (The data
+    pipeline's own tensors are host tensors: the sampler and the collate are not counted.)"""
+    package = str(Path(__file__).resolve().parents[1] / "distill")
+    count, stepping = [0], [False]
+    originals = {name: getattr(torch.Tensor, name) for name in READS}
+
+    def counting(method):
+        def wrapper(self, *args, **kwargs):
+            if stepping[0] and sys._getframe(1).f_code.co_filename.startswith(package):
+                count[0] += 1
+            return method(self, *args, **kwargs)
+
+        return wrapper
+
+    steps = 0
+    try:
+        for name, method in originals.items():
+            setattr(torch.Tensor, name, counting(method))
+        for batch in loop.batches():
+            stepping[0] = True
+            loop.step(batch)
+            stepping[0] = False
+            steps += 1
+    finally:
+        for name, method in originals.items():
+            setattr(torch.Tensor, name, method)
+    return count[0] / max(steps, 1)
 
 
 def trainer_epochs(task, student, teacher, features, args, workdir: Path) -> list[tuple[float, float]]:
@@ -399,11 +455,39 @@ def worker_build(workdir: Path, args: argparse.Namespace) -> dict:
     return results
 
 
-def worker_students(workdir: Path, args: argparse.Namespace) -> dict:
-    """Plain fine-tuning, cached KD and our online KD, interleaved batch by batch in one process
-    (the order rotating every batch) so that all three see the same machine load; a mode's
-    epoch time is the sum of its steps over epoch 0's batches (collation, shared, excluded)."""
+def intermediate_cfg(workdir: Path, args: argparse.Namespace, two_phase: bool):
+    """The hidden-state mode's config (KD + hidden states, both cached), or the two-phase one's
+    (hidden, attention and relations for an epoch, then KD)."""
+    cfg = make_cfg(workdir, args, workdir / "cache")
+    d = cfg.distill
+    d.hidden_weight, d.cache_hidden_states, d.cache_hidden_dtype = 1.0, True, args.hidden_dtype
+    if two_phase:
+        d.attention_weight, d.relation_weight, d.intermediate_epochs = 1.0, 1.0, 1
+    return cfg
 
+
+def stage_teacher(cfg, task, teacher, features, accelerator):
+    """The teacher a student stage of `cfg` gets (`loop.setup.build_teachers` in one teacher's
+    case): what every phase's terms read, cached where the recipe says, online otherwise."""
+    from distill.loop.plan import plan_stage
+    from distill.loop.setup import build_objective, cache_settings
+    from distill.teachers.teacher import make_teacher
+
+    student = student_model()
+    needs = build_objective(task, cfg.distill, student.config, teacher.config).needs("teacher", every_phase=True)
+    fn, _ = make_teacher(
+        teacher, task, accelerator, features, mode=cfg.distill.teacher_outputs, cache_root=Path(cfg.distill.cache_dir),
+        cache_settings=cache_settings(plan_stage(cfg, "student")), hidden_layers=sorted(needs.hidden),
+        qkv_layers=sorted(needs.qkv), cache_hidden_states=True, hidden_dtype=cfg.distill.cache_hidden_dtype,
+        batch_size=max(4 * cfg.train.batch_size, cfg.train.eval_batch_size or 0),
+    )
+    return fn
+
+
+def worker_students(workdir: Path, args: argparse.Namespace) -> dict:
+    """The modes of our loop, interleaved batch by batch in one process (the order rotating every
+    batch) so that all see the same machine load; a mode's epoch time is the sum of its batches'
+    collation and steps over epoch 0. Then one untimed epoch each counting host reads."""
     from distill.teachers import cache
     from distill.teachers.teacher import CachedTeacher, OnlineTeacher
 
@@ -412,37 +496,49 @@ def worker_students(workdir: Path, args: argparse.Namespace) -> dict:
     task = make_task(cfg)
     stored = cache.TeacherCache(args.cache_path)
     accelerator = make_accelerator(args)
-    online = OnlineTeacher(on_device(teacher_model(), accelerator), task, accelerator)
+    teacher = on_device(teacher_model(), accelerator)
+    hidden_cfg, phased_cfg = intermediate_cfg(workdir, args, False), intermediate_cfg(workdir, args, True)
     loops = {
         "plain": OurLoop(cfg, task, student_model(), features, args),
         "cached": OurLoop(cfg, task, student_model(), features, args, CachedTeacher(stored, accelerator.device)),
-        "online": OurLoop(cfg, task, student_model(), features, args, online),
+        "hidden": OurLoop(hidden_cfg, task, student_model(), features, args,
+                          stage_teacher(hidden_cfg, task, teacher, features, accelerator), teacher.config),
+        "phase2": OurLoop(phased_cfg, task, student_model(), features, args,
+                          stage_teacher(phased_cfg, task, teacher, features, accelerator), teacher.config, phase=2),
+        "online": OurLoop(cfg, task, student_model(), features, args, OnlineTeacher(teacher, task, accelerator)),
     }
-    batches = loops["plain"].batches()
     for loop in loops.values():  # warm-up: first-call setup of every model
-        for batch in batches[:2]:
-            loop.step(batch)
+        batches = loop.batches()
+        for _ in range(2):
+            loop.step(next(batches))
     wall: dict[str, list[float]] = {name: [] for name in loops}
     cpu: dict[str, list[float]] = {name: [] for name in loops}
     for r in range(args.repeats):
         modes = [m for m in loops if m != "online" or r < args.online_repeats]
         spent = {m: [0.0, 0.0] for m in modes}
-        for i, batch in enumerate(batches):
+        drawn = {m: loops[m].batches() for m in modes}
+        for i in range(len(loops["plain"].loader)):
             k = (i + r) % len(modes)
             for m in modes[k:] + modes[:k]:
                 start, used = time.perf_counter(), time.process_time()
-                loops[m].step(batch)
+                loops[m].step(next(drawn[m]))
                 synchronize(accelerator)  # on a GPU: charge each mode its own kernels
                 spent[m][0] += time.perf_counter() - start
                 spent[m][1] += time.process_time() - used
         for m, (w, c) in spent.items():
             wall[m].append(w)
             cpu[m].append(c)
-    # what the cache lookup itself costs per epoch (reads + padding + tensors)
-    start = time.perf_counter()
-    for batch in batches:
-        loops["cached"].teacher_fn(batch)
-    return {"epoch_s": wall, "epoch_cpu_s": cpu, "cache_reads_s": time.perf_counter() - start}
+    reads = {m: reads_per_step(loop) for m, loop in loops.items()}
+    # what the cache gathers themselves cost per epoch (in the collate: workers on a real run)
+    gather: dict[str, float] = {}
+    lengths = np.asarray(features["length"])
+    for m in ("cached", "hidden"):
+        start = time.perf_counter()
+        for ids in batch_sampler(features, args):
+            loops[m].teacher_fn.rows(ids, int(lengths[ids].max()))
+        gather[m] = time.perf_counter() - start
+    return {"epoch_s": wall, "epoch_cpu_s": cpu, "reads_per_step": reads, "gather_s": gather,
+            "hidden_bytes": json.loads((loops["hidden"].teacher_fn.cache.path / "metadata.json").read_text())["bytes"]}
 
 
 def worker_memory(workdir: Path, args: argparse.Namespace) -> dict:
@@ -504,7 +600,7 @@ WORKERS = {
 def run_worker(name: str, workdir: Path, args: argparse.Namespace, **extra: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--workdir", str(workdir)]
     for key in ("examples", "batch_size", "max_length", "repeats", "build_repeats", "online_repeats", "seed",
-                "device", "precision"):
+                "device", "precision", "hidden_dtype"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     for key, value in extra.items():
         cmd += [f"--{key.replace('_', '-')}", value]
@@ -560,6 +656,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to train (default cpu)")
     p.add_argument("--precision", choices=["no", "bf16", "fp16"], default="no",
                    help="accelerate's mixed precision; the teacher's weights follow it (default no)")
+    p.add_argument("--hidden-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="how the hidden-state mode's cache stores the teacher's states (distill.cache_hidden_dtype)")
     p.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temporary one)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--markdown", type=Path, default=None, help="write the table as Markdown here")
@@ -599,20 +697,16 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     # Other processes can only add time: the fastest of the repeats is the best estimate of
     # each mode's own cost (medians are kept in the JSON beside it).
-    walls = {
-        "plain": students["epoch_s"]["plain"], "cached": students["epoch_s"]["cached"],
-        "online": students["epoch_s"]["online"], "trainer": trainer["epoch_s"],
-    }
-    cpus = {
-        "plain": students["epoch_cpu_s"]["plain"], "cached": students["epoch_cpu_s"]["cached"],
-        "online": students["epoch_cpu_s"]["online"], "trainer": trainer["epoch_cpu_s"],
-    }
+    walls = {**students["epoch_s"], "trainer": trainer["epoch_s"]}
+    cpus = {**students["epoch_cpu_s"], "trainer": trainer["epoch_cpu_s"]}
     epoch = {k: min(v) for k, v in walls.items()}
     epoch_cpu = {k: min(v) for k, v in cpus.items()}
     inference, build_s = min(build["inference_s"]), min(build["build_s"])
     big = next(k for k in padding if k.startswith("xnli_like"))
     ratios = {
         "cached_vs_plain": epoch["cached"] / epoch["plain"],
+        "hidden_vs_plain": epoch["hidden"] / epoch["plain"],
+        "phase2_vs_cached": epoch["phase2"] / epoch["cached"],
         "trainer_vs_cached": epoch["trainer"] / epoch["cached"],
         "build_vs_inference": build_s / inference,
         "padding_grouped": padding[big]["grouped"],
@@ -622,6 +716,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     # and hardly moves when other processes share the machine.
     ratios_cpu = {
         "cached_vs_plain": epoch_cpu["cached"] / epoch_cpu["plain"],
+        "hidden_vs_plain": epoch_cpu["hidden"] / epoch_cpu["plain"],
+        "phase2_vs_cached": epoch_cpu["phase2"] / epoch_cpu["cached"],
         "trainer_vs_cached": epoch_cpu["trainer"] / epoch_cpu["cached"],
         "build_vs_inference": min(build["build_cpu_s"]) / min(build["inference_cpu_s"]),
     }
@@ -646,8 +742,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             "build_s": build["build_s"], "inference_s": build["inference_s"], "reuse_s": build["reuse_s"],
             "build_cpu_s": build["build_cpu_s"], "inference_cpu_s": build["inference_cpu_s"],
             "bytes": build["cache_bytes"], "build_batch_size": build["cache_batch_size"],
-            "reads_per_epoch_s": students["cache_reads_s"],
+            "gather_per_epoch_s": students["gather_s"], "hidden_bytes": students["hidden_bytes"],
+            "hidden_dtype": args.hidden_dtype,
         },
+        "host_reads_per_step": students["reads_per_step"],
         "peak_rss_mb": {m: memory[m]["peak_rss_mb"] for m in memory},
         "peak_gpu_mb": {m: memory[m]["peak_gpu_mb"] for m in memory if "peak_gpu_mb" in memory[m]},
         "samples_per_s": {k: args.examples / v for k, v in epoch.items()},
@@ -696,20 +794,26 @@ def markdown(r: dict) -> str:
         f"1-min load average during the workers: {min(min(v) for v in r['load_avg'].values()):.1f}-"
         f"{max(max(v) for v in r['load_avg'].values()):.1f}",
         "",
-        "| mode | epoch (s), best | median | runs | ms / example | x plain | CPU (s), best | peak RSS (MB) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     rows = (
         ("plain", "plain fine-tuning (no teacher)"),
         ("trainer", "KD, teacher online, Trainer subclass"),
         ("online", "KD, teacher online, ours"),
-        ("cached", "KD, teacher cache, ours"),
+        ("cached", "KD, cached logits, ours"),
+        ("hidden", f"KD + hidden states, both cached ({c['hidden_dtype']}), ours"),
+        ("phase2", "two-phase stage in its second phase, ours"),
     )
+    reads = r["host_reads_per_step"]
+    lines += [
+        "| mode | epoch (s), best | median | runs | ms / example | x plain | CPU (s), best | peak RSS (MB) | host reads / step |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for key, name in rows:
         rss = f"{r['peak_rss_mb'][key]:.0f}" if key in r["peak_rss_mb"] else ""
+        read = f"{reads[key]:g}" if key in reads else ""
         lines.append(
             f"| {name} | {e[key]:.2f} | {med[key]:.2f} | {runs[key]} | {per_ex(e[key]):.1f} | "
-            f"{e[key] / e['plain']:.2f} | {r['epoch_cpu_s'][key]:.2f} | {rss} |"
+            f"{e[key] / e['plain']:.2f} | {r['epoch_cpu_s'][key]:.2f} | {rss} | {read} |"
         )
     lines += [
         "",
@@ -717,10 +821,12 @@ def markdown(r: dict) -> str:
         "|---|---:|---:|",
         f"| plain inference pass (training batches, inference mode), best of {len(c['inference_s'])} | "
         f"{min(c['inference_s']):.2f} | {min(c['inference_cpu_s']):.2f} |",
-        f"| cache build (key + longest-first pass, batches up to {c['build_batch_size']} + write + merge), best of "
+        f"| cache build (key + longest-first pass, batches up to {c['build_batch_size']} + write), best of "
         f"{len(c['build_s'])} | {min(c['build_s']):.2f} | {min(c['build_cpu_s']):.2f} |",
         f"| cache reuse (key + open) | {c['reuse_s']:.2f} | |",
-        f"| cache reads during one epoch | {c['reads_per_epoch_s']:.3f} | |",
+        f"| cache gathers during one epoch, logits | {c['gather_per_epoch_s']['cached']:.3f} | |",
+        f"| cache gathers during one epoch, logits + hidden states ({c['hidden_bytes'] / 2**20:.0f} MB cache) | "
+        f"{c['gather_per_epoch_s']['hidden']:.3f} | |",
         "",
         "| lengths | median | p95 | padding ratio, grouped | ungrouped |",
         "|---|---:|---:|---:|---:|",

@@ -1,5 +1,6 @@
-"""Worker for test_cache.py's 2-process test: build one teacher cache across processes, then
-train a student from it. Launch: ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 THIS OUT_DIR.
+"""Worker for test_cache.py's 2-process test: build one teacher cache (logits and hidden states)
+across processes, read a cache built by one process, then train a student from it. Launch:
+ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 THIS OUT_DIR ONE_PROCESS_CACHE.
 
 Each process writes OUT_DIR/rank<r>.json with what it saw (teacher rows computed while building
 and while training, batches trained, the largest cached-vs-online logit difference, losses).
@@ -30,13 +31,14 @@ from distill.data.sampling import LengthGroupedBatchSampler  # noqa: E402
 from distill.tasks.classification import ClassificationTask  # noqa: E402
 
 
-def main(out: Path) -> None:
-    accelerator = Accelerator()
-    assert accelerator.num_processes == 2, "launch with 2 processes"
+def inputs(out: Path, cache_dir: Path):
+    """(cfg, task, features, teacher): the same on every process and in the test that reads the
+    cache back, so they share one cache key. The cache keeps the hidden states too (float16)."""
     cfg = Config()
     cfg.student.model = "student"
     cfg.output_dir = str(out / "run")
-    cfg.distill.cache_dir = str(out / "cache")
+    cfg.distill.cache_dir = str(cache_dir)
+    cfg.distill.hidden_weight, cfg.distill.cache_hidden_states, cfg.distill.cache_hidden_dtype = 1.0, True, "float16"
     cfg.data.max_length = 24
     cfg.train.batch_size = 4
     texts = [f"{a} {b}" if i % 2 else a for i, (a, b) in enumerate(zip(SPANISH * 5, SPANISH[3:] * 6))]
@@ -44,13 +46,29 @@ def main(out: Path) -> None:
     task = ClassificationTask(cfg.task, cfg.data)
     task.setup(raw)
     task.bind(AutoTokenizer.from_pretrained(minilm_path()))
-    with accelerator.main_process_first():
-        features = task.preprocess(raw["train"], "train")
-
+    features = task.preprocess(raw["train"], "train")
     torch.manual_seed(0)  # the same teacher on both processes
     teacher = AutoModelForSequenceClassification.from_config(tiny_bert_config(num_labels=3)).eval()
     with torch.no_grad():
         teacher.classifier.weight.mul_(30.0)
+    return cfg, task, features, teacher
+
+
+def largest_difference(a, b) -> float:
+    """The largest difference between two caches' rows, every feature, every target."""
+    ids = list(range(len(a)))
+    x, y = a.gather(ids), b.gather(ids)
+    assert set(x) == set(y)
+    return max(float((x[k].float() - y[k].float()).abs().max()) for k in x)
+
+
+def main(out: Path, built_by_one: Path) -> None:
+    from distill.teachers.cache import TeacherCache
+
+    accelerator = Accelerator()
+    assert accelerator.num_processes == 2, "launch with 2 processes"
+    with accelerator.main_process_first():
+        cfg, task, features, teacher = inputs(out, out / "cache")
     counting, rows = [True], [0]
 
     def count(module, args, kwargs, output):
@@ -58,7 +76,7 @@ def main(out: Path) -> None:
             rows[0] += len(kwargs["input_ids"])
 
     teacher.register_forward_hook(count, with_kwargs=True)
-    fn = teacher_outputs(cfg, task, teacher, features, accelerator, hidden=False)
+    fn = teacher_outputs(cfg, task, teacher, features, accelerator, hidden=True)
     build_rows, rows[0] = rows[0], 0
 
     torch.manual_seed(1)
@@ -85,6 +103,7 @@ def main(out: Path) -> None:
         batches += 1
         train_rows += len(batch["feature_id"])
     report = {
+        "read_one_process_cache": largest_difference(TeacherCache(built_by_one), fn.cache),  # 1 -> 2
         "features": len(features),
         "teacher_rows_in_build": build_rows,
         "teacher_rows_in_training": rows[0],
@@ -100,4 +119,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]))

@@ -213,6 +213,7 @@ def teacher_outputs(cfg, task, teacher, features, accelerator, hidden: bool):
         hidden_layers=sorted(layers),
         cache_hidden_states=cfg.distill.cache_hidden_states,
         batch_size=max(4 * cfg.train.batch_size, cfg.train.eval_batch_size or 0),
+        hidden_dtype=cfg.distill.cache_hidden_dtype,
     )
     return fn if isinstance(fn, CachedTeacher) else None
 

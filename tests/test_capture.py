@@ -18,8 +18,8 @@ from transformers import (
     RobertaConfig,
 )
 
-from distill.objective.capture import Capture, deepest_layer, forward_capturing, num_layers, wanted_layers
-from distill.objective.intermediate import attention_scores
+from distill.objective.capture import Capture
+from distill.objective.intermediate import attention_scores, layer_count
 
 
 def make(family: str, layers: int = 3, attn: str = "sdpa", **kw):
@@ -83,7 +83,8 @@ def test_captured_qkv_equal_projections_of_layer_input(family):
 
 def test_albert_shared_layer_applications_are_distinct_layers():
     model = make("albert", layers=4)
-    assert num_layers(model) == 4
+    # the capture's layer numbers are block applications, as the terms count them from configs
+    assert Capture(model).layout.num_layers == layer_count(model.config) == 4
     x = inputs()
     with Capture(model, qkv={1, 2, 3, 4}) as cap:
         out = model(**x, output_hidden_states=True)
@@ -190,31 +191,50 @@ def test_bad_requests_fail_with_the_range():
         Capture(gpt2, qkv={1})
 
 
-def test_wanted_layers_and_deepest():
-    class Term:
-        name = "t"
-
-        def student_layers(self):
-            return {"qkv": {2}}
-
-        def teacher_layers(self):
-            return {"qkv": {5}, "hidden": {0, 9}}
-
-    wants = wanted_layers([Term(), object()], "teacher")
-    assert wants == {"qkv": {5}, "hidden": {0, 9}}
-    assert deepest_layer(wants) == 9
-    assert deepest_layer(wanted_layers([Term()], "student")) == 2
-
-
-def test_forward_capturing_returns_none_when_stopped():
+def test_a_stopped_forward_leaves_its_result_unassigned():
     model = make("roberta", layers=3)
     x = inputs()
     with torch.no_grad():
-        out, cap = forward_capturing(model, x, qkv={3}, hidden={1})
+        with Capture(model, qkv={3}, hidden={1}) as cap:
+            out = model(**x)
         assert out.logits.shape == (2, 2) and not cap.stopped and sorted(cap.qkv) == [3]
-        stopped, early = forward_capturing(model, x, qkv={1}, hidden={1}, stop_after=1)
+        stopped = None
+        with Capture(model, qkv={1}, hidden={1}, stop_after=1) as early:
+            stopped = model(**x)
     assert stopped is None and early.stopped
     torch.testing.assert_close(early.hidden[1], cap.hidden[1])
+
+
+def test_attached_hooks_are_registered_once_armed_per_forward_and_switched():
+    """A stage's capture: hooks registered once (the module's hook dicts never change between
+    steps), keeping nothing outside its context (evaluation), what `select` asks inside it, and
+    refusing a selection the attached hooks cannot serve."""
+    model = make("bert", layers=3)
+    x = inputs()
+    cap = Capture(model, qkv={1, 3}, hidden={2}).attach()
+    blocks = [model.bert.encoder.layer[i] for i in range(3)]
+    with torch.no_grad():
+        model(**x)  # not armed: the hooks keep nothing
+        assert cap.qkv == {} and cap.hidden == {}
+        hooks = [dict(b._forward_hooks) for b in blocks] + [dict(model._forward_pre_hooks)]
+        for _ in range(3):
+            with cap:
+                model(**x)
+        assert sorted(cap.qkv) == [1, 3] and sorted(cap.hidden) == [2]
+        cap.select(qkv={3})  # e.g. a term switched off
+        with cap:
+            model(**x)
+        assert sorted(cap.qkv) == [3] and cap.hidden == {}
+        cap.select(qkv={3}, stop_after=3)
+        out = None
+        with cap:
+            out = model(**x)
+        assert out is None and cap.stopped
+    assert [dict(b._forward_hooks) for b in blocks] + [dict(model._forward_pre_hooks)] == hooks
+    with pytest.raises(ValueError, match="more than the attached hooks serve"):
+        cap.select(qkv={2})
+    cap.close()
+    assert not any(b._forward_hooks for b in blocks) and not model._forward_pre_hooks
 
 
 @pytest.mark.parametrize("reentrant", [False, True])

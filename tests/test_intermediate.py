@@ -16,7 +16,6 @@ from distill.objective.intermediate import (
     AttentionTerm,
     RelationTerm,
     attention_scores,
-    check_compatible,
     default_relation_heads,
     intermediate_terms,
     relation_kl,
@@ -221,10 +220,30 @@ def test_intermediate_terms_follow_the_weights():
     assert intermediate_terms(d, s, t, {"kd": 1.0}) == []
 
 
-def test_check_compatible_names_the_term_and_both_tokenizers(tmp_path):
+def test_position_terms_between_tokenizers_are_refused_naming_the_key_and_both(tmp_path):
+    """The stage's check (`loop.setup.bind_tokenizers`): terms that compare token positions need
+    one tokenizer; logit terms align different ones; the error names the recipe key to turn off
+    and both tokenizers."""
+    from datasets import Dataset, DatasetDict
+
+    from distill.config import Config
+    from distill.loop.setup import bind_tokenizers
+    from distill.tasks.classification import ClassificationTask
+
+    def task():
+        cfg = Config()
+        t = ClassificationTask(cfg.task, cfg.data)
+        t.setup(DatasetDict(train=Dataset.from_dict({"text": ["a", "b"], "label": [0, 1]})))
+        return t
+
     minilm = AutoTokenizer.from_pretrained(minilm_path())
     bpe = train_bpe_tokenizer(tmp_path / "bpe")
-    check_compatible(["relations"], minilm, AutoTokenizer.from_pretrained(minilm_path()))  # same: fine
-    check_compatible(["kd", "ce"], minilm, bpe)  # logit terms align different tokenizers elsewhere
-    with pytest.raises(StageError, match=r"distill\.relation_weight \(term 'relations'\).*albeto-tiny.*roberta-bne"):
-        check_compatible(["kd", "relations"], minilm, bpe, student_name="albeto-tiny", teacher_name="roberta-bne")
+    bind_tokenizers(task(), minilm, AutoTokenizer.from_pretrained(minilm_path()), ["relations"])  # same: fine
+    bind_tokenizers(task(), minilm, bpe, [])  # logit terms align different tokenizers elsewhere
+    with pytest.raises(StageError, match=(
+        rf"relations term compares token positions.*{type(bpe).__name__} of vocabulary {len(bpe)} vs "
+        rf"{type(minilm).__name__} of vocabulary {len(minilm)}.*distill\.relation_weight=0"
+    )):
+        bind_tokenizers(task(), minilm, bpe, ["relations"])
+    with pytest.raises(StageError, match=r"hidden/attention term.*distill\.hidden_weight, distill\.attention_weight=0"):
+        bind_tokenizers(task(), minilm, bpe, ["hidden", "attention"])

@@ -114,17 +114,125 @@ def test_cached_logits_with_attention_terms_stop_the_teacher_early(tmp_path, tin
     from distill.objective import capture
 
     stops: list = []
-    original = capture.Capture.__init__
+    original = capture.Capture.select
 
-    def spy(self, model, qkv=(), hidden=(), stop_after=None):
+    def spy(self, qkv=(), hidden=(), stop_after=None):
         stops.append(stop_after)
-        original(self, model, qkv, hidden, stop_after)
+        original(self, qkv, hidden, stop_after)
 
-    monkeypatch.setattr(capture.Capture, "__init__", spy)
+    monkeypatch.setattr(capture.Capture, "select", spy)
     assert main(["run", str(path), f"output_dir={tmp_path / 'run'}", "train.epochs=1"]) == 0
     assert "teacher cache: building" in capsys.readouterr().out
     assert 1 in stops  # the teacher's pass, stopped after layer 1
     assert None in stops  # the student's pass runs whole
+
+
+def test_the_second_phase_runs_no_capture_no_online_teacher_and_gathers_no_hidden_states(tmp_path, tiny_bert_dir, monkeypatch):
+    """Two phases, logits and hidden states from the cache, attention and relations online: in
+    phase 1 the student's and the teacher's Q/K/V are captured (the teacher's forward cut after
+    the layer read); in phase 2 only the soft-label term is on, so neither capture is armed, the
+    online teacher never runs, the student is not asked for hidden states, and the collate
+    gathers the cached logits alone. The hooks are registered once for the whole stage."""
+    write_data(tmp_path)
+    body = ("distill: {kd_weight: 1.0, hidden_weight: 1.0, attention_weight: 1.0, relation_weight: 1.0, "
+            "intermediate_epochs: 1, cache_hidden_states: true}")
+    path = recipe(tmp_path, tiny_bert_dir, body)
+    from distill.loop import train
+    from distill.objective import capture
+    from distill.teachers import teacher as teachers
+
+    counts = {"student capture": 0, "teacher capture": 0, "teacher forward": 0, "student hidden states": 0, "attach": 0}
+    models: dict = {}
+
+    def bump(key):
+        counts[key] += 1
+
+    def online_init(self, model, *args, **kwargs):
+        online_original(self, model, *args, **kwargs)
+        models["teacher"] = model
+        model.register_forward_pre_hook(lambda *a: bump("teacher forward"))
+
+    def trainee_init(self, model, *args, **kwargs):
+        trainee_original(self, model, *args, **kwargs)
+        model.register_forward_pre_hook(lambda m, a, kw: bump("student hidden states") if kw.get("output_hidden_states") else None, with_kwargs=True)
+
+    def enter(self):
+        bump("teacher capture" if self.model is models.get("teacher") else "student capture")
+        return enter_original(self)
+
+    def attach(self):
+        if not self._handles:
+            bump("attach")
+        return attach_original(self)
+
+    steps: list = []
+
+    def step(accelerator, trainee, batch, *args, **kwargs):
+        before = dict(counts)
+        objective = accelerator.unwrap_model(trainee).objective
+        result = step_original(accelerator, trainee, batch, *args, **kwargs)
+        if objective.two_phase:  # the student stage (the teacher stage trains first)
+            changes = {k: counts[k] - before[k] for k in counts}
+            steps.append((objective.intermediate_phase, changes, sorted(k for k in batch if k.startswith("cached/"))))
+        return result
+
+    online_original, trainee_original = teachers.OnlineTeacher.__init__, train.Trainee.__init__
+    enter_original, attach_original, step_original = capture.Capture.__enter__, capture.Capture.attach, train.train_step
+    monkeypatch.setattr(teachers.OnlineTeacher, "__init__", online_init)
+    monkeypatch.setattr(train.Trainee, "__init__", trainee_init)
+    monkeypatch.setattr(capture.Capture, "__enter__", enter)
+    monkeypatch.setattr(capture.Capture, "attach", attach)
+    monkeypatch.setattr(train, "train_step", step)
+    assert main(["run", str(path), f"output_dir={tmp_path / 'run'}"]) == 0
+    first = [c for phase, c, _ in steps if phase]
+    second = [(c, keys) for phase, c, keys in steps if not phase]
+    assert len(first) == len(second) == 8
+    for c in first:
+        assert c["student capture"] == c["teacher capture"] == c["teacher forward"] == c["student hidden states"] == 1
+    for c, keys in second:
+        assert c == {k: 0 for k in counts}, c
+        assert keys == ["cached/0/logits"]  # no hidden states gathered for a phase that reads none
+    assert counts["attach"] == 2  # the student's hooks and the teacher's, once each
+    log = [r for r in log_of(tmp_path / "run") if "train/loss" in r]
+    assert {"train/loss_hidden", "train/loss_attention", "train/loss_relations"} <= set(log[0]) and "train/loss_kd" in log[-1]
+
+
+@pytest.mark.slow
+def test_a_compiled_student_with_attention_and_relation_terms_does_not_recompile(tmp_path, tiny_bert_dir, monkeypatch):
+    """train.compile=true with Q/K/V captured on every step: Dynamo compiles the training graph
+    in the first steps (once more when the sequence length first changes: dynamic shapes) and
+    the evaluation graph once, then never again: its frame and graph counters stay put for the
+    rest of the run. (Dynamo's guards decide recompilation whatever the backend; the eager
+    backend keeps the test quick.)"""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from distill.loop import train
+
+    write_data(tmp_path)
+    path = recipe(tmp_path, tiny_bert_dir, "distill: {kd_weight: 1.0, attention_weight: 1.0, relation_weight: 1.0}")
+    compile_original = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_original(self, backend="eager"))
+    seen: list = []
+    step_original = train.train_step
+
+    def step(accelerator, trainee, *args, **kwargs):
+        result = step_original(accelerator, trainee, *args, **kwargs)
+        seen.append((accelerator.unwrap_model(trainee).capture is not None, dict(counters["frames"]), dict(counters["stats"])))
+        return result
+
+    monkeypatch.setattr(train, "train_step", step)
+    torch._dynamo.reset()
+    counters.clear()
+    assert main(["run", str(path), f"output_dir={tmp_path / 'run'}", "train.compile=true", "train.epochs=2"]) == 0
+    student = seen[-16:]  # the student's 2 epochs of 8 steps (the teacher stage trains first, uncompiled)
+    assert all(has_capture for has_capture, _, _ in student)
+    frames = [f.get("total", 0) for _, f, _ in student]
+    graphs = [g.get("unique_graphs", 0) for _, _, g in student]
+    print(f"Dynamo frames compiled after each step: {frames}; graphs: {graphs}")
+    assert frames[0] > 0  # it did compile
+    assert len(set(frames[3:8])) == 1 and len(set(graphs[3:8])) == 1  # epoch 1 after its first steps
+    assert len(set(frames[8:])) == 1 and len(set(graphs[8:])) == 1  # epoch 2: nothing new at all
 
 
 def test_different_tokenizers_refuse_position_terms_before_any_step(tmp_path, tiny_roberta_dir, capsys):

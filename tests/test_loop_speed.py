@@ -1,14 +1,20 @@
-"""What keeps a GPU busy, checked on the CPU: the loop reads device values on the host (a sync
-on a GPU) a small constant number of times per optimizer step, not per micro-batch or per loss
-term; DataLoader workers give the same batches; `train.compile` trains the same model.
+"""What keeps a GPU busy, checked on the CPU: the loop reads a device value on the host (a sync on
+a GPU) once per optimizer step and exchanges one collective between processes per optimizer
+step, on every path (teacher online, cached logits, cached hidden states; one process and two),
+logging included; DataLoader workers give the same batches; `train.compile` trains the same model.
 
-Host reads are counted on the loop's own code (distill/train.py, losses.py, teachers.py,
-evaluate.py): `.item()`, `.tolist()`, `bool()` / `float()` / `int()` of a tensor, `.cpu()`.
+Host reads are counted on the project's own code while the loop trains (not while it evaluates
+or checkpoints, and not inside the data pipeline, whose tensors are host tensors): `.item()`,
+`.tolist()`, `bool()` / `float()` / `int()` of a tensor, `.cpu()`, `.numpy()`. Collectives are
+the `torch.distributed` calls made in the same window (DDP's gradient all-reduce, made by its
+reducer during backward, is the training itself and is not one of them).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,12 +24,24 @@ import torch
 from distill.cli import main
 from tests.test_resume import write_data
 
-LOOP_FILES = ("distill/train.py", "distill/losses.py", "distill/teachers.py")
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = str(ROOT / "distill")
 READS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
+               "broadcast_object_list", "reduce", "reduce_scatter", "reduce_scatter_tensor", "barrier",
+               "gather", "gather_object", "scatter", "all_to_all")
+# frames of the loop that are not training steps
+NOT_STEPS = {"evaluate", "evaluate_and_select", "checkpoint", "preempt", "finish", "save_checkpoint"}
+PATHS = {
+    "online": "distill: {ce_weight: 0.5, kd_weight: 1.0, hidden_weight: 1.0, teacher_outputs: online}",
+    "cached logits": "distill: {ce_weight: 0.5, kd_weight: 1.0}",
+    "cached hidden states": "distill: {ce_weight: 0.5, kd_weight: 1.0, hidden_weight: 1.0, cache_hidden_states: true}",
+}
 
 
-def recipe(root: Path, teacher: Path, extra: str = "") -> Path:
-    path = root / "recipe.yaml"
+def recipe(root: Path, teacher: Path, body: str = PATHS["online"], where: Path | None = None) -> Path:
+    """The recipe over root's data, written into `where` (default root)."""
+    path = (where or root) / "recipe.yaml"
     path.write_text(
         f"""# loop speed: distill student recipe.yaml
 task: {{family: classification, name: tiny}}
@@ -32,14 +50,56 @@ data:
   max_length: 32
 teacher: {{model: {teacher}, epochs: 1}}
 student: {{num_layers: 1}}
-distill: {{ce_weight: 0.5, kd_weight: 1.0, hidden_weight: 1.0, teacher_outputs: online}}
+{body}
 train: {{lr: 1e-3, batch_size: 4, epochs: 1, grad_accum: 2, logging_steps: 4, group_by_length: false}}
 tracking: {{report_to: []}}
 seed: 3
-{extra}
 """
     )
     return path
+
+
+def in_a_step(ours: bool) -> bool:
+    """Whether the call (two frames up) is made while a training step runs: inside
+    `train_stage`, outside evaluation, checkpoints and the DataLoader; with `ours`, also made by
+    the project's code itself (a collective is made by accelerate on its behalf)."""
+    frame = sys._getframe(2)
+    if ours and not frame.f_code.co_filename.startswith(PACKAGE):
+        return False
+    names, files = set(), []
+    while frame is not None:
+        names.add(frame.f_code.co_name)
+        files.append(frame.f_code.co_filename)
+        frame = frame.f_back
+    return "train_stage" in names and not names & NOT_STEPS and not any("torch/utils/data" in f for f in files)
+
+
+def count_reads_and_collectives(patch) -> dict[str, dict[str, int]]:
+    """Patch the tensor reads and the collectives to count those made by training steps."""
+    counts: dict[str, dict[str, int]] = {"reads": {}, "collectives": {}}
+
+    def counting(kind, name, method):
+        def wrapper(*args, **kwargs):
+            if in_a_step(ours=kind == "reads"):
+                counts[kind][name] = counts[kind].get(name, 0) + 1
+            return method(*args, **kwargs)
+
+        return wrapper
+
+    for name in READS:
+        patch.setattr(torch.Tensor, name, counting("reads", name, getattr(torch.Tensor, name)))
+    import torch.distributed as dist
+
+    for name in COLLECTIVES:
+        if hasattr(dist, name):
+            patch.setattr(dist, name, counting("collectives", name, getattr(dist, name)))
+    return counts
+
+
+def steps_and_logs(run: Path) -> tuple[int, int]:
+    steps = json.loads((run / "student" / "metrics.json").read_text())["info"]["steps"]
+    logs = sum(1 for line in (run / "student" / "log.jsonl").read_text().splitlines() if "train/loss" in line)
+    return steps, logs
 
 
 @pytest.fixture(scope="module")
@@ -48,60 +108,51 @@ def setup(tmp_path_factory, tiny_bert_dir):
     write_data(root)
     path = recipe(root, tiny_bert_dir)
     assert main(["teacher", str(path), f"output_dir={root / 'run'}"]) == 0
-    return root, path
+    return root, path, tiny_bert_dir
 
 
-def test_host_reads_are_a_constant_per_optimizer_step(setup, tmp_path, monkeypatch):
-    root, path = setup
-    counts: dict[str, int] = {}
-    from distill.loop import train
-
-    in_training = {"on": False}
-    original_step = train.train_step
-
-    def step(*args, **kwargs):  # count only inside training steps and logging, not evaluation
-        in_training["on"] = True
-        try:
-            return original_step(*args, **kwargs)
-        finally:
-            in_training["on"] = False
-
-    original_record = train.Window.record
-
-    def record(self, accelerator):
-        in_training["on"] = True
-        try:
-            return original_record(self, accelerator)
-        finally:
-            in_training["on"] = False
-
-    def counting(name, method):
-        def wrapper(self, *args, **kwargs):
-            caller = sys._getframe(1).f_code.co_filename
-            if in_training["on"] and caller.endswith(LOOP_FILES):
-                counts[name] = counts.get(name, 0) + 1
-            return method(self, *args, **kwargs)
-
-        return wrapper
-
-    for name in READS:
-        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
-    monkeypatch.setattr(train, "train_step", step)
-    monkeypatch.setattr(train.Window, "record", record)
+@pytest.mark.parametrize("path_name", list(PATHS))
+def test_one_host_read_per_optimizer_step(setup, tmp_path, monkeypatch, path_name):
+    """Teacher online (hidden states and logits), logits from the cache, logits and hidden states
+    from the cache: one read per optimizer step, logging steps included, nothing per
+    micro-batch, per loss term or per cached row."""
+    root, path, teacher = setup
+    path = recipe(root, teacher, PATHS[path_name], where=tmp_path)
     run = tmp_path / "run"
-    assert main(["student", str(path), f"output_dir={run}", f"teacher.dir={root / 'run' / 'teacher'}"]) == 0
-    steps = json.loads((run / "student" / "metrics.json").read_text())["info"]["steps"]
-    assert steps == 8  # 64 rows / (4 per batch x 2 micro-batches)
-    logs = sum(1 for line in (run / "student" / "log.jsonl").read_text().splitlines() if "train/loss" in line)
-    total = sum(counts.values())
-    print(f"host reads in the loop: {counts} over {steps} optimizer steps (16 micro-batches), {logs} log records")
-    # one finiteness read per optimizer step, one per logged value per log record (4 terms: ce,
-    # kd, hidden and the total), nothing per micro-batch or per term in between
-    assert total <= steps * 1 + logs * 4, counts
+    with monkeypatch.context() as patch:
+        counts = count_reads_and_collectives(patch)
+        assert main(["student", str(path), f"output_dir={run}", f"teacher.dir={root / 'run' / 'teacher'}"]) == 0
+    steps, logs = steps_and_logs(run)
+    assert steps == 8 and logs == 2  # 64 rows / (4 per batch x 2 micro-batches); a record every 4 steps
+    print(f"{path_name}: host reads in training steps {counts['reads']} over {steps} optimizer steps "
+          f"(16 micro-batches, {logs} log records)")
+    assert sum(counts["reads"].values()) == steps, counts["reads"]
+    if path_name != "online":
+        cache = run / "teacher_cache"
+        assert cache.exists() and any(cache.iterdir())  # the path really read a cache
+
+
+@pytest.mark.slow
+def test_two_processes_read_once_and_exchange_once_per_optimizer_step(setup, tmp_path):
+    """The same under two processes (torchrun, gloo): per process, one host read and one
+    collective per optimizer step, on each path."""
+    root, _, teacher = setup
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "loop_two_process.py"), str(root), str(teacher), str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    for rank in range(2):
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for name, r in report.items():
+            print(f"process {rank}, {name}: {r}")
+            assert r["steps"] == 4  # 64 rows / (2 processes x 4 per batch x 2 micro-batches)
+            assert sum(r["reads"].values()) == r["steps"], (name, r)
+            assert sum(r["collectives"].values()) == r["steps"], (name, r)
 
 
 def test_loader_workers_give_the_same_training(setup, tmp_path):
-    root, path = setup
+    root, path, _ = setup
     shared = [f"teacher.dir={root / 'run' / 'teacher'}"]
     assert main(["student", str(path), f"output_dir={tmp_path / 'a'}", *shared]) == 0
     assert main(["student", str(path), f"output_dir={tmp_path / 'b'}", "train.num_workers=2", *shared]) == 0
@@ -113,7 +164,7 @@ def test_loader_workers_give_the_same_training(setup, tmp_path):
 
 @pytest.mark.slow
 def test_compiled_student_trains_like_the_eager_one(setup, tmp_path):
-    root, path = setup
+    root, path, _ = setup
     shared = [f"teacher.dir={root / 'run' / 'teacher'}", "distill.hidden_weight=0"]
     assert main(["student", str(path), f"output_dir={tmp_path / 'eager'}", *shared]) == 0
     assert main(["student", str(path), f"output_dir={tmp_path / 'compiled'}", "train.compile=true", *shared]) == 0

@@ -162,3 +162,47 @@ def test_hidden_layer_map_errors():
         HiddenStateLoss(2, 12, 8, 8, layer_map=[6, 13])
     with pytest.raises(ValueError, match="one teacher layer"):
         HiddenStateLoss(2, 12, 8, 8, layer_map=[6])
+
+
+def test_objective_reads_what_its_active_terms_read():
+    """`Objective.needs`: the union of what the terms read from one side (Q/K/V layers, hidden
+    states, the outputs), per phase of a two-phase schedule, all phases with every_phase; the
+    deepest layer a capture reads; an unknown signal named with its term."""
+    from distill.objective.losses import Objective, Reads, Term
+
+    class Layers(Term):
+        name, intermediate = "layers", True
+
+        def student_layers(self):
+            return {"qkv": {2}}
+
+        def teacher_layers(self):
+            return {"qkv": {5}, "hidden": {0, 9}}
+
+    class Logits(Term):
+        name, reads_outputs, reads_targets = "logits", True, True
+
+    objective = Objective([Layers(), Logits()], {"layers": 1.0, "logits": 1.0})
+    assert objective.needs("teacher") == Reads(frozenset({0, 9}), frozenset({5}), True)
+    assert objective.needs("teacher")["hidden"] == {0, 9}  # read like a dict too
+    assert objective.needs("teacher").deepest == 9 and objective.needs("student").deepest == 2
+    assert objective.needs("student") == Reads(frozenset(), frozenset({2}), True)
+
+    phased = Objective([Layers(), Logits()], {"layers": 1.0, "logits": 1.0}, two_phase=True)
+    phased.intermediate_phase = True
+    assert phased.needs("teacher") == Reads(frozenset({0, 9}), frozenset({5}), False)
+    phased.intermediate_phase = False
+    assert phased.needs("teacher") == Reads(outputs=True) and not phased.needs("student").qkv
+    assert phased.needs("teacher", every_phase=True) == objective.needs("teacher")
+    assert not Reads().anything and Reads(outputs=True).anything
+
+    class Odd(Term):
+        name = "odd"
+
+        def teacher_layers(self):
+            return {"attentions": {1}}
+
+    with pytest.raises(ValueError, match="term 'odd' asks for unknown signal 'attentions'"):
+        Objective([Odd()], {"odd": 1.0}).needs("teacher")
+    with pytest.raises(ValueError, match="side must be"):
+        objective.needs("both")

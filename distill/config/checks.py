@@ -27,6 +27,7 @@ CHOICES = {
     "distill.hidden_loss": ("mse", "cosine"),
     "distill.teacher_outputs": ("auto", "cached", "online"),
     "distill.teacher_combine": ("mean", "weighted", "confident"),
+    "distill.cache_hidden_dtype": ("float32", "float16", "bfloat16"),
     "data.format": (None, "jsonl", "json", "csv", "tsv", "conll", "conllu", "squad", "parquet"),
 }
 
@@ -40,6 +41,7 @@ def validate(cfg: Config) -> None:
         "distill.hidden_loss": cfg.distill.hidden_loss,
         "distill.teacher_outputs": cfg.distill.teacher_outputs,
         "distill.teacher_combine": cfg.distill.teacher_combine,
+        "distill.cache_hidden_dtype": cfg.distill.cache_hidden_dtype,
         "data.format": cfg.data.format,
     }
     for key, value in flat.items():
@@ -101,6 +103,7 @@ def validate(cfg: Config) -> None:
         "distill.relation_layer": d.relation_layer >= 0,
         "distill.intermediate_epochs": d.intermediate_epochs >= 0,
         "train.num_workers": t.num_workers >= 0,
+        "train.max_skipped_steps": t.max_skipped_steps >= 0,
         "hub.export.int8_margin": cfg.hub.export.int8_margin >= 0,
     }
     for key, ok in checks.items():

@@ -194,6 +194,9 @@ class DistillConfig:
     teacher_weights: list[float] = field(default_factory=list)
     intermediate_teacher: int = 0
     cache_hidden_states: bool = False
+    # how cached hidden states are stored: float32 | float16 | bfloat16 (16-bit: half the disk
+    # and transfer; bfloat16 keeps float32's range, float16 clamps to +-65504)
+    cache_hidden_dtype: str = "float32"
     cache_dir: Optional[str] = None  # None = <output_dir>/teacher_cache
 
 
@@ -217,6 +220,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     num_workers: int = 0  # DataLoader worker processes (pinned memory when on a GPU)
     compile: bool = False  # torch.compile the trained model
+    # fp16: consecutive optimizer steps the gradient scaler may skip (overflow) before the run
+    # stops; a skipped step is normal, a long run of them is not. 0 = never stop for skips
+    max_skipped_steps: int = 25
 
 
 @dataclass

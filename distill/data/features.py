@@ -69,12 +69,15 @@ def make_loader(
     num_workers: int = 0,
     pin_memory: bool = False,
     collate: Optional[Any] = None,
+    persistent: bool = True,
 ) -> DataLoader:
     """Length-grouped batches whose order is a function of (seed, epoch) only.
 
     The loader gets its own generator: starting an iteration draws a seed from it, and drawing
     from the global RNG instead would shift dropout after a resume. Workers only collate (the
-    batch order is fixed by the sampler), so their number never changes the batches.
+    batch order is fixed by the sampler), so their number never changes the batches; they live
+    as long as the loader unless `persistent` is false (then each epoch starts its own, with the
+    collate as it is then: a two-phase stage changes what its collate gathers between phases).
     """
     sampler = LengthGroupedBatchSampler(
         features["length"], batch_size, shuffle=shuffle, group_by_length=group_by_length, seed=seed
@@ -87,7 +90,7 @@ def make_loader(
         generator=generator,
         num_workers=num_workers,
         pin_memory=pin_memory,
-        persistent_workers=num_workers > 0,
+        persistent_workers=persistent and num_workers > 0,
     )
 
 

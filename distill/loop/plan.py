@@ -32,7 +32,7 @@ KINDS = ("teacher", "student", "baseline")  # what a stage trains: see loop/trai
 # Keys that never change a stage's result: bookkeeping, trackers, the Hub, the search around it,
 # how often it logs or checkpoints, and whether the teacher's outputs are cached or recomputed.
 NOT_IDENTITY = ("tracking", "hub", "overwrite", "checkpoint", "output_dir", "run", "search")
-NOT_IDENTITY_TRAIN = ("logging_steps", "checkpoint_steps", "keep_checkpoints", "num_workers")
+NOT_IDENTITY_TRAIN = ("logging_steps", "checkpoint_steps", "keep_checkpoints", "num_workers", "max_skipped_steps")
 NOT_IDENTITY_DISTILL = ("teacher_outputs", "cache_hidden_states", "cache_dir")
 # where a teacher's folder lies is not what it holds (a copied or moved teacher is the same one)
 NOT_IDENTITY_TEACHER = ("dir",)

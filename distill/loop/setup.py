@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from datasets import Dataset, DatasetDict
 from torch.utils.data import DataLoader
 
@@ -27,12 +27,12 @@ from distill.config import DistillConfig, TrainConfig
 from distill.errors import StageError
 from distill.launch import board, main_first, precision_note
 from distill.data.features import load_data, make_loader, prepare_data
-from distill.objective.losses import POSITION_TERMS, GoldTerm, HiddenStateLoss, HiddenTerm, Objective, SoftLabelTerm, Term
+from distill.objective.losses import POSITION_TERMS, GoldTerm, HiddenStateLoss, HiddenTerm, Objective, Reads, SoftLabelTerm, Term
 from distill.loop.folders import check_writable
 from distill.loop.plan import StagePlan
 from distill.tasks import get_task
 from distill.tasks.base import Task
-from distill.teachers.teacher import CachedTeacher, EnsembleTeacher, Teacher, make_teacher, place_teacher
+from distill.teachers.teacher import CachedTeacher, EnsembleTeacher, Teacher, make_teacher, place_teacher, with_cached_targets
 
 log = logging.getLogger("distill")
 
@@ -297,13 +297,15 @@ def add_transfer_rows(plan: StagePlan, raw: DatasetDict, accelerator: Accelerato
     return counts
 
 
-def capture_factory(objective: Objective) -> Any:
-    """The student's attention-projection capture, when a term reads Q/K/V (imported only then)."""
-    if not objective.needs("student").get("qkv"):
+def student_capture(objective: Objective, model: torch.nn.Module) -> Any:
+    """The capture of the student's attention projections, when a term of any phase reads Q/K/V
+    (imported only then); `Trainee` attaches its hooks once and arms them per forward."""
+    qkv = objective.needs("student", every_phase=True).qkv
+    if not qkv:
         return None
     from distill.objective.capture import Capture
 
-    return Capture
+    return Capture(model, qkv=qkv)
 
 
 def build_teachers(
@@ -316,23 +318,24 @@ def build_teachers(
     features) and, once cached, released before the next is placed, so cached teachers never
     share the device. Only teacher `main` keeps the layers the terms read; the teachers `apart`
     (another tokenizer than the main one's) are always read from their cache."""
-    needs = objective.needs("teacher")
+    needs = objective.needs("teacher", every_phase=True)  # the stage's teacher serves every phase
     d, main = plan.distill, plan.main
     built = []
     for i in range(len(loaded)):
         teacher_model = loaded[i][0]
         loaded[i] = None  # the list holds no reference once the teacher is released
         place_teacher(teacher_model, accelerator)
-        layers = needs if i == main else {}
+        layers = needs if i == main else Reads()
         task, train_features = inputs[i]
         teacher, keep = make_teacher(
             teacher_model, task, accelerator, train_features,
             mode=d.teacher_outputs,
             cache_root=plan.cache_dir,
             cache_settings=cache_settings(plan),
-            hidden_layers=sorted(layers.get("hidden", ())),
-            qkv_layers=sorted(layers.get("qkv", ())),
+            hidden_layers=sorted(layers.hidden),
+            qkv_layers=sorted(layers.qkv),
             cache_hidden_states=d.cache_hidden_states,
+            hidden_dtype=d.cache_hidden_dtype,
             # inference needs no activations for backward: batches 4x the training batch
             batch_size=max(4 * plan.train.batch_size, plan.train.eval_batch_size or 0),
         )
@@ -413,19 +416,25 @@ def setup_stage(plan: StagePlan, accelerator: Accelerator, raw: Optional[Dataset
 
         features["train"] = mark_gold(features["train"], raw["train"])  # no gold loss on transfer rows
         collate = GoldCollate(task.collate)
-    capture = capture_factory(objective)
+    capture = student_capture(objective, model)
     teacher = None
     if loaded:
         inputs = teacher_inputs(plan, task, tokenizer, toks, apart, raw["train"], features["train"], accelerator)
         teacher = build_teachers(plan, inputs, accelerator, loaded, objective, apart)
     on_gpu = accelerator.device.type == "cuda"
     loader_args = dict(seed=plan.seed, group_by_length=tcfg.group_by_length, num_workers=tcfg.num_workers, pin_memory=on_gpu)
+    # cached teachers' rows join the training batches in the collate (in the workers); two
+    # phases restart the workers each epoch, so they gather only what the phase reads
+    collate = with_cached_targets(teacher, collate or task.collate)
     eval_bs = tcfg.eval_batch_size or 2 * tcfg.batch_size
     return Stage(
         name=plan.kind, out=plan.folder, train=tcfg, task=task, raw=raw, features=features, model=model, tokenizer=tokenizer,
         objective=objective, teacher=teacher, capture=capture, rows=rows,
         teacher_source=(sources[0] if len(sources) == 1 else sources) or None, info=info,
-        train_loader=make_loader(task, features["train"], tcfg.batch_size, shuffle=True, collate=collate, **loader_args),
+        train_loader=make_loader(
+            task, features["train"], tcfg.batch_size, shuffle=True, collate=collate,
+            persistent=not objective.two_phase, **loader_args,
+        ),
         eval_loaders={
             s: make_loader(task, features[s], eval_bs, **loader_args) for s in ("validation", "test") if s in features
         },
@@ -444,6 +453,8 @@ def make_accelerator(plan: StagePlan) -> Accelerator:
         gradient_accumulation_steps=plan.train.grad_accum,
         log_with=trackers or None,
         project_dir=str(plan.folder),
+        # batches come pinned on a GPU (make_loader): copy them up without waiting
+        dataloader_config=DataLoaderConfiguration(non_blocking=torch.cuda.is_available()),
     )
     board(accelerator)  # this process beats from now on: the others can tell it is alive while they wait
     note = precision_note(accelerator)  # e.g. fp16 on a CPU: said once, and not recorded as used

@@ -6,9 +6,9 @@ Stages differ only in their loss terms (built by `setup.build_objective`):
     baseline  the student fine-tuned alone on gold labels (ce): what distillation must beat
 
 `run_stage` reads top to bottom: set the stage up (setup.py) -> accelerator.prepare -> resume ->
-epochs of `train_step` (forward, loss terms, backward, clip, step) -> log -> evaluate ->
-checkpoint; at the end the best model is reloaded and scored on validation and test, and
-<output_dir>/<stage>/ holds model/, metrics.json, config.yaml, log.jsonl and predictions.
+epochs of `train_step` (step.py: forward, loss terms, backward, clip, one read, step) -> log ->
+evaluate -> checkpoint; at the end the best model is reloaded and scored on validation and test,
+and <output_dir>/<stage>/ holds model/, metrics.json, config.yaml, log.jsonl and predictions.
 `train_step` is also what scripts/bench_train.py times.
 """
 
@@ -19,8 +19,6 @@ import logging
 import math
 import os
 import shutil
-import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
@@ -37,6 +35,8 @@ from distill.config import Config, to_dict, to_yaml
 from distill.errors import REQUEUE_EXIT_CODE, NonFiniteLoss, Preempted, StageError
 from distill.loop.evaluate import evaluate, is_better, write_predictions
 from distill.objective.losses import Trainee
+from distill.loop.step import StepGuard, StepResult, Window, nonfinite_error, train_step
+from distill.teachers.teacher import select as select_reads
 from distill.loop.setup import Stage, make_accelerator, setup_stage
 from distill.data.features import data_identity, read_raw
 from distill.files import atomic_write
@@ -51,87 +51,13 @@ log = logging.getLogger("distill")
 EvalCallback = Callable[[int, int, dict], None]
 
 
-@dataclass
-class StepResult:
-    loss: torch.Tensor  # the weighted total, on the device
-    terms: dict[str, torch.Tensor]  # each term's value, on the device
-    bad: Optional[torch.Tensor] = None  # non-finite loss or gradient norm so far in this step
-
-
-def train_step(
-    accelerator: Accelerator, trainee: torch.nn.Module, batch: dict, task: Any, teacher: Any,
-    optimizer: Any, scheduler: Any, max_grad_norm: float, bad: Optional[torch.Tensor] = None,
-) -> StepResult:
-    """One micro-batch: teacher signals, student forward + loss terms, backward; on the last
-    micro-batch of an optimizer step also clip and step. Finiteness is tracked on the device and
-    read once per optimizer step (one host sync), before the weights change; a non-finite value
-    raises `NonFiniteLoss` through `check_finite`."""
-    with accelerator.accumulate(trainee):
-        signals = teacher(batch) if teacher is not None else None
-        _, loss, terms = trainee(task.model_inputs(batch), batch, signals)
-        flag = ~torch.isfinite(loss.detach())
-        bad = flag if bad is None else bad | flag
-        accelerator.backward(loss)
-        if accelerator.sync_gradients:
-            if max_grad_norm > 0:
-                norm = accelerator.clip_grad_norm_(trainee.parameters(), max_grad_norm)
-                # a non-finite gradient would poison the weights and every later checkpoint
-                # (DeepSpeed clips inside its engine and may report no norm)
-                if norm is not None:
-                    bad = bad | ~torch.isfinite(torch.as_tensor(norm, device=bad.device))
-            if any_true(accelerator, bad):
-                return StepResult(loss, terms, bad)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            bad = None
-    return StepResult(loss, terms, bad)
-
-
-def any_true(accelerator: Accelerator, flag: torch.Tensor) -> bool:
-    """True on every process when `flag` is set on any of them (all must stop together)."""
-    flag = flag.float()
-    if accelerator.num_processes > 1:
-        flag = accelerator.reduce(flag, "max")
-    return bool(flag > 0)
-
-
-@dataclass
-class Window:
-    """Loss terms and throughput accumulated on the device between two log records."""
-
-    start: float = field(default_factory=time.perf_counter)
-    samples: int = 0
-    batches: int = 0
-    terms: dict = field(default_factory=dict)
-
-    def add(self, result: StepResult, rows: int) -> None:
-        self.samples, self.batches = self.samples + rows, self.batches + 1
-        for name, value in {**result.terms, "total": result.loss}.items():
-            self.terms[name] = self.terms.get(name, 0.0) + value.detach()
-
-    def record(self, accelerator: Accelerator) -> dict:
-        out = {}
-        for k, v in self.terms.items():
-            out["train/loss" if k == "total" else f"train/loss_{k}"] = float(accelerator.reduce(v, "mean")) / self.batches
-        out["train/samples_per_s"] = self.samples / max(time.perf_counter() - self.start, 1e-9)
-        return out
-
-
-def nonfinite_error(accelerator, jlog, state, result: StepResult, batch: dict, ckpt_root) -> NonFiniteLoss:
-    """The error for a NaN/inf loss or gradient: step, loss terms, this process's batch ids."""
+def stop_error(accelerator: Accelerator, jlog: JsonlLog, state: LoopState, result: StepResult, batch: dict, ckpt_root: Any, guard: StepGuard, limit: int) -> NonFiniteLoss:
+    """The error that stops the run at this step (`step.nonfinite_error`), with the checkpoint
+    kept, written to log.jsonl."""
     latest = latest_checkpoint(ckpt_root)
-    loss = float(result.loss.detach())
-    what = "loss" if not math.isfinite(loss) else "gradient norm"
-    where = f" on process {accelerator.process_index}" if accelerator.num_processes > 1 else ""
-    err = NonFiniteLoss(
-        f"non-finite {what} ({loss}{where}) at step {state.global_step + 1} (epoch {state.epoch}, "
-        f"batch {state.batches_done} of the epoch): loss terms "
-        f"{ {k: float(v.detach()) for k, v in result.terms.items()} }, batch example_ids "
-        f"{batch['example_id'].tolist()}. "
-        + (f"The last good checkpoint is kept: {latest}. " if latest else "No checkpoint was saved yet. ")
-        + "Lower train.lr, raise train.warmup_ratio, or check those rows."
-    )
+    where = f"at step {state.global_step + 1} (epoch {state.epoch}, batch {state.batches_done} of the epoch)"
+    kept = f"The last good checkpoint is kept: {latest}." if latest else "No checkpoint was saved yet."
+    err = NonFiniteLoss(f"{nonfinite_error(accelerator, result, batch, where, guard, limit)} {kept}")
     jlog.write({"step": state.global_step, "error": str(err)})
     return err
 
@@ -295,42 +221,48 @@ def train_stage(accelerator: Accelerator, plan: StagePlan, s: Stage, status: str
             save_checkpoint(accelerator, ckpt_root, state, tcfg.keep_checkpoints, best_dir, needed)
             saved[0] = key
 
-    def stop_if_signalled(flag: StopFlag) -> None:
-        if flag.any_process(accelerator):
-            checkpoint()
-            raise Preempted(
-                f"stopped by signal at step {state.global_step}; checkpoint saved to "
-                f"{ckpt_root / f'step-{state.global_step}'}. Re-run the same command to resume "
-                f"(exit status {REQUEUE_EXIT_CODE})."
-            )
+    def preempt() -> None:
+        checkpoint()
+        raise Preempted(
+            f"stopped by signal at step {state.global_step}; checkpoint saved to "
+            f"{ckpt_root / f'step-{state.global_step}'}. Re-run the same command to resume "
+            f"(exit status {REQUEUE_EXIT_CODE})."
+        )
 
     can_select = "validation" in eval_loaders
     trainee.train()
     progress = tqdm(total=total_steps, initial=state.global_step, disable=not main, desc=stage, dynamic_ncols=True)
-    window, bad = Window(), None
+    guard, window = StepGuard(accelerator, tcfg.max_skipped_steps), Window()
     with StopFlag() as stop:
         while not state.finished and state.epoch < tcfg.epochs:
             intermediate = state.epoch < phase1  # TinyBERT's first phase: intermediate terms only
             s.objective.intermediate_phase = intermediate
+            # the teacher serves only what this phase's terms read (no online pass for none)
+            select_reads(s.teacher, s.objective.needs("teacher"))
             # the batch order is a pure function of (seed, epoch); a resumed epoch skips what it did
             train_loader.set_epoch(state.epoch)
             sampler.set_epoch(state.epoch)
             batches = accelerator.skip_first_batches(train_loader, state.batches_done) if state.batches_done else train_loader
+            result = None
             for batch in batches:
                 last = accelerator.gradient_state.end_of_dataloader  # the epoch's last batch
-                result = train_step(accelerator, trainee, batch, task, s.teacher, optimizer, scheduler, tcfg.max_grad_norm, bad)
-                if accelerator.sync_gradients and result.bad is not None:
-                    raise nonfinite_error(accelerator, jlog, state, result, batch, ckpt_root)
-                bad = result.bad
+                log_now = (state.global_step + 1) % tcfg.logging_steps == 0 or state.global_step + 1 == total_steps
+                result = train_step(
+                    accelerator, trainee, batch, task, s.teacher, optimizer, scheduler, tcfg.max_grad_norm,
+                    guard, window, log_now, lambda: stop.signal is not None,
+                )
+                if result.error is not None:
+                    raise stop_error(accelerator, jlog, state, result, batch, ckpt_root, guard, tcfg.max_skipped_steps)
                 state.batches_done += 1
-                window.add(result, len(batch["feature_id"]) * accelerator.num_processes)
-                if not accelerator.sync_gradients:
+                if not result.synced:
                     continue
                 state.global_step += 1
+                window.skipped += result.skipped
                 progress.update(1)
-                if state.global_step % tcfg.logging_steps == 0 or state.global_step == total_steps:
-                    record = {"step": state.global_step, "epoch": state.epoch, "lr": scheduler.get_last_lr()[0]}
-                    record.update(window.record(accelerator))
+                if result.record is not None:
+                    record = {"step": state.global_step, "epoch": state.epoch, "lr": scheduler.get_last_lr()[0], **result.record}
+                    if guard.scaler is not None:  # fp16: the scale this step ran with, the window's skips
+                        record.update({"train/loss_scale": result.scale, "train/skipped_steps": window.skipped})
                     if phase1:
                         record["phase"] = "intermediate" if intermediate else "prediction"
                     jlog.write(record)
@@ -345,20 +277,22 @@ def train_stage(accelerator: Accelerator, plan: StagePlan, s: Stage, status: str
                 if not last:  # the epoch-end block checkpoints and checks signals at the last batch
                     if tcfg.checkpoint_steps > 0 and state.global_step % tcfg.checkpoint_steps == 0:
                         checkpoint()
-                    stop_if_signalled(stop)
+                    if result.stop:  # read with the step: no exchange of its own
+                        preempt()
             else:  # the epoch ran to its end
                 state.epoch, state.batches_done = state.epoch + 1, 0
                 if tcfg.eval_steps == 0 and can_select and not intermediate:
                     state.finished = evaluate_and_select() or state.finished
                 checkpoint()
-                stop_if_signalled(stop)
+                if result is not None and result.stop:  # asked by the last step's read (a later signal: the next step's)
+                    preempt()
     progress.close()
     if can_select and (not state.history or state.history[-1]["step"] != state.global_step):
         evaluate_and_select()  # the weights since the last evaluation
-    return finish(accelerator, plan, s, trainee, eval_loaders, state, select)
+    return finish(accelerator, plan, s, trainee, eval_loaders, state, select, guard)
 
 
-def finish(accelerator: Accelerator, plan: StagePlan, s: Stage, trainee: Any, eval_loaders: dict, state: LoopState, select: str) -> dict:
+def finish(accelerator: Accelerator, plan: StagePlan, s: Stage, trainee: Any, eval_loaders: dict, state: LoopState, select: str, guard: Optional[StepGuard] = None) -> dict:
     """Reload the best model, score validation and test, write model/, predictions and
     metrics.json (last: its presence marks the stage complete)."""
     out = s.out
@@ -386,6 +320,8 @@ def finish(accelerator: Accelerator, plan: StagePlan, s: Stage, trainee: Any, ev
         "processes": accelerator.num_processes,
         **s.info,  # several teachers: who they are and how their targets combine
     }
+    if guard is not None and guard.scaler is not None:  # fp16: optimizer steps the scaler skipped (this run)
+        results["info"]["skipped_steps"] = guard.total
     accelerator.log({f"{k}/{m}": v for k, ms in results.items() if k != "info" for m, v in ms.items()}, step=state.global_step)
     save_model_folder(accelerator, trainee, out / "model", s.tokenizer)
 

@@ -14,6 +14,10 @@ models keep SDPA / flash attention. Only the layers asked for are kept; nothing 
         teacher(**inputs)                           # ends after layer 9: no later layer, no head
     cap.stopped                                     # True; the forward returned nothing
 
+    cap = Capture(student, qkv={4}).attach()        # a stage: hooks registered once ...
+    with cap:                                       # ... and armed around each training forward
+        out = student(**inputs)
+
 "Layer i" is the i-th application of a transformer block in forward order (1-based); layer 0 is
 the input of layer 1 — the embedding output (for ALBERT: after its embedding-to-hidden
 projection, so hidden-size wide). ALBERT / ALBETO base-N run one shared block N times; each
@@ -128,34 +132,16 @@ def _find_layout(model: nn.Module) -> _Layout:
     return _Layout(blocks, projections, num_layers, heads)
 
 
-def num_layers(model: nn.Module) -> int:
-    """Transformer-block applications per forward (ALBERT: each reuse of a shared block counts)."""
-    return _layout(model).num_layers
-
-
-def wanted_layers(terms: Iterable[Any], side: str) -> dict[str, set[int]]:
-    """Union of what `terms` read from one side ("student" or "teacher"): {"qkv": {...}, "hidden": {...}}."""
-    if side not in ("student", "teacher"):
-        raise ValueError(f"side must be 'student' or 'teacher', got {side!r}")
-    wants: dict[str, set[int]] = {"qkv": set(), "hidden": set()}
-    for term in terms:
-        reader = getattr(term, f"{side}_layers", None)
-        for kind, layers in (reader() if reader else {}).items():
-            if kind not in wants:
-                raise ValueError(f"term '{getattr(term, 'name', term)}' asks for unknown signal '{kind}'")
-            wants[kind] |= set(layers)
-    return wants
-
-
-def deepest_layer(wants: dict[str, set[int]]) -> int:
-    """The deepest layer any capture in `wants` reads (0 = embeddings only): where a teacher that
-    only feeds intermediate terms may stop."""
-    return max((i for layers in wants.values() for i in layers), default=0)
-
-
 class Capture:
     """Hooks that keep the Q/K/V projections of layers `qkv` and the hidden states of layers
-    `hidden` during one forward of `model`, used as a context manager around that forward.
+    `hidden` during a forward of `model`, used as a context manager around that forward.
+
+    Two ways to use it. `with Capture(model, qkv={4}) as cap: model(...)` registers the hooks on
+    entry and removes them on exit. A stage instead registers them once (`attach()`), switches
+    what they keep with `select()` (a phase whose terms read nothing simply never enters the
+    context), and enters the context around each forward: outside it the hooks return at once
+    (evaluation runs the same model), and their set never changes between steps, so a compiled
+    student is not recompiled for them. `close()` removes them.
 
     stop_after=L ends the forward right after layer L (for a teacher whose logits come from the
     cache, or are not needed): the hook raises a private exception that `__exit__` swallows, so
@@ -178,45 +164,86 @@ class Capture:
     ):
         self.model = model
         self.layout = _layout(model)
-        self.qkv_layers, self.hidden_layers = set(qkv), set(hidden)
-        n, kind = self.layout.num_layers, type(_unwrap(model)).__name__
-        bad = sorted(i for i in self.qkv_layers if not 1 <= i <= n)
+        self._handles: list[Any] = []
+        self._temporary = False  # attached by __enter__, removed by __exit__
+        self._armed = False  # inside the context: the hooks keep what is selected
+        self.select(qkv, hidden, stop_after)
+        # what the attached hooks can serve: select() may narrow it, never widen it
+        self._built = (frozenset(self.qkv_layers), frozenset(self.hidden_layers), stop_after is not None)
+        self._reset()
+
+    def select(self, qkv: Iterable[int] = (), hidden: Iterable[int] = (), stop_after: Optional[int] = None) -> None:
+        """What the hooks keep from now on (checked against the model's layers)."""
+        qkv, hidden = frozenset(qkv), frozenset(hidden)
+        n, kind = self.layout.num_layers, type(_unwrap(self.model)).__name__
+        bad = sorted(i for i in qkv if not 1 <= i <= n)
         if bad:
             raise ValueError(f"Q/K/V capture of layers {bad}: {kind} has layers 1..{n}")
-        bad = sorted(i for i in self.hidden_layers if not 0 <= i <= n)
+        bad = sorted(i for i in hidden if not 0 <= i <= n)
         if bad:
             raise ValueError(f"hidden-state capture of layers {bad}: {kind} has 0 (embeddings)..{n}")
         if stop_after is not None:
             if not 1 <= stop_after <= n:
                 raise ValueError(f"stop_after={stop_after}: {kind} has layers 1..{n}")
-            deeper = sorted(i for i in self.qkv_layers | self.hidden_layers if i > stop_after)
+            deeper = sorted(i for i in qkv | hidden if i > stop_after)
             if deeper:
                 raise ValueError(f"stop_after={stop_after} but layers {deeper} are to be captured")
-            if isinstance(model, nn.parallel.DistributedDataParallel):
+            if isinstance(self.model, nn.parallel.DistributedDataParallel):
                 raise ValueError("stop_after cannot end the forward of a DDP-wrapped model")
-        self.stop_after = stop_after
-        self.qkv: dict[int, QKV] = {}
-        self.hidden: dict[int, torch.Tensor] = {}
-        self.stopped = False
-        self._handles: list[Any] = []
-        self._reset()
+        if self._handles and not self._temporary:
+            built_qkv, built_hidden, built_blocks = self._built
+            if not (qkv <= built_qkv and hidden <= built_hidden and (stop_after is None or built_blocks or built_qkv or built_hidden)):
+                raise ValueError(
+                    f"select(qkv={sorted(qkv)}, hidden={sorted(hidden)}) asks for more than the attached "
+                    f"hooks serve (qkv {sorted(built_qkv)}, hidden {sorted(built_hidden)})"
+                )
+        self.qkv_layers, self.hidden_layers, self.stop_after = qkv, hidden, stop_after
+
+    # ---- hooks: registered once, switched by `_armed` and the selection ----
+    def attach(self) -> "Capture":
+        """Register the hooks (once; a second call does nothing)."""
+        if self._handles:
+            return self
+        qkv, hidden, stop = self._built
+        top = _unwrap(self.model)
+        add = self._handles.append
+        add(top.register_forward_pre_hook(self._on_model_start, with_kwargs=True))
+        add(top.register_forward_hook(self._on_model_end, with_kwargs=True))
+        if qkv or hidden or stop:
+            for block in self.layout.blocks:
+                add(block.register_forward_pre_hook(self._on_block_start, with_kwargs=True))
+                add(block.register_forward_hook(self._on_block_end, with_kwargs=True))
+        if qkv:
+            for q, k, v in self.layout.projections:
+                for slot, proj in (("q", q), ("k", k), ("v", v)):
+                    add(proj.register_forward_hook(self._projection_hook(slot)))
+        return self
+
+    def close(self) -> None:
+        """Remove the hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
 
     # ---- state of one forward ----
     def _reset(self) -> None:
         self._layer = 0  # block applications seen so far in this forward
         self._done = False  # set when the forward returned: later hook calls (recompute) are ignored
         self._parts: dict[int, dict[str, torch.Tensor]] = {}
-        self.qkv, self.hidden, self.stopped = {}, {}, False
-        self._no_graph: list[str] = []
+        self.qkv: dict[int, QKV] = {}
+        self.hidden: dict[int, torch.Tensor] = {}
+        self.stopped = False
 
     def _on_model_start(self, module, args, kwargs) -> None:
-        self._reset()
+        if self._armed:
+            self._reset()
 
     def _on_model_end(self, module, args, kwargs, output) -> None:
-        self._done = True
+        if self._armed:
+            self._done = True
 
     def _on_block_start(self, module, args, kwargs) -> None:
-        if self._done:
+        if not self._armed or self._done:
             return
         self._layer += 1
         if self._layer == 1 and 0 in self.hidden_layers:
@@ -224,7 +251,7 @@ class Capture:
             self.hidden[0] = x  # [batch, seq, hidden]
 
     def _on_block_end(self, module, args, kwargs, output) -> None:
-        if self._done:
+        if not self._armed or self._done:
             return
         if self._layer in self.hidden_layers:
             self.hidden[self._layer] = output[0] if isinstance(output, (tuple, list)) else output
@@ -233,10 +260,8 @@ class Capture:
 
     def _projection_hook(self, slot: str):
         def hook(module: nn.Linear, args, output: torch.Tensor) -> None:
-            if self._done or self._layer not in self.qkv_layers:
+            if not self._armed or self._done or self._layer not in self.qkv_layers:
                 return
-            if self._grad and module.weight.requires_grad and not output.requires_grad:
-                self._no_graph.append(f"layer {self._layer} {slot}")
             parts = self._parts.setdefault(self._layer, {})
             parts[slot] = output  # [batch, seq, width]
             if len(parts) == 3:
@@ -244,28 +269,21 @@ class Capture:
 
         return hook
 
-    # ---- context ----
+    # ---- context: one forward ----
     def __enter__(self) -> "Capture":
+        if not self._handles:
+            self.attach()
+            self._temporary = True
         self._reset()
         self._grad = torch.is_grad_enabled()
-        top = _unwrap(self.model)
-        add = self._handles.append
-        add(top.register_forward_pre_hook(self._on_model_start, with_kwargs=True))
-        add(top.register_forward_hook(self._on_model_end, with_kwargs=True))
-        if self.qkv_layers or self.hidden_layers or self.stop_after is not None:
-            for block in self.layout.blocks:
-                add(block.register_forward_pre_hook(self._on_block_start, with_kwargs=True))
-                add(block.register_forward_hook(self._on_block_end, with_kwargs=True))
-        if self.qkv_layers:
-            for q, k, v in self.layout.projections:
-                for slot, proj in (("q", q), ("k", k), ("v", v)):
-                    add(proj.register_forward_hook(self._projection_hook(slot)))
+        self._armed = True
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._armed = False
+        if self._temporary:
+            self.close()
+            self._temporary = False
         stopped = exc_type is _StopForward
         if exc_type is not None and not stopped:
             return False  # a real error: let it through
@@ -279,9 +297,11 @@ class Capture:
         missing = sorted((self.qkv_layers - set(self.qkv)) | (self.hidden_layers - set(self.hidden)))
         if self._layer and missing:
             raise RuntimeError(f"{kind}: layers {missing} were asked for but never ran")
-        if self._no_graph:
+        trains = self._grad and any(p.weight.requires_grad for qkv in self.layout.projections for p in qkv)
+        no_graph = [f"layer {i} {s}" for i, x in sorted(self.qkv.items()) for s in "qkv" if trains and not getattr(x, s).requires_grad]
+        if no_graph:
             raise RuntimeError(
-                f"{kind}: captured {', '.join(self._no_graph[:3])} carry no gradient although the "
+                f"{kind}: captured {', '.join(no_graph[:3])} carry no gradient although the "
                 "layer trains (reentrant gradient checkpointing runs layers under no_grad); turn it "
                 "off or use use_reentrant=False"
             )
@@ -292,23 +312,3 @@ class Capture:
         embeddings, i = layer i), None at the layers nobody asked for."""
         size = max(self.hidden, default=-1) + 1
         return tuple(self.hidden.get(i) for i in range(size))
-
-
-# The name the stage setup imports: `QKVCapture(model, layers, stop_after=L)`.
-QKVCapture = Capture
-
-
-def forward_capturing(
-    model: nn.Module,
-    inputs: dict,
-    qkv: Iterable[int] = (),
-    hidden: Iterable[int] = (),
-    stop_after: Optional[int] = None,
-    **kwargs: Any,
-) -> tuple[Any, Capture]:
-    """`model(**inputs, **kwargs)` under a `Capture`: (outputs, capture). outputs is None when
-    the forward stopped after `stop_after` (a `with` body would leave its result unassigned)."""
-    outputs = None
-    with Capture(model, qkv, hidden, stop_after) as cap:
-        outputs = model(**inputs, **kwargs)
-    return outputs, cap

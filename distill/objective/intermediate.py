@@ -1,9 +1,10 @@
 """Intermediate-layer loss terms: TinyBERT attention scores and MiniLMv2 self-attention relations.
 
-Both read the Q/K/V projections that `distill.objective.capture.Capture` keeps (never attention weights,
-so SDPA stays on) and compare token positions, so teacher and student must share a tokenizer
-(`check_compatible`). Each term says which layers it reads (`student_layers` /
-`teacher_layers`) so only those are captured, and the teacher can stop after the deepest one.
+Both read the Q/K/V projections that `distill.objective.capture.Capture` keeps (never attention
+weights, so SDPA stays on) and compare token positions, so teacher and student must share a
+tokenizer (the stage refuses other pairs before any step: `loop.setup.bind_tokenizers`). Each
+term says which layers it reads (`student_layers` / `teacher_layers`) so only those are
+captured, and the teacher can stop after the deepest one.
 
     attention  (TinyBERT)  MSE of per-head scores Q Kᵀ/√d_head of mapped layers
     relations  (MiniLMv2)  KL of softmax(X Xᵀ/√d_r), X ∈ {Q, K, V}, split into relation heads
@@ -12,7 +13,7 @@ so SDPA stays on) and compare token positions, so teacher and student must share
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,10 +49,6 @@ def _mask(signals: Any, batch: dict, like: torch.Tensor) -> torch.Tensor:
     if mask is None:
         return torch.ones(like.shape[:2], dtype=torch.bool, device=like.device)
     return mask.to(like.device).bool()
-
-
-def _layers_map(num_student: int, num_teacher: int, layer_map: Sequence[int], term: str) -> list[int]:
-    return checked_layer_map(num_student, num_teacher, layer_map, term)
 
 
 def _captured(signals: Any, layer: int, side: str, term: str):
@@ -111,7 +108,7 @@ class AttentionTerm(Term):
                 "distill.relation_weight (MiniLMv2 relations work with any head counts) instead"
             )
         self.heads = student_heads
-        mapping = _layers_map(student_layers_total, teacher_layers_total, layer_map, "attention")
+        mapping = checked_layer_map(student_layers_total, teacher_layers_total, layer_map, "attention")
         self.pairs = [(i + 1, j) for i, j in enumerate(mapping)]
 
     def student_layers(self) -> dict[str, set[int]]:
@@ -247,42 +244,6 @@ class RelationTerm(Term):
             f"relation_heads={self.relation_heads}, teacher_layer={self.teacher_layer}, "
             f"student_layer={self.student_layer}"
         )
-
-
-# Recipe keys of the terms that compare token positions, and the term each one turns on.
-POSITIONAL_TERMS = {
-    "hidden": "distill.hidden_weight",
-    "attention": "distill.attention_weight",
-    "relations": "distill.relation_weight",
-}
-
-
-def check_compatible(
-    term_names: Sequence[str],
-    student_tokenizer: Any,
-    teacher_tokenizer: Any,
-    student_name: Optional[str] = None,
-    teacher_name: Optional[str] = None,
-) -> None:
-    """Refuse, before any step, position-wise terms (hidden, attention, relations) between a
-    teacher and a student whose tokenizers split text differently: position t would be a
-    different piece of text in each model. Raises StageError naming the term and both tokenizers.
-    """
-    from distill.errors import StageError
-    from distill.models import same_tokenizer  # lazy: models imports the heavy stack
-
-    positional = [n for n in term_names if n in POSITIONAL_TERMS]
-    if not positional or teacher_tokenizer is None or same_tokenizer(student_tokenizer, teacher_tokenizer):
-        return
-    s_name = student_name or getattr(student_tokenizer, "name_or_path", None) or type(student_tokenizer).__name__
-    t_name = teacher_name or getattr(teacher_tokenizer, "name_or_path", None) or type(teacher_tokenizer).__name__
-    keys = ", ".join(f"{POSITIONAL_TERMS[n]} (term '{n}')" for n in positional)
-    raise StageError(
-        f"{keys} compare token positions, but the student's tokenizer ({s_name}) and the teacher's "
-        f"({t_name}) split text differently; pick a student that shares the teacher's tokenizer, "
-        f"or set {' and '.join(POSITIONAL_TERMS[n] for n in positional)} to 0 (logit KD aligns "
-        "different tokenizers)"
-    )
 
 
 def layer_count(config: Any) -> int:

@@ -171,8 +171,8 @@ class HiddenStateLoss(nn.Module):
         mask = attention_mask.bool()  # [batch, seq]
         losses = []
         for (i, j), proj in zip(self.pairs, self.projections):
-            hs = proj(student_hidden[i].float())[mask]  # [tokens, hidden_t]
-            ht = teacher_hidden[j].float().to(hs.device)[mask]  # [tokens, hidden_t]
+            hs = proj(student_hidden[i][mask].float())  # [tokens, hidden_t]: padding is never projected
+            ht = teacher_hidden[j][mask.to(teacher_hidden[j].device)].float().to(hs.device)  # [tokens, hidden_t]
             if self.kind == "mse":
                 losses.append(F.mse_loss(hs, ht))
             else:
@@ -183,6 +183,32 @@ class HiddenStateLoss(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Terms with one signature, the objective that weights them, and the trained module
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reads:
+    """What the loss terms read from one model's forward: hidden-state indices (0 = embeddings),
+    the layers whose Q/K/V projections are captured (from 1), and whether they read its outputs
+    (the student's logits; the teacher's logit targets). `reads["hidden"]` works too."""
+
+    hidden: frozenset = frozenset()
+    qkv: frozenset = frozenset()
+    outputs: bool = False
+
+    KINDS = ("hidden", "qkv")
+
+    def __getitem__(self, kind: str) -> frozenset:
+        return getattr(self, kind)
+
+    @property
+    def deepest(self) -> int:
+        """The deepest layer a capture reads (0 = embeddings or none): where a teacher that only
+        feeds intermediate terms may stop."""
+        return max(self.hidden | self.qkv, default=0)
+
+    @property
+    def anything(self) -> bool:
+        return bool(self.hidden or self.qkv or self.outputs)
 
 
 @dataclass
@@ -206,7 +232,8 @@ class Term(nn.Module):
 
     name = ""
     intermediate = False
-    reads_outputs = False  # whether the term uses the model's outputs (logits), not only its layers
+    reads_outputs = False  # whether the term uses the student's outputs (logits), not only its layers
+    reads_targets = False  # whether the term uses the teacher's logit targets
 
     def student_layers(self) -> dict[str, set[int]]:
         return {}
@@ -238,6 +265,7 @@ class SoftLabelTerm(Term):
 
     name = "kd"
     reads_outputs = True
+    reads_targets = True
 
     def __init__(self, task: Any, kind: str = "kl", temperature: float = 1.0):
         super().__init__()
@@ -281,18 +309,29 @@ class Objective(nn.Module):
         self.weights = {t.name: float(weights[t.name]) for t in terms}
         self.two_phase = two_phase
         self.intermediate_phase = False
-        self._needs: dict[str, dict[str, set[int]]] = {}
+        self._needs: dict[tuple, Reads] = {}
 
-    def needs(self, side: str) -> dict[str, set[int]]:
-        """What the terms read from `side` ("student" or "teacher"), merged (computed once: the
-        training forward asks on every step)."""
-        if side not in self._needs:
-            merged: dict[str, set[int]] = {}
-            for term in self.terms.values():
-                for kind, layers in (term.student_layers() if side == "student" else term.teacher_layers()).items():
-                    merged.setdefault(kind, set()).update(layers)
-            self._needs[side] = merged
-        return self._needs[side]
+    def needs(self, side: str, every_phase: bool = False) -> Reads:
+        """What the active terms read from `side` ("student" or "teacher"), or every term with
+        `every_phase` (what a stage must be able to serve: the cache's layers, the hooks).
+        Computed once per phase: the training forward asks on every step."""
+        if side not in ("student", "teacher"):
+            raise ValueError(f"side must be 'student' or 'teacher', got {side!r}")
+        phase = "all" if every_phase or not self.two_phase else "intermediate" if self.intermediate_phase else "prediction"
+        key = (side, phase)
+        if key not in self._needs:
+            layers: dict[str, set[int]] = {kind: set() for kind in Reads.KINDS}
+            outputs = False
+            for name, term in self.terms.items():
+                if not (every_phase or self.active(name)):
+                    continue
+                for kind, which in (term.student_layers() if side == "student" else term.teacher_layers()).items():
+                    if kind not in layers:
+                        raise ValueError(f"term '{name}' asks for unknown signal '{kind}' (known: {', '.join(Reads.KINDS)})")
+                    layers[kind] |= set(which)
+                outputs = outputs or (term.reads_outputs if side == "student" else term.reads_targets)
+            self._needs[key] = Reads(frozenset(layers["hidden"]), frozenset(layers["qkv"]), outputs)
+        return self._needs[key]
 
     def active(self, name: str) -> bool:
         if not self.two_phase:
@@ -327,29 +366,34 @@ class Trainee(nn.Module):
 
     `trainee(inputs)` returns (model outputs, None, {}); `trainee(inputs, batch, teacher)` also
     computes the objective: (outputs, total loss, {term: value}). Only `model` is ever saved.
+    `capture` (objective/capture.py `Capture`) keeps the student's Q/K/V for the terms that read
+    them: its hooks are attached here, once, and armed only around forwards whose active terms
+    read Q/K/V; hidden states are asked of the model only when an active term reads them.
     """
 
     def __init__(self, model: nn.Module, objective: Optional[Objective] = None, capture: Any = None):
         super().__init__()
         self.model = model
         self.objective = objective
-        self.capture = capture  # a factory of per-forward captures of the student's layers
+        self.capture = capture.attach() if capture is not None else None
 
     def forward(self, inputs: dict, batch: Optional[dict] = None, teacher: Optional[Signals] = None):
         if self.objective is None or batch is None:
             return self.model(**inputs), None, {}
-        needs = self.objective.needs("student")
-        hidden_needed = bool(needs.get("hidden"))
-        if self.capture is not None and needs.get("qkv"):
-            with self.capture(self.model, qkv=needs["qkv"]) as captured:
-                out = self.model(**inputs, output_hidden_states=hidden_needed)
+        reads = self.objective.needs("student")
+        hidden = bool(reads.hidden)
+        qkv = None
+        if reads.qkv and self.capture is not None:
+            if self.capture.qkv_layers != reads.qkv:
+                self.capture.select(qkv=reads.qkv)
+            with self.capture as captured:
+                out = self.model(**inputs, output_hidden_states=hidden)
             qkv = captured.qkv
         else:
-            out = self.model(**inputs, output_hidden_states=hidden_needed)
-            qkv = None
+            out = self.model(**inputs, output_hidden_states=hidden)
         student = Signals(
             outputs=out,
-            hidden=out.hidden_states if hidden_needed else None,
+            hidden=out.hidden_states if hidden else None,
             qkv=qkv,
             attention_mask=inputs.get("attention_mask"),
         )

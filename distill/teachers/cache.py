@@ -3,16 +3,21 @@
 Distilling with the teacher online runs a large model on every batch of every epoch of every
 student. The teacher's outputs on the training set never change, so the cache runs it once —
 inference mode, length-sorted large batches, under accelerate's mixed-precision setting — and
-stores what `task.kd_targets` returns, per feature, as float16 in a `datasets` Arrow folder
-(memory-mapped on read). Training then looks rows up by `feature_id`, so shuffling, length
-grouping, resume and multi-process sharding never depend on the order the cache was built in.
+stores what `task.kd_targets` returns, per feature (logits as float16, bools as uint8), plus the
+hidden layers the hidden-state term reads on request (float32, or 16-bit with
+`distill.cache_hidden_dtype`). Training looks rows up by `feature_id` in the data pipeline
+(`TeacherCache.gather`, called by the training collate), so shuffling, length grouping, resume
+and multi-process sharding never depend on the order the cache was built in.
 
-Layout: `<cache_dir>/<key>/` with `metadata.json` (the key's parts, the stored targets, sizes)
-and `data/` (one row per feature, ordered by feature_id: `feature_id` plus one flat list column
-per target). The key hashes everything that changes the outputs (teacher weights, tokenizers,
-preprocessing options, label order, the features' content, precision, stored hidden layers), so
-a stale cache is never read and a matching one is shared across runs, e.g. by every student of
-a grid. Folders are written under a temporary name and renamed when complete, with the sha256
+Layout of `<cache_dir>/<key>/` (teachers/shards.py): `metadata.json` (the key's parts, the
+stored targets, the shards, sizes) and one folder per process that built it, `shard-<rank>/`,
+with the features it computed and each target's rows back to back, memory-mapped on read. Each
+process writes its own shard and nothing is merged, so a build by N processes is read by any
+number M. The key
+hashes everything that changes the outputs (teacher weights, tokenizers, preprocessing options,
+label order, the features' content, precision, stored hidden layers and their dtype), so a stale
+cache is never read and a matching one is shared across runs, e.g. by every student of a grid.
+Folders are written under a temporary name and renamed when complete, with the sha256
 of every file in `checksums.json`; a reuse verifies them first, so a damaged or cut-short cache
 is built again rather than trained on. The precision in the key is the one that applies
 (`launch.effective_precision`: fp16 on a CPU runs, and is recorded, as fp32).
@@ -20,12 +25,10 @@ is built again rather than trained on. The precision in the key is the one that 
 Rows of varying length are trimmed before storage and zero-padded to the batch on read: a
 target's axis 1 is cut to the row's value of a batch column (`task.kd_target_lengths`, e.g.
 `word_logits -> num_words`, `start_logits -> length`); the task's masks keep padding out of the
-loss. Hidden states (only with `distill.cache_hidden_states=true`) are trimmed to the row's real
-tokens.
+loss. Hidden states are trimmed to the row's real tokens.
 
-One concern over ~500 lines: the cache's on-disk format is written and read by the same code
-(key, build with its disk check and shard merge, memory-mapped reads); splitting writer from
-reader would let the two drift.
+Here: the key, the teacher's pass with its disk check, and reuse-or-build. The format itself is
+written and read by one module, teachers/shards.py, so writer and reader cannot drift.
 """
 
 from __future__ import annotations
@@ -37,17 +40,14 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import numpy as np
-import pyarrow as pa
 import torch
 from accelerate import Accelerator
-from datasets import Dataset, Features, LargeList, Value, concatenate_datasets, load_from_disk
-from datasets.arrow_writer import ArrowWriter
-from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+from datasets import Dataset
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -58,12 +58,13 @@ from distill.files import check_free_space, reusable, write_checksums
 from distill.launch import effective_precision, on_main, together
 from distill.errors import CacheError
 from distill.data.features import data_fingerprint
+from distill.teachers.shards import HIDDEN_PREFIX, TargetSpec, TeacherCache, shard_dir, write_shard
 
 log = logging.getLogger("distill")
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: one shard per building process, raw memory-mapped arrays
 FLOAT16_MAX = float(np.finfo(np.float16).max)
-HIDDEN_PREFIX = "hidden_states_"
+HIDDEN_DTYPES = ("float32", "float16", "bfloat16")
 # Row lengths of the families' variable-length targets, for tasks that do not declare
 # `kd_target_lengths` themselves: target key -> batch column holding each row's length on axis 1.
 KNOWN_LENGTHS = {
@@ -72,9 +73,8 @@ KNOWN_LENGTHS = {
     "start_logits": "length",
     "end_logits": "length",
 }
-# Free space required, as a multiple of the estimate: shards and the merged copy coexist while
-# merging.
-SPACE_FACTOR = 2.0
+# Free space required, as a multiple of the estimate (a margin: the estimate counts values only).
+SPACE_FACTOR = 1.1
 
 
 def length_columns(task: Task) -> dict[str, str]:
@@ -97,6 +97,7 @@ def cache_key(
     mixed_precision: str,
     settings: dict[str, Any],
     hidden_layers: Sequence[int] = (),
+    hidden_dtype: str = "float32",
 ) -> tuple[str, dict[str, Any]]:
     """(key, parts): the parts name everything that changes what the cache holds. `settings` are
     the preprocessing options the caller used (task family, lengths, strides, ...)."""
@@ -116,6 +117,7 @@ def cache_key(
         "mixed_precision": str(mixed_precision),
         "targets": list(task.kd_target_keys),
         "hidden_layers": list(hidden_layers),
+        "hidden_dtype": hidden_dtype if hidden_layers else None,
     }
     key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return key, parts
@@ -126,25 +128,13 @@ def cache_key(
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class TargetSpec:
-    """How one stored target looks: row i is an array of shape [n_i, *trailing] (n_i = the
-    row's length on axis 1), or of shape [*trailing] when the target has no axis 1."""
-
-    name: str
-    dtype: str  # numpy dtype of the stored values (float16, uint8 for bool, or the int type)
-    trailing: list[int]
-    length_column: Optional[str]  # batch column that trims axis 1; None = untrimmed
-    is_bool: bool = False
-    scalar: bool = False  # the target is [batch] (one value per feature)
-
-
-def _storage_dtype(tensor: torch.Tensor) -> tuple[str, bool]:
-    """(numpy dtype to store, whether it was bool): floats as float16, bools as uint8."""
+def _storage_dtype(name: str, tensor: torch.Tensor, hidden_dtype: str) -> tuple[str, bool]:
+    """(dtype to store, whether it was bool): logits as float16, hidden states as asked, bools
+    as uint8."""
     if tensor.dtype == torch.bool:
         return "uint8", True
     if tensor.is_floating_point():
-        return "float16", False
+        return (hidden_dtype if name.startswith(HIDDEN_PREFIX) else "float16"), False
     return str(torch.empty(0, dtype=tensor.dtype).numpy().dtype), False
 
 
@@ -211,11 +201,11 @@ def _row_lengths(spec: TargetSpec, tensor: torch.Tensor, batch: dict, task: Task
     return np.minimum(lengths.detach().cpu().numpy().astype(np.int64), width)
 
 
-def _specs(task: Task, targets: dict[str, torch.Tensor]) -> dict[str, TargetSpec]:
+def _specs(task: Task, targets: dict[str, torch.Tensor], hidden_dtype: str) -> dict[str, TargetSpec]:
     lengths = length_columns(task)
     specs = {}
     for name, tensor in targets.items():
-        dtype, is_bool = _storage_dtype(tensor)
+        dtype, is_bool = _storage_dtype(name, tensor, hidden_dtype)
         scalar = tensor.dim() == 1
         trailing = [] if tensor.dim() <= 2 else list(tensor.shape[2:])
         column = None if scalar else lengths.get(name)
@@ -223,39 +213,39 @@ def _specs(task: Task, targets: dict[str, torch.Tensor]) -> dict[str, TargetSpec
     return specs
 
 
-def _features_schema(specs: dict[str, TargetSpec]) -> Features:
-    schema = {"feature_id": Value("int64")}
-    schema.update({name: LargeList(Value(spec.dtype)) for name, spec in specs.items()})
-    return Features(schema)
-
-
-def _batch_table(
-    specs: dict[str, TargetSpec], targets: dict[str, torch.Tensor], batch: dict, task: Task
-) -> tuple[pa.Table, int]:
-    """One Arrow table for a batch: feature_id and each target's trimmed rows, flattened.
-    Also returns how many values were clamped to the float16 range."""
-    columns = {"feature_id": pa.array(batch["feature_id"].detach().cpu().numpy().astype(np.int64))}
+def _stored(spec: TargetSpec, tensor: torch.Tensor) -> tuple[np.ndarray, int]:
+    """A batch of one target as the numpy array written ([batch, width, *trailing] or [batch]),
+    and how many values were clamped to the float16 range."""
+    tensor = tensor.detach()
     clamped = 0
-    for name, spec in specs.items():
-        tensor = targets[name].detach()
-        if tensor.is_floating_point():
-            tensor = tensor.float()
-            clamped += int((tensor.abs() > FLOAT16_MAX).sum())
+    if spec.dtype == "bfloat16":  # numpy has no bfloat16: its bits, as uint16
+        return tensor.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16), 0
+    if tensor.is_floating_point():
+        tensor = tensor.float()
+        if spec.dtype == "float16":
+            clamped = int((tensor.abs() > FLOAT16_MAX).sum())
             tensor = tensor.clamp(-FLOAT16_MAX, FLOAT16_MAX)
-        array = tensor.cpu().numpy().astype(spec.dtype)  # [batch, width, *trailing] or [batch]
+    return tensor.cpu().numpy().astype(spec.dtype), clamped
+
+
+def _batch_rows(
+    specs: dict[str, TargetSpec], targets: dict[str, torch.Tensor], batch: dict, task: Task
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int]:
+    """Each target's rows of a batch, trimmed: {name: (values [items, *trailing] back to back,
+    items per row)}, and how many values were clamped to the float16 range."""
+    out, clamped = {}, 0
+    for name, spec in specs.items():
+        array, n = _stored(spec, targets[name])
+        clamped += n
+        rows = len(array)
         if spec.scalar:
-            values, counts = array.reshape(-1), np.ones(len(array), dtype=np.int64)
-        elif array.ndim == 2 and spec.length_column is None and not spec.name.startswith(HIDDEN_PREFIX):
-            values, counts = array.reshape(-1), np.full(len(array), array.shape[1], dtype=np.int64)
-        else:
-            lengths = _row_lengths(spec, tensor, batch, task)
-            per_item = int(np.prod(array.shape[2:], dtype=np.int64))
-            values = np.concatenate([array[i, : lengths[i]].reshape(-1) for i in range(len(array))])
-            counts = lengths * per_item
-        offsets = np.zeros(len(counts) + 1, dtype=np.int64)
-        np.cumsum(counts, out=offsets[1:])
-        columns[name] = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values))
-    return pa.table(columns), clamped
+            out[name] = (array.reshape(-1), np.ones(rows, dtype=np.int64))
+            continue
+        trim = spec.length_column is not None or name.startswith(HIDDEN_PREFIX)
+        lengths = _row_lengths(spec, targets[name], batch, task) if trim else np.full(rows, array.shape[1], dtype=np.int64)
+        keep = np.arange(array.shape[1])[None, :] < lengths[:, None]  # [batch, width]
+        out[name] = (array[keep], lengths)  # row-major: rows back to back, each cut to its length
+    return out, clamped
 
 
 def estimate_bytes(specs: dict[str, TargetSpec], features: Dataset, probe_widths: dict[str, int]) -> int:
@@ -264,7 +254,7 @@ def estimate_bytes(specs: dict[str, TargetSpec], features: Dataset, probe_widths
     total = n * 8  # feature_id
     lengths_cache: dict[str, int] = {}
     for name, spec in specs.items():
-        per_item = int(np.prod(spec.trailing, dtype=np.int64)) * np.dtype(spec.dtype).itemsize
+        per_item = int(np.prod(spec.trailing, dtype=np.int64)) * spec.numpy_dtype.itemsize
         column = "length" if name.startswith(HIDDEN_PREFIX) else spec.length_column
         if spec.scalar:
             rows = n
@@ -286,23 +276,6 @@ def _format_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-class _QuietProgress:
-    """datasets progress bars off while the cache writes (they would print one per shard)."""
-
-    def __enter__(self) -> "_QuietProgress":
-        self.was_enabled = not are_progress_bars_disabled()
-        disable_progress_bars()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.was_enabled:
-            enable_progress_bars()
-
-
-def _shard_file(tmp: Path, rank: int) -> Path:
-    return tmp / f"shard-{rank:05d}.arrow"
-
-
 def build_cache(
     task: Task,
     teacher: nn.Module,
@@ -312,13 +285,16 @@ def build_cache(
     parts: dict[str, Any],
     hidden_layers: Sequence[int] = (),
     batch_size: int = 128,
+    hidden_dtype: str = "float32",
 ) -> Path:
     """Run the teacher over `features` once and write the cache folder `path` (atomically).
 
     Every process computes the features i with i % num_processes == rank (longest first, in
-    batches of up to `batch_size` that stay nearly free of padding) into its own shard; the main process merges the shards into one
-    dataset ordered by feature_id, checks that every feature is there exactly once, writes
-    metadata.json and renames the folder into place. Called on every process.
+    batches of up to `batch_size` that stay nearly free of padding) into its own shard
+    (teachers/shards.py). Once all have written theirs, the main process checks that the shards
+    hold every feature exactly once (their `feature_id.npy` only), writes metadata.json and the
+    checksums and renames the folder into place: nothing is merged or copied, so no process
+    waits on a merge. Called on every process.
     """
     main = accelerator.is_main_process
     start = time.perf_counter()
@@ -333,17 +309,18 @@ def build_cache(
     # check (identical on every process) runs before anything is written.
     probe = _to_device(task.collate([features[i] for i in range(min(2, len(features)))]), accelerator.device)
     probe_targets = forward(probe)
-    specs = _specs(task, probe_targets)
+    specs = _specs(task, probe_targets, hidden_dtype)
     widths = {k: (1 if v.dim() == 1 else v.size(1)) for k, v in probe_targets.items()}
     needed = estimate_bytes(specs, features, widths)
     if hidden_layers and main:
         hidden = next(spec.trailing[0] for name, spec in specs.items() if name.startswith(HIDDEN_PREFIX))
         tokens = int(np.asarray(features.with_format("numpy")["length"]).sum())
-        size = tokens * len(hidden_layers) * hidden * 2
+        itemsize = np.dtype(np.uint16 if hidden_dtype == "bfloat16" else hidden_dtype).itemsize
+        size = tokens * len(hidden_layers) * hidden * itemsize
         print(
             f"[distill] caching teacher hidden states: {len(features)} features x "
             f"{len(hidden_layers)} layers x {tokens / max(1, len(features)):.1f} tokens (mean) x "
-            f"{hidden} x 2 bytes = {_format_bytes(size)} in {path}",
+            f"{hidden} x {itemsize} bytes ({hidden_dtype}) = {_format_bytes(size)} in {path}",
             flush=True,
         )
     check_free_space(
@@ -351,63 +328,55 @@ def build_cache(
         advice="Point distill.cache_dir at a larger disk, free space, or use distill.teacher_outputs=online",
     )
 
-    def make_folder() -> None:
+    def make_tmp() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
 
-    on_main(accelerator, f"creating {tmp}", make_folder)
+    on_main(accelerator, f"creating {tmp}", make_tmp)
 
     # --- this process's shard ---------------------------------------------------------------
     rank, world = accelerator.process_index, accelerator.num_processes
-    indices = list(range(rank, len(features), world))
-    shard = features.select(indices)
+    shard = features.select(range(rank, len(features), world))
     loader = DataLoader(shard, batch_sampler=sorted_batches(shard["length"], batch_size), collate_fn=task.collate)
-    schema = _features_schema(specs)
-    clamped = rows = 0
+    clamped = [0]
+
+    def computed():
+        for batch in loader:
+            batch = _to_device(batch, accelerator.device)
+            rows, n_clamped = _batch_rows(specs, forward(batch), batch, task)
+            clamped[0] += n_clamped
+            yield batch["feature_id"].cpu().numpy(), rows
+
     # every process learns whether every shard was written (a failure names its process)
     with together(accelerator, f"writing teacher cache shards in {tmp}"):
-        writer = ArrowWriter(features=schema, path=str(_shard_file(tmp, rank)))
-        try:
-            for batch in loader:
-                batch = _to_device(batch, accelerator.device)
-                table, n_clamped = _batch_table(specs, forward(batch), batch, task)
-                writer.write_table(table)
-                clamped += n_clamped
-                rows += table.num_rows
-            writer.finalize()
-        finally:
-            writer.close()
-    teacher.train(was_training)
-    if clamped:
-        log.warning("teacher cache: %d values beyond the float16 range were clamped to +-%g", clamped, FLOAT16_MAX)
+        written = write_shard(shard_dir(tmp, rank), specs, computed())
+        teacher.train(was_training)
+        if clamped[0]:
+            log.warning("teacher cache: %d values beyond the float16 range were clamped to +-%g", clamped[0], FLOAT16_MAX)
+        (shard_dir(tmp, rank) / "shard.json").write_text(json.dumps({"rank": rank, **written, "clamped_values": clamped[0]}))
 
-    # --- merge on the main process ----------------------------------------------------------
-    def merge() -> None:
-        with _QuietProgress():
-            shards = [Dataset.from_file(str(_shard_file(tmp, r))) for r in range(world)]
-            merged = concatenate_datasets([s for s in shards if len(s)]) if any(len(s) for s in shards) else shards[0]
-            ids = np.asarray(merged.with_format("numpy")["feature_id"], dtype=np.int64)
-            if len(ids) != len(features) or not np.array_equal(np.sort(ids), np.arange(len(features))):
-                raise CacheError(
-                    f"teacher cache shards in {tmp} hold {len(ids)} rows with {len(np.unique(ids))} "
-                    f"distinct feature ids for {len(features)} features: every feature must be "
-                    "computed exactly once. Delete the folder and run again."
-                )
-            merged.select(np.argsort(ids, kind="stable")).save_to_disk(str(tmp / "data"))
+    def publish() -> None:
+        """Check that the shards hold every feature once (their ids only: nothing is merged),
+        record them, checksum every file and rename the folder into place."""
+        shards = [json.loads((shard_dir(tmp, r) / "shard.json").read_text()) for r in range(world)]
+        ids = np.concatenate([np.load(shard_dir(tmp, r) / "feature_id.npy") for r in range(world)])
+        if len(ids) != len(features) or not np.array_equal(np.sort(ids), np.arange(len(features))):
+            raise CacheError(
+                f"teacher cache shards in {tmp} hold {len(ids)} rows with {len(np.unique(ids))} "
+                f"distinct feature ids for {len(features)} features: every feature must be "
+                "computed exactly once. Delete the folder and run again."
+            )
         metadata = {
             "key": path.name,
             "parts": parts,
             "targets": {name: asdict(spec) for name, spec in specs.items()},
             "num_rows": len(features),
-            "shards": [{"rank": r, "rows": len(s)} for r, s in enumerate(shards)],
+            "shards": shards,
             "batch_size": batch_size,
-            "bytes": sum(f.stat().st_size for f in (tmp / "data").iterdir()),
+            "bytes": sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()),
             "build_seconds": round(time.perf_counter() - start, 3),
-            "clamped_values": clamped,
+            "clamped_values": sum(s["clamped_values"] for s in shards),
         }
-        del shards, merged
-        for r in range(world):
-            _shard_file(tmp, r).unlink(missing_ok=True)
         (tmp / "metadata.json").write_text(json.dumps(metadata, indent=2))
         write_checksums(tmp)  # verified whenever the cache is reused
         try:
@@ -418,82 +387,8 @@ def build_cache(
             # another run finished the same cache first: theirs is identical, keep it
             shutil.rmtree(tmp, ignore_errors=True)
 
-    on_main(accelerator, f"merging the teacher cache shards into {path}", merge)
+    on_main(accelerator, f"publishing the teacher cache {path}", publish)
     return path
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading
-# ---------------------------------------------------------------------------------------------
-
-
-class TeacherCache:
-    """A built cache, memory-mapped: `rows(feature_ids)` returns each target padded to the batch.
-
-    Reads go straight to the Arrow buffers (zero-copy numpy views of the mapped files), so a
-    lookup costs a few microseconds per row and nothing is held in process memory.
-    """
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        meta_file = self.path / "metadata.json"
-        if not meta_file.exists():
-            raise CacheError(f"{self.path} is not a teacher cache (no metadata.json); delete it to rebuild")
-        self.metadata = json.loads(meta_file.read_text())
-        self.specs = {name: TargetSpec(**spec) for name, spec in self.metadata["targets"].items()}
-        self.dataset = load_from_disk(str(self.path / "data"))
-        table = self.dataset.data.table
-        n = self.metadata["num_rows"]
-        ids = np.concatenate([c.to_numpy() for c in table.column("feature_id").chunks]) if n else np.zeros(0)
-        if len(ids) != n or not np.array_equal(ids, np.arange(n)):
-            raise CacheError(f"teacher cache {self.path} is damaged (rows out of feature order); delete it to rebuild")
-        # per target: (first row of each chunk, offsets of each chunk, values of each chunk)
-        self._chunks: dict[str, tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]] = {}
-        for name in self.specs:
-            column = table.column(name)
-            starts, offsets, values, row = [], [], [], 0
-            for chunk in column.chunks:
-                starts.append(row)
-                offsets.append(chunk.offsets.to_numpy())
-                values.append(chunk.values.to_numpy(zero_copy_only=False))
-                row += len(chunk)
-            self._chunks[name] = (np.asarray(starts, dtype=np.int64), offsets, values)
-
-    def __len__(self) -> int:
-        return int(self.metadata["num_rows"])
-
-    @property
-    def hidden_layers(self) -> list[int]:
-        return list(self.metadata["parts"].get("hidden_layers", []))
-
-    def row(self, name: str, feature_id: int) -> np.ndarray:
-        """One feature's stored target, shaped [n, *trailing] (or [*trailing] for [batch] targets)."""
-        starts, offsets, values = self._chunks[name]
-        c = int(np.searchsorted(starts, feature_id, side="right") - 1)
-        i = feature_id - starts[c]
-        flat = values[c][offsets[c][i] : offsets[c][i + 1]]
-        spec = self.specs[name]
-        if spec.scalar:
-            return flat.reshape(())
-        return flat.reshape(-1, *spec.trailing)
-
-    def rows(self, feature_ids: Sequence[int], widths: Optional[dict[str, int]] = None) -> dict[str, np.ndarray]:
-        """Every target for these features, zero-padded on axis 1 to the longest row (or to
-        `widths[name]` when given): [batch, width, *trailing], [batch, *trailing] or [batch]."""
-        out = {}
-        for name, spec in self.specs.items():
-            rows = [self.row(name, int(i)) for i in feature_ids]
-            if spec.scalar:
-                array = np.stack(rows) if rows else np.zeros(0, dtype=spec.dtype)
-            else:
-                width = max((len(r) for r in rows), default=0)
-                if widths and name in widths:
-                    width = max(width, widths[name])
-                array = np.zeros((len(rows), width, *spec.trailing), dtype=spec.dtype)
-                for i, r in enumerate(rows):
-                    array[i, : len(r)] = r
-            out[name] = array.astype(bool) if spec.is_bool else array
-        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -510,13 +405,14 @@ def get_or_build(
     settings: dict[str, Any],
     hidden_layers: Sequence[int] = (),
     batch_size: int = 128,
+    hidden_dtype: str = "float32",
 ) -> TeacherCache:
     """The cache under `root` for this (teacher, tokenizers, preprocessing `settings`, data,
-    stored hidden layers): reused when it exists, built (on every process, merged once) when it
-    does not. A cache is reused only when its files match the checksums written with it; a
+    stored hidden layers and their dtype): reused when it exists, built (each process writing its
+    own shard) when it does not. A cache is reused only when its files match the checksums written with it; a
     damaged or cut-short one is removed (with a warning naming it) and built again."""
     # the precision that applies (fp16 on a CPU runs in fp32: the same outputs, the same key)
-    key, parts = cache_key(task, teacher, train_features, effective_precision(accelerator), settings, hidden_layers)
+    key, parts = cache_key(task, teacher, train_features, effective_precision(accelerator), settings, hidden_layers, hidden_dtype)
     path = Path(root) / key
     if on_main(accelerator, f"checking the teacher cache {path}", lambda: reusable(path, "metadata.json", "teacher cache")):
         if accelerator.is_main_process:
@@ -525,7 +421,7 @@ def get_or_build(
         if accelerator.is_main_process:
             print(f"[distill] teacher cache: building {path} ({len(train_features)} features)", flush=True)
         try:
-            build_cache(task, teacher, train_features, accelerator, path, parts, hidden_layers, batch_size)
+            build_cache(task, teacher, train_features, accelerator, path, parts, hidden_layers, batch_size, hidden_dtype)
         except BaseException:  # a signal (Preempted), an error, Ctrl-C: leave no half-built folder
             if accelerator.is_main_process:
                 for tmp in path.parent.glob(f".tmp-{path.name}-*"):
