@@ -69,11 +69,6 @@ def tag_space(raw: DatasetDict, tags_col: str, declared: list[str] = ()) -> Labe
     )
 
 
-def tag_names(raw: DatasetDict, tags_col: str, declared: list[str] = ()) -> list[str]:
-    """The tag names in id order (see `tag_space`)."""
-    return tag_space(raw, tags_col, declared).names
-
-
 def sentence_problem(
     words: Any, tags: Any, num_classes: int | None = None, words_col: str = "tokens", tags_col: str = "tags"
 ) -> str | None:
