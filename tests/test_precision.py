@@ -159,3 +159,15 @@ def test_bf16_distils_from_the_cache_under_autocast(recipe, tmp_path, monkeypatc
     assert not any("train/loss_scale" in r for r in records)  # bf16 needs no loss scaling
     info = json.loads((run / "student" / "metrics.json").read_text())["info"]
     assert "skipped_steps" not in info
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.max_skipped_steps=-1", r"train\.max_skipped_steps=-1 is out of range"),
+    ("distill.cache_hidden_dtype=half", r"distill\.cache_hidden_dtype='half' is not one of: float32, float16, bfloat16"),
+])
+def test_the_new_keys_are_checked_when_the_recipe_loads(recipe, override, message):
+    from distill.config import ConfigError, load_config
+
+    assert load_config(recipe, ["train.max_skipped_steps=0", "distill.cache_hidden_dtype=bfloat16"]).train.max_skipped_steps == 0
+    with pytest.raises(ConfigError, match=message):
+        load_config(recipe, [override])
