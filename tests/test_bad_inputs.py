@@ -117,9 +117,9 @@ class Case:
 
 
 def tiny_disk(monkeypatch) -> None:
-    """Every disk reports 1 KB free."""
+    """Every disk reports 64 bytes free (less than the tiny test cache's few hundred bytes)."""
     real = shutil.disk_usage
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1024))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=64))
 
 
 CASES = {
