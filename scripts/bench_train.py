@@ -658,6 +658,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="accelerate's mixed precision; the teacher's weights follow it (default no)")
     p.add_argument("--hidden-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="how the hidden-state mode's cache stores the teacher's states (distill.cache_hidden_dtype)")
+    p.add_argument("--skip-trainer", action="store_true", help="leave out the Trainer-subclass baseline")
+    p.add_argument("--skip-memory", action="store_true", help="leave out the peak-memory workers")
     p.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temporary one)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--markdown", type=Path, default=None, help="write the table as Markdown here")
@@ -692,13 +694,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     build = run_worker("build", workdir, args)
     cache_path = build["cache_path"]
     students = run_worker("students", workdir, args, cache_path=cache_path)
-    memory = {m: run_worker("memory", workdir, args, mode=m, cache_path=cache_path) for m in ("plain", "cached", "online")}
-    trainer = run_worker("trainer", workdir, args)
+    memory = {} if args.skip_memory else {
+        m: run_worker("memory", workdir, args, mode=m, cache_path=cache_path) for m in ("plain", "cached", "online")
+    }
+    trainer = None if args.skip_trainer else run_worker("trainer", workdir, args)
 
     # Other processes can only add time: the fastest of the repeats is the best estimate of
     # each mode's own cost (medians are kept in the JSON beside it).
-    walls = {**students["epoch_s"], "trainer": trainer["epoch_s"]}
-    cpus = {**students["epoch_cpu_s"], "trainer": trainer["epoch_cpu_s"]}
+    walls = {**students["epoch_s"], **({"trainer": trainer["epoch_s"]} if trainer else {})}
+    cpus = {**students["epoch_cpu_s"], **({"trainer": trainer["epoch_cpu_s"]} if trainer else {})}
     epoch = {k: min(v) for k, v in walls.items()}
     epoch_cpu = {k: min(v) for k, v in cpus.items()}
     inference, build_s = min(build["inference_s"]), min(build["build_s"])
@@ -707,19 +711,21 @@ def main(argv: Optional[list[str]] = None) -> int:
         "cached_vs_plain": epoch["cached"] / epoch["plain"],
         "hidden_vs_plain": epoch["hidden"] / epoch["plain"],
         "phase2_vs_cached": epoch["phase2"] / epoch["cached"],
-        "trainer_vs_cached": epoch["trainer"] / epoch["cached"],
         "build_vs_inference": build_s / inference,
         "padding_grouped": padding[big]["grouped"],
-        "memory_cached_vs_plain": memory["cached"]["peak_rss_mb"] / memory["plain"]["peak_rss_mb"],
     }
+    if trainer:
+        ratios["trainer_vs_cached"] = epoch["trainer"] / epoch["cached"]
+    if memory:
+        ratios["memory_cached_vs_plain"] = memory["cached"]["peak_rss_mb"] / memory["plain"]["peak_rss_mb"]
     # The same ratios in process CPU time: with one torch thread, CPU time is the work itself
     # and hardly moves when other processes share the machine.
     ratios_cpu = {
         "cached_vs_plain": epoch_cpu["cached"] / epoch_cpu["plain"],
         "hidden_vs_plain": epoch_cpu["hidden"] / epoch_cpu["plain"],
         "phase2_vs_cached": epoch_cpu["phase2"] / epoch_cpu["cached"],
-        "trainer_vs_cached": epoch_cpu["trainer"] / epoch_cpu["cached"],
         "build_vs_inference": min(build["build_cpu_s"]) / min(build["inference_cpu_s"]),
+        **({"trainer_vs_cached": epoch_cpu["trainer"] / epoch_cpu["cached"]} if trainer else {}),
     }
     tokens = int(np.sum(features["length"]))
     results = {
@@ -760,12 +766,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                 "verdict": verdict(ratios[k], op, limit),
                 **({"value_cpu_time": round(ratios_cpu[k], 3)} if k in ratios_cpu else {}),
             }
-            for k, (what, op, limit) in TARGETS.items()
+            for k, (what, op, limit) in TARGETS.items() if k in ratios
         },
         "load_avg": {name: r["load_avg"] for name, r in (
-            ("build", build), ("students", students), ("memory_plain", memory["plain"]),
-            ("memory_cached", memory["cached"]), ("trainer", trainer),
-        )},
+            ("build", build), ("students", students), ("memory_plain", memory.get("plain")),
+            ("memory_cached", memory.get("cached")), ("trainer", trainer),
+        ) if r},
         "wall_s": time.perf_counter() - started,
     }
     table = markdown(results)
@@ -808,7 +814,7 @@ def markdown(r: dict) -> str:
         "| mode | epoch (s), best | median | runs | ms / example | x plain | CPU (s), best | peak RSS (MB) | host reads / step |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for key, name in rows:
+    for key, name in [(k, n) for k, n in rows if k in e]:
         rss = f"{r['peak_rss_mb'][key]:.0f}" if key in r["peak_rss_mb"] else ""
         read = f"{reads[key]:g}" if key in reads else ""
         lines.append(
