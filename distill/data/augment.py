@@ -37,8 +37,8 @@ Rows are written batch by batch (never a list of all rows in memory) into a temp
 renamed when complete, so an interrupted build is never read; the disk is checked first, and
 the folder carries its files' checksums, verified on every reuse (a damaged set is rebuilt).
 
-One concern over ~500 lines: the two candidate sources (embedding, masked LM) share the word
-plan, the splice and the cache key that makes copies deterministic.
+The two candidate sources (embedding, masked LM) share the word plan, the splice and the cache
+key that makes copies deterministic.
 """
 
 from __future__ import annotations

@@ -23,8 +23,8 @@ key (numpy arrays, so 8M rows cost 64 MB, not a Python set of strings).
 `has_gold` from raw rows to features and puts the ignore index in their gold targets, and
 `GoldCollate` puts it in every batch. `check_transfer` is the preflight check of the entries.
 
-One concern over ~500 lines: reading every kind of transfer source, the leak filter and the
-per-row gold mask must agree on the same row keys and columns.
+Reading every kind of transfer source, the leak filter and the per-row gold mask agree on the
+same row keys and columns. Transfer rows never carry labels: the teacher labels them.
 """
 
 from __future__ import annotations
