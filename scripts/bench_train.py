@@ -32,7 +32,7 @@ token ids are drawn below 31000 so both models read the same inputs.
 
     python scripts/bench_train.py --out results.json --markdown table.md
 
-takes about 6-10 minutes on 2 CPU cores with the defaults (256 examples, batch 32). On a machine
+takes about 10-15 minutes on 2 CPU cores with the defaults (256 examples, batch 32). On a machine
 shared with other jobs, add `--threads 1`: timings then measure the work, not the contention.
 """
 
