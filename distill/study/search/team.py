@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import traceback
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+from distill.launch import describe
 from distill.config.search_space import SearchError
 
 # How long a process waits for the main one at each hand-over. Between two hand-overs the main
@@ -32,16 +31,6 @@ WAIT_S = 30 * 60
 class MainProcessFailed(SearchError):
     """The main process of this worker failed, or went silent, before it shared what the others
     wait for."""
-
-
-def describe(err: BaseException) -> str:
-    """`Type: message (raised in function, file:line)`: the error and the line that raised it."""
-    text = f"{type(err).__name__}: {err}"
-    frames = traceback.extract_tb(err.__traceback__) if err.__traceback__ else []
-    if frames:
-        last = frames[-1]
-        text += f" (raised in {last.name}, {Path(last.filename).name}:{last.lineno})"
-    return text
 
 
 class Team:
