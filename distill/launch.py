@@ -57,16 +57,21 @@ class PeerFailed(StageError):
     """Another process of this launch failed, or went silent, while this one waited for it."""
 
 
-def wait_s() -> float:
-    """Seconds of silence after which a waiting process gives up on another (DISTILL_WAIT_S)."""
-    raw = os.environ.get(WAIT_ENV, "")
+def seconds_from_env(name: str, default: float) -> float:
+    """A positive number of seconds from environment variable `name` (unset: `default`)."""
+    raw = os.environ.get(name, "")
     try:
-        value = float(raw) if raw else DEFAULT_WAIT_S
+        value = float(raw) if raw else default
     except ValueError:
         value = -1.0
     if value <= 0:
-        raise StageError(f"{WAIT_ENV}={raw!r}: use a number of seconds > 0 (default {DEFAULT_WAIT_S:.0f})")
+        raise StageError(f"{name}={raw!r}: use a number of seconds > 0 (default {default:.0f})")
     return value
+
+
+def wait_s() -> float:
+    """Seconds of silence after which a waiting process gives up on another (DISTILL_WAIT_S)."""
+    return seconds_from_env(WAIT_ENV, DEFAULT_WAIT_S)
 
 
 def describe(err: BaseException) -> str:

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 from distill.config import load_config
 from distill.errors import StageError
 from distill.files import atomic_write
-from distill.launch import on_main
+from distill.launch import on_main, seconds_from_env
 from distill.loop.plan import StagePlan, changed_keys, stage_view
 
 log = logging.getLogger("distill")
@@ -121,14 +121,7 @@ def check_writable(out: Path, keep: bool = True) -> None:
 
 def stale_s() -> float:
     """Seconds without a heartbeat after which a lock (or a reader's mark) is stale."""
-    raw = os.environ.get(STALE_ENV, "")
-    try:
-        value = float(raw) if raw else DEFAULT_STALE_S
-    except ValueError:
-        value = -1.0
-    if value <= 0:
-        raise StageError(f"{STALE_ENV}={raw!r}: use a number of seconds > 0 (default {DEFAULT_STALE_S:.0f})")
-    return value
+    return seconds_from_env(STALE_ENV, DEFAULT_STALE_S)
 
 
 def beat_s() -> float:
