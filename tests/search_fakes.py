@@ -114,11 +114,15 @@ def run_team(recipe: str, root: str, trouble: str = "") -> None:
     if trouble and rank == 0:
         suggest = Param.suggest
 
+        stalled: set = set()
+
         def troubled(self, trial):
             if trial.number == 1:
                 if trouble == "fail":
                     raise RuntimeError("the sampler broke")
-                time.sleep(20)
+                if trial.number not in stalled:  # once per trial, not once per parameter
+                    stalled.add(trial.number)
+                    time.sleep(20)
             return suggest(self, trial)
 
         Param.suggest = troubled  # type: ignore[method-assign]
