@@ -2,7 +2,7 @@
 host reads and collectives of its training steps. Launch:
 ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 THIS DATA_ROOT TEACHER OUT_DIR
 (DATA_ROOT holds the data and, in run/teacher, the fine-tuned teacher). Each process writes
-OUT_DIR/rank<r>.json: {path: {steps, reads, collectives}}.
+OUT_DIR/rank<r>.json: {path: {steps, reads, collectives, shaped}}.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 from distill.cli import main  # noqa: E402
-from tests.test_loop_speed import PATHS, count_reads_and_collectives, recipe, steps_and_logs  # noqa: E402
+from tests.test_loop_speed import PATHS, ValueShapedOps, count_reads_and_collectives, recipe, steps_and_logs  # noqa: E402
 
 
 def run(root: Path, teacher: Path, out: Path) -> None:
@@ -38,7 +38,8 @@ def run(root: Path, teacher: Path, out: Path) -> None:
 
                 while not path.exists():
                     time.sleep(0.05)
-            code = main(["student", str(path), f"output_dir={where / 'run'}", f"teacher.dir={root / 'run' / 'teacher'}"])
+            with ValueShapedOps(counts["shaped"]):
+                code = main(["student", str(path), f"output_dir={where / 'run'}", f"teacher.dir={root / 'run' / 'teacher'}"])
         assert code == 0, f"{name}: exit {code}"
         steps, _ = steps_and_logs(where / "run")
         report[name] = {"steps": steps, **counts}

@@ -5,7 +5,9 @@ logging included; DataLoader workers give the same batches; `train.compile` trai
 
 Host reads are counted on the project's own code while the loop trains (not while it evaluates
 or checkpoints, and not inside the data pipeline, whose tensors are host tensors): `.item()`,
-`.tolist()`, `bool()` / `float()` / `int()` of a tensor, `.cpu()`, `.numpy()`. Collectives are
+`.tolist()`, `bool()` / `float()` / `int()` of a tensor, `.cpu()`, `.numpy()`; and, seen at the
+dispatcher, any op whose output shape depends on a tensor's values (`x[mask]`, `nonzero`...: on a
+GPU the host waits for the device there too), which must not occur at all. Collectives are
 the `torch.distributed` calls made in the same window (DDP's gradient all-reduce, made by its
 reducer during backward, is the training itself and is not one of them).
 """
@@ -18,8 +20,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from typing import Any
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from distill.cli import main
 from tests.test_resume import write_data
@@ -30,6 +35,9 @@ READS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
                "broadcast_object_list", "reduce", "reduce_scatter", "reduce_scatter_tensor", "barrier",
                "gather", "gather_object", "scatter", "all_to_all")
+# ATen ops whose output shape is read from a tensor's values (besides boolean indexing)
+DATA_SHAPED = {"nonzero", "nonzero_numpy", "masked_select", "unique_dim", "_unique", "_unique2", "unique_consecutive",
+               "repeat_interleave", "masked_scatter", "argwhere"}
 # frames of the loop that are not training steps
 NOT_STEPS = {"evaluate", "evaluate_and_select", "checkpoint", "preempt", "finish", "save_checkpoint"}
 PATHS = {
@@ -74,9 +82,38 @@ def in_a_step(ours: bool) -> bool:
     return "train_stage" in names and not names & NOT_STEPS and not any("torch/utils/data" in f for f in files)
 
 
+def shape_from_values(func: Any, args: tuple) -> bool:
+    """Whether an ATen op's output shape depends on a tensor's values: on a GPU the host waits
+    for the device to know it (`x[mask]`, `nonzero`, `masked_select`, `unique`...), a read as
+    real as `.item()` that the method patches cannot see."""
+    name = func.__name__.split(".")[0]
+    if name in DATA_SHAPED:
+        return True
+    if name in ("index", "index_put", "index_put_", "_index_put_impl_"):
+        indices = args[1] if len(args) > 1 else ()
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ())
+    return False
+
+
+class ValueShapedOps(TorchDispatchMode):
+    """Counts, in `counts`, the ops of training steps whose output shape depends on values
+    (`shape_from_values`), forward and backward."""
+
+    def __init__(self, counts: dict[str, int]):
+        super().__init__()
+        self.counts = counts
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if shape_from_values(func, args) and in_a_step(ours=False):
+            name = func.__name__
+            self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
 def count_reads_and_collectives(patch) -> dict[str, dict[str, int]]:
-    """Patch the tensor reads and the collectives to count those made by training steps."""
-    counts: dict[str, dict[str, int]] = {"reads": {}, "collectives": {}}
+    """Patch the tensor reads and the collectives to count those made by training steps; the
+    ops whose shape depends on values go into counts["shaped"] while `ValueShapedOps` is on."""
+    counts: dict[str, dict[str, int]] = {"reads": {}, "collectives": {}, "shaped": {}}
 
     def counting(kind, name, method):
         def wrapper(*args, **kwargs):
@@ -121,12 +158,14 @@ def test_one_host_read_per_optimizer_step(setup, tmp_path, monkeypatch, path_nam
     run = tmp_path / "run"
     with monkeypatch.context() as patch:
         counts = count_reads_and_collectives(patch)
-        assert main(["student", str(path), f"output_dir={run}", f"teacher.dir={root / 'run' / 'teacher'}"]) == 0
+        with ValueShapedOps(counts["shaped"]):
+            assert main(["student", str(path), f"output_dir={run}", f"teacher.dir={root / 'run' / 'teacher'}"]) == 0
     steps, logs = steps_and_logs(run)
     assert steps == 8 and logs == 2  # 64 rows / (4 per batch x 2 micro-batches); a record every 4 steps
     print(f"{path_name}: host reads in training steps {counts['reads']} over {steps} optimizer steps "
           f"(16 micro-batches, {logs} log records)")
     assert sum(counts["reads"].values()) == steps, counts["reads"]
+    assert counts["shaped"] == {}, counts["shaped"]  # no op whose shape waits for the device's values
     if path_name != "online":
         cache = run / "teacher_cache"
         assert cache.exists() and any(cache.iterdir())  # the path really read a cache
@@ -149,6 +188,7 @@ def test_two_processes_read_once_and_exchange_once_per_optimizer_step(setup, tmp
             assert r["steps"] == 4  # 64 rows / (2 processes x 4 per batch x 2 micro-batches)
             assert sum(r["reads"].values()) == r["steps"], (name, r)
             assert sum(r["collectives"].values()) == r["steps"], (name, r)
+            assert r["shaped"] == {}, (name, r)
 
 
 def test_loader_workers_give_the_same_training(setup, tmp_path):

@@ -206,3 +206,22 @@ def test_objective_reads_what_its_active_terms_read():
         Objective([Odd()], {"odd": 1.0}).needs("teacher")
     with pytest.raises(ValueError, match="side must be"):
         objective.needs("both")
+
+
+def test_hidden_loss_ignores_whatever_sits_at_padded_positions():
+    """Padded positions weigh nothing, even holding inf or NaN on the teacher's side, and the
+    loss is the mean over real tokens only (compared with the real tokens taken out by hand)."""
+    torch.manual_seed(0)
+    loss = HiddenStateLoss(1, 1, 4, 6, "mse")
+    hs = [torch.randn(2, 5, 4), torch.randn(2, 5, 4, requires_grad=True)]
+    ht = [torch.randn(2, 5, 6), torch.randn(2, 5, 6)]
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    ht[1][0, 3:] = float("nan")
+    ht[1][0, 4, 0] = float("inf")
+    value = loss(hs, ht, mask)
+    value.backward()
+    real = mask.bool()
+    by_hand = ((loss.projections[0](hs[1][real]) - ht[1][real]) ** 2).mean()
+    assert torch.isfinite(value) and value.item() == pytest.approx(by_hand.item(), rel=1e-6)
+    assert torch.isfinite(hs[1].grad).all() and hs[1].grad[0, 3:].abs().sum() == 0
+    assert all(torch.isfinite(p.grad).all() for p in loss.parameters())

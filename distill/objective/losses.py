@@ -133,7 +133,7 @@ class HiddenStateLoss(nn.Module):
         mse:    mean over tokens and features of (W_i h_s - h_t)^2
         cosine: mean over tokens of 1 - cos(W_i h_s, h_t)
     Index 0 of a hidden-state tuple is the embedding output; layer i is index i. Padding
-    positions (attention_mask == 0) never count. The projections are trained with the student
+    positions (attention_mask == 0) weigh nothing. The projections are trained with the student
     and never saved with it.
     """
 
@@ -168,15 +168,23 @@ class HiddenStateLoss(nn.Module):
         teacher_hidden: Sequence[torch.Tensor],
         attention_mask: torch.Tensor,
     ) -> torch.Tensor:
-        mask = attention_mask.bool()  # [batch, seq]
+        device = student_hidden[self.pairs[0][0]].device
+        # every position is projected and the padded ones weigh 0: `x[mask]` would make the host
+        # wait for a GPU to count the real tokens (per layer, and again in the backward pass),
+        # and the student's own layers run over the padding all the same
+        real = attention_mask.to(device).bool()  # [batch, seq]
+        weights = real.float()
+        tokens = weights.sum().clamp_min(1.0)
         losses = []
         for (i, j), proj in zip(self.pairs, self.projections):
-            hs = proj(student_hidden[i][mask].float())  # [tokens, hidden_t]: padding is never projected
-            ht = teacher_hidden[j][mask.to(teacher_hidden[j].device)].float().to(hs.device)  # [tokens, hidden_t]
+            hs = proj(student_hidden[i].float())
+            # whatever a teacher left at padded positions (inf, NaN) must not reach a gradient
+            ht = teacher_hidden[j].to(device).float().masked_fill(~real[..., None], 0.0)
             if self.kind == "mse":
-                losses.append(F.mse_loss(hs, ht))
+                per_token = (hs - ht).pow(2).mean(-1)  # [batch, seq]
             else:
-                losses.append((1 - F.cosine_similarity(hs, ht, dim=-1)).mean())
+                per_token = 1 - F.cosine_similarity(hs, ht, dim=-1)
+            losses.append((per_token * weights).sum() / tokens)
         return torch.stack(losses).mean()
 
 
