@@ -307,13 +307,19 @@ class OurLoop:
 READS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
 
 
-def reads_per_step(loop: OurLoop) -> float:
+def reads_per_step(loop: OurLoop) -> tuple[float, Optional[float]]:
     """Host reads of device values (item, tolist, bool/float/int of a tensor, cpu, numpy) made by
     the project's code in the steps of one epoch of `loop`, per optimizer step. (The data
-    pipeline's own tensors are host tensors: the sampler and the collate are not counted.)"""
+    pipeline's own tensors are host tensors: the sampler and the collate are not counted.) On a
+    CUDA device, also the synchronizing calls CUDA itself reports in those steps
+    (`torch.cuda.set_sync_debug_mode`: `nonzero`, a boolean-mask index, a copy to the host...,
+    whoever makes them), per optimizer step; None elsewhere."""
+    import warnings
+
     package = str(Path(__file__).resolve().parents[1] / "distill")
     count, stepping = [0], [False]
     originals = {name: getattr(torch.Tensor, name) for name in READS}
+    cuda = loop.accelerator.device.type == "cuda"
 
     def counting(method):
         def wrapper(self, *args, **kwargs):
@@ -323,19 +329,29 @@ def reads_per_step(loop: OurLoop) -> float:
 
         return wrapper
 
-    steps = 0
+    steps = syncs = 0
     try:
         for name, method in originals.items():
             setattr(torch.Tensor, name, counting(method))
         for batch in loop.batches():
-            stepping[0] = True
-            loop.step(batch)
-            stepping[0] = False
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.set_sync_debug_mode("warn")
+                stepping[0] = True
+                try:
+                    loop.step(batch)
+                finally:
+                    stepping[0] = False
+                    if cuda:
+                        torch.cuda.set_sync_debug_mode("default")
+            syncs += sum("synchroniz" in str(w.message) for w in caught)
             steps += 1
     finally:
         for name, method in originals.items():
             setattr(torch.Tensor, name, method)
-    return count[0] / max(steps, 1)
+    return count[0] / max(steps, 1), (syncs / max(steps, 1) if cuda else None)
 
 
 def trainer_epochs(task, student, teacher, features, args, workdir: Path) -> list[tuple[float, float]]:
@@ -528,7 +544,9 @@ def worker_students(workdir: Path, args: argparse.Namespace) -> dict:
         for m, (w, c) in spent.items():
             wall[m].append(w)
             cpu[m].append(c)
-    reads = {m: reads_per_step(loop) for m, loop in loops.items()}
+    counted = {m: reads_per_step(loop) for m, loop in loops.items()}
+    reads = {m: r for m, (r, _) in counted.items()}
+    syncs = {m: c for m, (_, c) in counted.items() if c is not None}
     # what the cache gathers themselves cost per epoch (in the collate: workers on a real run)
     gather: dict[str, float] = {}
     lengths = np.asarray(features["length"])
@@ -537,7 +555,7 @@ def worker_students(workdir: Path, args: argparse.Namespace) -> dict:
         for ids in batch_sampler(features, args):
             loops[m].teacher_fn.rows(ids, int(lengths[ids].max()))
         gather[m] = time.perf_counter() - start
-    return {"epoch_s": wall, "epoch_cpu_s": cpu, "reads_per_step": reads, "gather_s": gather,
+    return {"epoch_s": wall, "epoch_cpu_s": cpu, "reads_per_step": reads, "cuda_syncs_per_step": syncs, "gather_s": gather,
             "hidden_bytes": json.loads((loops["hidden"].teacher_fn.cache.path / "metadata.json").read_text())["bytes"]}
 
 
@@ -752,6 +770,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             "hidden_dtype": args.hidden_dtype,
         },
         "host_reads_per_step": students["reads_per_step"],
+        "cuda_syncs_per_step": students["cuda_syncs_per_step"],  # {} off CUDA
         "peak_rss_mb": {m: memory[m]["peak_rss_mb"] for m in memory},
         "peak_gpu_mb": {m: memory[m]["peak_gpu_mb"] for m in memory if "peak_gpu_mb" in memory[m]},
         "samples_per_s": {k: args.examples / v for k, v in epoch.items()},
@@ -821,6 +840,9 @@ def markdown(r: dict) -> str:
             f"| {name} | {e[key]:.2f} | {med[key]:.2f} | {runs[key]} | {per_ex(e[key]):.1f} | "
             f"{e[key] / e['plain']:.2f} | {r['epoch_cpu_s'][key]:.2f} | {rss} | {read} |"
         )
+    if r.get("cuda_syncs_per_step"):
+        lines += ["", "Synchronizing CUDA calls per optimizer step (torch.cuda.set_sync_debug_mode): "
+                  + ", ".join(f"{k} {v:g}" for k, v in r["cuda_syncs_per_step"].items())]
     lines += [
         "",
         "| teacher pass | seconds | CPU (s) |",

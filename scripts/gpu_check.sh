@@ -14,7 +14,8 @@
 # the demo data, so nothing is downloaded.
 #
 # 1. scripts/bench_train.py in bf16: plain fine-tuning vs cached-logits KD vs cached hidden-state
-#    KD vs a two-phase stage's second phase vs online KD (samples/s, host reads per step).
+#    KD vs a two-phase stage's second phase vs online KD (samples/s, host reads per step, and
+#    CUDA's own count of the steps' synchronizing calls).
 # 2. `distill run` of the demo data in bf16 (teacher stage, then the student from the cache).
 # 3. The student again in fp16 (accelerate's GradScaler): it must finish, its skipped steps
 #    counted (metrics.json info.skipped_steps, log.jsonl train/skipped_steps).
@@ -140,6 +141,10 @@ if bench.exists():
     reads = r["host_reads_per_step"]
     verdict("host reads per optimizer step, every path",
             ", ".join(f"{k} {v:g}" for k, v in reads.items()), all(v <= 1 for v in reads.values()), "<= 1")
+    syncs = r.get("cuda_syncs_per_step") or {}
+    if syncs:  # CUDA's own count (torch.cuda.set_sync_debug_mode) of the steps' synchronizing calls
+        verdict("synchronizing CUDA calls per optimizer step, every path",
+                ", ".join(f"{k} {v:g}" for k, v in syncs.items()), all(v <= 1 for v in syncs.values()), "<= 1")
     rows.append(("samples/s (bf16)", ", ".join(f"{k} {v:.0f}" for k, v in sps.items()), "", ""))
 else:
     verdict("bf16 training-step benchmark", "did not finish", False, "finishes")
