@@ -68,6 +68,8 @@ from typing import Any, Optional
 
 import yaml
 
+import yaml
+
 STAGES = ("student", "baseline")
 MANAGED = ("output_dir", "seed", "teacher.dir", "distill.cache_dir")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -474,14 +476,28 @@ def portable(command: list[str]) -> list[str]:
     return ["python", *command[1:]]
 
 
-def recipe_hash(run: Run) -> Optional[str]:
-    """The recipe file's content hash: an edited recipe is another run even with the same command."""
+def recipe_hash(run: Run, raw: bool = False) -> Optional[str]:
+    """The hash of the recipe's settings (its YAML read, comments and layout aside): a recipe
+    with another value is another run even with the same command; an edited comment is not.
+    `raw`: the file's bytes, as records written before settings were hashed hold it."""
     path = Path(run.command[4]) if len(run.command) > 4 else None  # python -m distill STAGE RECIPE ...
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path and path.is_file() else None
+    if not path or not path.is_file():
+        return None
+    if raw:
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    try:
+        settings = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError:
+        return recipe_hash(run, raw=True)  # the stage itself will say what is wrong with it
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def same_run(run: Run, record: dict) -> bool:
-    return record.get("command") == portable(run.command) and record.get("recipe_sha256") == recipe_hash(run)
+    if record.get("command") != portable(run.command):
+        return False
+    if "recipe_settings_sha256" in record:
+        return record["recipe_settings_sha256"] == recipe_hash(run)
+    return record.get("recipe_sha256") == recipe_hash(run, raw=True)
 
 
 def read_record(run: Run) -> Optional[dict]:
@@ -561,7 +577,7 @@ class Runner:
         wall = time.perf_counter() - start
         record = {
             "command": portable(run.command),
-            "recipe_sha256": recipe,
+            "recipe_settings_sha256": recipe,
             "returncode": code,
             "wall_s": round(wall, 2),
             "resumed": resumed,

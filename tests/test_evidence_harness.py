@@ -219,7 +219,7 @@ def fake_results(spec: evidence.Spec, root: Path) -> None:
         (run.stage_dir / "log.jsonl").write_text(
             "".join(json.dumps({"step": i, "train/samples_per_s": v}) + "\n" for i, v in enumerate([sps, 1.0, sps]))
         )
-        record = {"command": evidence.portable(run.command), "recipe_sha256": evidence.recipe_hash(run),
+        record = {"command": evidence.portable(run.command), "recipe_settings_sha256": evidence.recipe_hash(run),
                   "returncode": 0, "wall_s": 10.0 * run.seed, "resumed": False}
         evidence._record_path(run).write_text(json.dumps(record))
 
@@ -310,6 +310,27 @@ def test_an_edited_recipe_is_another_run(tmp_path):
     assert not any(evidence.is_done(r) for r in teachers + cells)
     problems = evidence.conflicts(teachers + cells)
     assert len(problems) == 13 and "another version of" in problems[0] and "--overwrite" in problems[0]
+
+
+def test_a_recipe_edited_only_in_its_comments_is_the_same_run(tmp_path):
+    """Only the recipe's settings make a cell's identity; a record written when the file's bytes
+    were hashed still counts while the file is unchanged."""
+    spec_path = write_spec(tmp_path, spec_dict(write_task(tmp_path)))
+    spec, root = evidence.load_spec(spec_path), tmp_path / "runs"
+    fake_results(spec, root)
+    teachers, cells = evidence.plan(spec, root)
+    recipe = tmp_path / "task.yaml"
+    recipe.write_text("# a new first line\n" + recipe.read_text().replace("\n", "  # a comment\n", 1))
+    assert all(evidence.is_done(r) for r in teachers + cells) and not evidence.conflicts(teachers + cells)
+    run = cells[0]
+    record_path = evidence._record_path(run)
+    record = json.loads(record_path.read_text())
+    record.pop("recipe_settings_sha256")
+    record_path.write_text(json.dumps({**record, "recipe_sha256": evidence.recipe_hash(run, raw=True)}))
+    assert evidence.is_done(run)
+    recipe.write_text(recipe.read_text() + "# one more comment\n")
+    assert not evidence.is_done(run)  # an old record knows the bytes only
+    assert evidence.is_done(cells[1])
 
 
 def test_failed_run_is_recorded_and_reported(tmp_path, capsys):
