@@ -136,13 +136,14 @@ def time_calls(
 
 def random_inputs(
     config: Any, batch: int, seq: int, device: str | torch.device = "cpu", seed: int = 0,
-    token_types: bool | None = None,
+    token_types: bool | None = None, vocab: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Random token ids from the model's vocabulary, full attention mask (no padding).
+    """Random token ids from the model's vocabulary (or its first `vocab` ids), full attention
+    mask (no padding).
 
     `token_types` None = add zero token_type_ids when the config has a token-type vocabulary.
     """
-    vocab = config.vocab_size
+    vocab = min(config.vocab_size, vocab or config.vocab_size)
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, seq), generator=generator)  # [batch, seq]
     pad = getattr(config, "pad_token_id", None)
@@ -170,13 +171,14 @@ def _check_length(config: Any, seq: int) -> None:
 
 
 def _forward(
-    model: nn.Module, batch: int, seq: int, device: str, seed: int
+    model: nn.Module, batch: int, seq: int, device: str, seed: int, vocab: int | None = None
 ) -> tuple[Callable[[], Any], str]:
-    """A no-argument forward on fixed random inputs, and the model's dtype name."""
+    """A no-argument forward on fixed random inputs (ids below `vocab` when given), and the
+    model's dtype name."""
     _check_length(model.config, seq)
     model = model.eval().to(device)
     dtype = next(model.parameters()).dtype
-    inputs = random_inputs(model.config, batch, seq, device, seed)
+    inputs = random_inputs(model.config, batch, seq, device, seed, vocab=vocab)
     return (lambda: model(**inputs)), {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype))
 
 
@@ -204,9 +206,12 @@ def measure_interleaved(
 ) -> list[Timing]:
     """Like `measure` for many (model, batch, seq) cases, timed round-robin: run i of every case
     before run i+1 of any, so a shared machine's changing load hits all cases alike and their
-    ratios stay fair. Each forward then starts with the other models' weights in cache.
+    ratios stay fair. Each forward then starts with the other models' weights in cache. Every
+    case draws its ids below the smallest vocabulary among them, so models of one tokenizer
+    family (a teacher and its trimmed student) read the same ids at the same shape.
     `progress(done, total)` is called after every round, warm-up included."""
-    prepared = [_forward(model, batch, seq, device, seed) for model, batch, seq in cases]
+    shared = min(model.config.vocab_size for model, _, _ in cases) if cases else None
+    prepared = [_forward(model, batch, seq, device, seed, shared) for model, batch, seq in cases]
     sync = synchronizer(device)
     seconds: list[list[float]] = [[] for _ in cases]
     with fixed_threads(threads) as used, torch.inference_mode():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 
@@ -222,6 +223,29 @@ def test_measure_interleaved_keeps_cases_apart():
         assert 0 < t.min_ms <= t.p25_ms <= t.median_ms <= t.p75_ms <= t.max_ms
     with pytest.raises(ValueError, match="positions"):
         latency.measure_interleaved([(small, 1, 513)], warmup=0, runs=1)
+
+
+def test_interleaved_cases_read_the_same_ids_below_the_smallest_vocabulary(monkeypatch):
+    """A teacher and its trimmed student are timed on the same ids (a trimmed vocabulary is the
+    first ids of no other model, but the ids must be valid for both and alike for the ratio)."""
+    torch.manual_seed(0)
+    big = AutoModel.from_config(TINY_CONFIGS["bert"])
+    config = copy.deepcopy(TINY_CONFIGS["bert"])
+    config.vocab_size = 40
+    small = AutoModel.from_config(config)
+    seen = []
+    original = latency.random_inputs
+
+    def recording(*args, **kwargs):
+        inputs = original(*args, **kwargs)
+        seen.append(inputs["input_ids"])
+        return inputs
+
+    monkeypatch.setattr(latency, "random_inputs", recording)
+    latency.measure_interleaved([(big, 1, 16), (small, 1, 16)], warmup=0, runs=1, threads=1)
+    assert big.config.vocab_size > 40 and len(seen) == 2
+    assert torch.equal(seen[0], seen[1]) and int(seen[0].max()) < 40
+    assert int(original(big.config, 1, 512, seed=1)["input_ids"].max()) >= 40  # alone: its whole vocabulary
 
 
 def test_time_calls_counts_warmup_and_runs():
