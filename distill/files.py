@@ -26,9 +26,9 @@ RESUME_ADVICE = "then re-run the same command: the last good checkpoint is kept.
 
 
 def atomic_write(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename (never a torn file)."""
+    """Write `text` (UTF-8) to `path` through a temporary file and a rename (never a torn file)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 

@@ -49,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -314,8 +315,6 @@ def reads_per_step(loop: OurLoop) -> tuple[float, Optional[float]]:
     CUDA device, also the synchronizing calls CUDA itself reports in those steps
     (`torch.cuda.set_sync_debug_mode`: `nonzero`, a boolean-mask index, a copy to the host...,
     whoever makes them), per optimizer step; None elsewhere."""
-    import warnings
-
     package = str(Path(__file__).resolve().parents[1] / "distill")
     count, stepping = [0], [False]
     originals = {name: getattr(torch.Tensor, name) for name in READS}

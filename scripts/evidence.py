@@ -68,8 +68,6 @@ from typing import Any, Optional
 
 import yaml
 
-import yaml
-
 STAGES = ("student", "baseline")
 MANAGED = ("output_dir", "seed", "teacher.dir", "distill.cache_dir")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")

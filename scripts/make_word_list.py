@@ -20,7 +20,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from importlib.metadata import version
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from distill.files import atomic_write  # noqa: E402
 
 
 def words(lang: str, n: int) -> tuple[list[str], str]:
@@ -28,7 +32,6 @@ def words(lang: str, n: int) -> tuple[list[str], str]:
     and the wordfreq release they came from."""
     try:
         import wordfreq
-        from importlib.metadata import version
     except ImportError:
         raise SystemExit("make_word_list: needs wordfreq (pip install wordfreq); distill itself does not") from None
     large = wordfreq.available_languages(wordlist="large")
@@ -51,9 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path("runs/evidence-data") / f"{args.lang}_words.txt"
     listed, source = words(args.lang, args.words)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("\n".join(listed) + "\n", encoding="utf-8")
-    tmp.replace(out)
+    atomic_write(out, "\n".join(listed) + "\n")
     print(f"{len(listed)} words ({source}) -> {out}", file=sys.stderr)
     return 0
 

@@ -16,6 +16,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import evidence  # noqa: E402
 import make_evidence_data as med  # noqa: E402
+import make_word_list  # noqa: E402
 
 TREEBANK = REPO.parent / "shared/data/ud_es_coser/es_coser-ud-test.conllu"
 
@@ -446,3 +447,24 @@ def test_shipped_specs_parse():
     for path in sorted((REPO / "docs" / "evidence" / "specs").glob("*.yaml")):
         spec = evidence.load_spec(path)
         assert spec.reference and len(spec.seeds) >= 1, path
+
+
+def test_word_list_writes_each_word_and_its_capitalized_form_once(tmp_path, monkeypatch):
+    """scripts/make_word_list.py over a stand-in for wordfreq: the most frequent words in order,
+    each followed by its capitalized form unless that is the same word; a clear exit without it."""
+    import types
+
+    fake = types.ModuleType("wordfreq")
+    fake.available_languages = lambda wordlist: {"es": "large_es"} if wordlist == "large" else {}
+    fake.top_n_list = lambda lang, n, wordlist: ["de", "la", "Madrid", "más"][:n] if lang == "es" else []
+    monkeypatch.setitem(sys.modules, "wordfreq", fake)
+    monkeypatch.setattr(make_word_list, "version", lambda name: "0.test")
+    out = tmp_path / "words" / "es.txt"
+    assert make_word_list.main(["--lang", "es", "--words", "4", "--out", str(out)]) == 0
+    assert out.read_text(encoding="utf-8").splitlines() == ["de", "De", "la", "La", "Madrid", "más", "Más"]
+    with pytest.raises(SystemExit, match="no word list for language 'xx'"):
+        make_word_list.main(["--lang", "xx", "--out", str(tmp_path / "xx.txt")])
+    assert not (tmp_path / "xx.txt").exists()
+    monkeypatch.setitem(sys.modules, "wordfreq", None)  # not installed
+    with pytest.raises(SystemExit, match="needs wordfreq"):
+        make_word_list.main(["--out", str(tmp_path / "none.txt")])

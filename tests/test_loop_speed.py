@@ -19,7 +19,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-
 from typing import Any
 
 import pytest
@@ -91,7 +90,7 @@ def shape_from_values(func: Any, args: tuple) -> bool:
         return True
     if name in ("index", "index_put", "index_put_", "_index_put_impl_"):
         indices = args[1] if len(args) > 1 else ()
-        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ())
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
     return False
 
 
